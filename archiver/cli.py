@@ -1,0 +1,190 @@
+"""``voipbin-archiver``: the command line.
+
+Exit codes: 0 success, 1 some recordings failed (or the run could not finish),
+2 usage or configuration error, 3 the API refused the credential.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import __version__
+from .config import Config, build_config, default_config_path, load_config
+from .errors import ConfigError, StateLocked
+from .logs import configure_logging, redact
+from .pool import RunResult
+from .service import run_engine, status, verify
+from .state import STATES
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
+
+
+def _date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use YYYY-MM-DD or an ISO 8601 time)") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="voipbin-archiver", description="Archive VoIPbin call recordings to storage you own, verified."
+    )
+    p.add_argument("--version", action="version", version=f"voipbin-archiver {__version__}")
+    p.add_argument("--config", type=Path, help="config file (default: $VOIPBIN_ARCHIVER_CONFIG, then ./config.toml)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides [logging] level")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), help="overrides [logging] format")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    b = sub.add_parser("backfill", help="one-shot: archive every recording (or a date range), then exit")
+    b.add_argument("--since", type=_date, help="only recordings created at or after this date (UTC)")
+    b.add_argument("--until", type=_date, help="only recordings created before this date (UTC)")
+    b.add_argument("--wait", type=float, default=900.0, help="seconds to wait for unfinished recordings (900)")
+    b.add_argument("--retry-failed", action="store_true", help="give failed recordings another set of attempts")
+    sub.add_parser("run", help="the service: a cycle every poll_interval until SIGTERM")
+    s = sub.add_parser("status", help="counts per state, oldest pending, last error")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    sub.add_parser("verify", help="re-hash every archived file against the database and its sidecar")
+    d = sub.add_parser("demo", help="archive from the bundled simulator into ./demo-archive (no account needed)")
+    d.add_argument("--recordings", type=int, default=60)
+    d.add_argument("--directory", type=Path, default=Path("demo-archive"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            configure_logging(args.log_level or "info", args.log_format or "auto")
+            return asyncio.run(_demo(args))
+        cfg = load_config(args.config or default_config_path())
+        configure_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+        if args.command == "status":
+            return asyncio.run(_status(cfg, args.json))
+        if args.command == "verify":
+            return asyncio.run(_verify(cfg))
+        if args.command == "backfill":
+            if args.since and args.until and args.since >= args.until:
+                raise ConfigError("--since must be before --until")
+            run = run_engine(cfg, "backfill", args.since, args.until, args.wait, args.retry_failed)
+        else:
+            run = run_engine(cfg, "run")
+        result, counts, requests = asyncio.run(run)
+        _print_summary(args.command, result, counts, requests)
+        return _exit_code(result)
+    except (ConfigError, StateLocked) as exc:
+        print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _exit_code(result: RunResult) -> int:
+    if result.auth_refused:
+        return EXIT_AUTH
+    if result.fatal or result.walk_error or result.stats["failed"]:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _print_summary(command: str, result: RunResult, counts: dict[str, int], requests: dict[str, int]) -> None:
+    s = result.stats
+    waiting = counts["discovered"] + counts["pending"] + counts["downloading"]
+    mb = s["bytes"] / 1e6
+    seconds = float(s.get("seconds", 0) or 0)
+    lines = [
+        f"{command} summary",
+        f"  this run:  archived {s['archived']} ({mb:.1f} MB, {mb / seconds if seconds else 0:.1f} MB/s),"
+        f" skipped {s['skipped']}, failed {s['failed']}, new {s['discovered']}, pages {s['pages']},"
+        f" requests {requests.get('requests', 0)} (429s: {requests.get('http_429', 0)}), {seconds:.1f} s",
+        "  database:  " + ", ".join(f"{k} {counts[k]}" for k in STATES),
+    ]
+    if waiting:
+        lines.append(f"  still waiting: {waiting} (not ended or files not uploaded yet; the next run continues)")
+    if result.walk_error:
+        lines.append(f"  listing failed: {result.walk_error}")
+    if result.fatal:
+        lines.append(f"  stopped early: {result.fatal}")
+    print("\n".join(lines), flush=True)
+
+
+async def _status(cfg: Config, as_json: bool) -> int:
+    try:
+        info = await status(cfg)
+    except FileNotFoundError:
+        info = {**dict.fromkeys(STATES, 0), "total": 0, "oldest_pending": None, "last_error": None,
+                "last_cycle": None, "note": "no state database yet"}
+    if as_json:
+        print(json.dumps(info, sort_keys=True))
+        return EXIT_OK
+    print(_status_table(info))
+    return EXIT_OK
+
+
+def _when(epoch: Any) -> str:
+    if epoch in (None, ""):
+        return "-"
+    return datetime.fromtimestamp(float(epoch), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _status_table(info: dict[str, Any]) -> str:
+    width = max(len(s) for s in STATES)
+    rows = [f"{state:<{width}}  {info[state]:>10}" for state in STATES]
+    rows.append(f"{'total':<{width}}  {info['total']:>10}")
+    oldest = info.get("oldest_pending")
+    rows.append(
+        f"oldest pending: {oldest['id']} (created {_when(oldest['tm_create'])})" if oldest else "oldest pending: -"
+    )
+    err = info.get("last_error")
+    rows.append(f"last error: {err['id']} [{err['state']}] {err['error']}" if err else "last error: -")
+    rows.append(f"last service cycle: {_when(info.get('last_cycle'))}")
+    return "\n".join(rows)
+
+
+async def _verify(cfg: Config) -> int:
+    checked, problems = await verify(cfg)
+    for problem in problems:
+        print(f"BAD  {problem}")
+    print(f"verified {checked} archived recordings: {len(problems)} problem(s)")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    """Start the simulator on 127.0.0.1 and archive from it, as a newcomer's first look."""
+    from .simulator import SimConfig, Simulator
+
+    log = structlog.get_logger("archiver.demo")
+    sim = Simulator(SimConfig(recordings=args.recordings, pending=3, late_files=3, deleted=2, end_after=3.0,
+                              files_after=4.0))
+    await sim.start()
+    directory = args.directory.resolve()
+    log.info("demo_start", simulator=sim.base_url, archive=str(directory))
+    try:
+        cfg = build_config(
+            {
+                "api": {"base_url": sim.base_url, "accesskey": sim.accesskey, "page_size": 20},
+                "archive": {"directory": str(directory / "recordings"), "settle_window": 30},
+                "state": {"database": str(directory / "state.sqlite3")},
+                "workers": {"poll_backoff_min": 1, "poll_backoff_max": 2, "retry_backoff_min": 1},
+            },
+            base_dir=Path.cwd(), env={},
+        )
+        result, counts, requests = await run_engine(cfg, "backfill", wait=60)
+    finally:
+        await sim.stop()
+    _print_summary("demo", result, counts, requests)
+    print(f"archive: {directory / 'recordings'}  (see `find {args.directory} -name '*.json' | head`)")
+    return _exit_code(result)
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Load and validate the TOML configuration.
+
+Every key has a documented default (see ``config.example.toml``); every error names the key.
+Relative paths resolve against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import string
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from .errors import ConfigError
+
+log = structlog.get_logger("archiver.config")
+
+DEFAULT_BASE_URL = "https://api.voipbin.net/v1.0"
+DEFAULT_LAYOUT = "{year}/{month}/{day}/{id}.{ext}"
+LAYOUT_FIELDS = {"year", "month", "day", "hour", "id", "ext", "reference_type"}
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    base_url: str = DEFAULT_BASE_URL
+    accesskey: str = ""
+    token: str = ""
+    username: str = ""
+    password: str = ""
+    login_url: str = ""
+    page_size: int = 100
+    requests_per_second: float = 16.0
+    burst: int = 16
+    timeout: float = 60.0
+    max_retries: int = 5
+    retry_base: float = 0.5
+    retry_max: float = 30.0
+
+    @property
+    def credential_kind(self) -> str:
+        if self.accesskey:
+            return "accesskey"
+        if self.token:
+            return "token"
+        return "login"
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.accesskey, self.token, self.password) if s]
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    directory: Path = Path("/var/lib/voipbin-archiver/recordings")
+    layout: str = DEFAULT_LAYOUT
+    unpack: bool = False
+    settle_window: float = 3600.0
+    max_members: int = 1000
+    max_member_bytes: int = 4 * 1024**3
+    max_total_bytes: int = 16 * 1024**3
+    max_ratio: float = 1000.0
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    database: Path = Path("/var/lib/voipbin-archiver/state.sqlite3")
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    concurrency: int = 8
+    poll_interval: float = 60.0
+    pending_timeout: float = 86400.0
+    poll_backoff_min: float = 5.0
+    poll_backoff_max: float = 300.0
+    max_attempts: int = 10
+    retry_backoff_min: float = 10.0
+    retry_backoff_max: float = 3600.0
+    full_rewalk_interval: float = 86400.0
+    overlap: int = 10
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    api: ApiConfig = field(default_factory=ApiConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    path: Path | None = None
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("VOIPBIN_ARCHIVER_CONFIG")
+    return Path(env) if env else Path("config.toml")
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
+    """Read, validate and return the configuration at ``path``."""
+    env = dict(os.environ) if env is None else env
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return build_config(data, base_dir=path.resolve().parent, env=env, path=path)
+
+
+def build_config(
+    data: dict[str, Any], base_dir: Path, env: dict[str, str], path: Path | None = None
+) -> Config:
+    known = {"api", "archive", "state", "workers", "logging"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown section or key [{key}] (known: {', '.join(sorted(known))})")
+    reader = _Reader(data, base_dir)
+    api = _build_api(reader, env, base_dir)
+    archive = ArchiveConfig(
+        directory=reader.path("archive", "directory", ArchiveConfig.directory),
+        layout=_check_layout(reader.text("archive", "layout", DEFAULT_LAYOUT)),
+        unpack=reader.flag("archive", "unpack", False),
+        settle_window=reader.number("archive", "settle_window", 3600.0, minimum=0),
+        max_members=reader.whole("archive", "max_members", 1000, minimum=1),
+        max_member_bytes=reader.whole("archive", "max_member_bytes", 4 * 1024**3, minimum=1),
+        max_total_bytes=reader.whole("archive", "max_total_bytes", 16 * 1024**3, minimum=1),
+        max_ratio=reader.number("archive", "max_ratio", 1000.0, minimum=1),
+    )
+    state = StateConfig(database=reader.path("state", "database", StateConfig.database))
+    workers = WorkersConfig(
+        concurrency=reader.whole("workers", "concurrency", 8, minimum=1, maximum=256),
+        poll_interval=reader.number("workers", "poll_interval", 60.0, minimum=0.01),
+        pending_timeout=reader.number("workers", "pending_timeout", 86400.0, minimum=0),
+        poll_backoff_min=reader.number("workers", "poll_backoff_min", 5.0, minimum=0.01),
+        poll_backoff_max=reader.number("workers", "poll_backoff_max", 300.0, minimum=0.01),
+        max_attempts=reader.whole("workers", "max_attempts", 10, minimum=1),
+        retry_backoff_min=reader.number("workers", "retry_backoff_min", 10.0, minimum=0),
+        retry_backoff_max=reader.number("workers", "retry_backoff_max", 3600.0, minimum=0),
+        full_rewalk_interval=reader.number("workers", "full_rewalk_interval", 86400.0, minimum=0),
+        overlap=reader.whole("workers", "overlap", 10, minimum=0),
+    )
+    logging_cfg = LoggingConfig(
+        level=reader.choice("logging", "level", "info", ("debug", "info", "warning", "error")),
+        format=reader.choice("logging", "format", "auto", ("auto", "json", "console")),
+    )
+    reader.reject_unknown()
+    if path is not None and api.secrets() and _holds_secret(data):
+        _warn_if_world_readable(path)
+    return Config(api=api, archive=archive, state=state, workers=workers, logging=logging_cfg, path=path)
+
+
+def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfig:
+    base_url = reader.text("api", "base_url", DEFAULT_BASE_URL).rstrip("/")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"[api] base_url must be an https:// URL, got {base_url!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError("[api] base_url: plain http is refused except on loopback; use https://")
+    if parts.query or parts.username or parts.password:
+        raise ConfigError("[api] base_url must not carry a query string or user info")
+
+    accesskey = _secret(reader, env, "accesskey", "VOIPBIN_ACCESSKEY", base_dir)
+    token = _secret(reader, env, "token", "VOIPBIN_TOKEN", base_dir)
+    username = reader.text("api", "username", "") or env.get("VOIPBIN_USERNAME", "")
+    password = _secret(reader, env, "password", "VOIPBIN_PASSWORD", base_dir)
+    kinds = [name for name, on in (
+        ("accesskey", accesskey), ("token", token), ("username/password", username or password)
+    ) if on]
+    if not kinds:
+        raise ConfigError(
+            "[api] no credential: set accesskey (or accesskey_file, or env VOIPBIN_ACCESSKEY), "
+            "token (token_file, VOIPBIN_TOKEN) or username and password"
+        )
+    if len(kinds) > 1:
+        raise ConfigError(f"[api] exactly one credential kind is allowed, found: {', '.join(kinds)}")
+    if (username or password) and not (username and password):
+        raise ConfigError("[api] username and password must be set together")
+    if accesskey and (not accesskey.isprintable() or " " in accesskey):
+        raise ConfigError("[api] accesskey contains spaces or control characters")
+
+    login_url = reader.text("api", "login_url", "")
+    if not login_url:
+        login_url = f"{parts.scheme}://{parts.netloc}/auth/login"
+    rps = reader.number("api", "requests_per_second", 16.0, minimum=0)
+    return ApiConfig(
+        base_url=base_url,
+        accesskey=accesskey,
+        token=token,
+        username=username,
+        password=password,
+        login_url=login_url,
+        page_size=reader.whole("api", "page_size", 100, minimum=1, maximum=100),
+        requests_per_second=rps,
+        burst=reader.whole("api", "burst", max(1, int(rps)), minimum=1),
+        timeout=reader.number("api", "timeout", 60.0, minimum=0.1),
+        max_retries=reader.whole("api", "max_retries", 5, minimum=0, maximum=50),
+        retry_base=reader.number("api", "retry_base", 0.5, minimum=0),
+        retry_max=reader.number("api", "retry_max", 30.0, minimum=0),
+    )
+
+
+def _secret(reader: _Reader, env: dict[str, str], key: str, env_name: str, base_dir: Path) -> str:
+    """A secret from the config key, ``<key>_file`` or the environment (in that order)."""
+    value = reader.text("api", key, "")
+    file_value = reader.text("api", f"{key}_file", "")
+    if value and file_value:
+        raise ConfigError(f"[api] set {key} or {key}_file, not both")
+    if file_value:
+        secret_path = Path(file_value)
+        if not secret_path.is_absolute():
+            secret_path = base_dir / secret_path
+        try:
+            value = secret_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"[api] {key}_file: cannot read {secret_path}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"[api] {key}_file: {secret_path} is empty")
+    return value or env.get(env_name, "").strip()
+
+
+def _check_layout(layout: str) -> str:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(layout) if f is not None}
+    except ValueError as exc:
+        raise ConfigError(f"[archive] layout: {exc}") from None
+    unknown = names - LAYOUT_FIELDS
+    if unknown:
+        raise ConfigError(
+            f"[archive] layout: unknown field(s) {sorted(unknown)}; allowed: {sorted(LAYOUT_FIELDS)}"
+        )
+    if "id" not in names or "ext" not in names:
+        raise ConfigError("[archive] layout must contain {id} and {ext}")
+    if layout.startswith("/") or ".." in layout.split("/") or "\\" in layout:
+        raise ConfigError("[archive] layout must be a relative path without '..' or '\\'")
+    if not layout.endswith("{id}.{ext}"):
+        raise ConfigError("[archive] layout must end with {id}.{ext} (the sidecar is {id}.json beside it)")
+    return layout
+
+
+def _holds_secret(data: dict[str, Any]) -> bool:
+    api = data.get("api", {})
+    return isinstance(api, dict) and any(api.get(k) for k in ("accesskey", "token", "password"))
+
+
+def _warn_if_world_readable(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        log.warning(
+            "config_world_readable",
+            path=str(path),
+            hint="the file holds a credential: chmod 600 it, or use accesskey_file / env",
+        )
+
+
+class _Reader:
+    """Typed access to the raw TOML with key-naming errors; tracks unknown keys."""
+
+    def __init__(self, data: dict[str, Any], base_dir: Path) -> None:
+        self.data = data
+        self.base_dir = base_dir
+        self.used: set[tuple[str, str]] = set()
+        for section, body in data.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"[{section}] must be a table")
+
+    def _get(self, section: str, key: str) -> Any:
+        self.used.add((section, key))
+        return self.data.get(section, {}).get(key)
+
+    def text(self, section: str, key: str, default: str) -> str:
+        value = self._get(section, key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(f"[{section}] {key} must be a string, got {type(value).__name__}")
+        return value
+
+    def flag(self, section: str, key: str, default: bool) -> bool:
+        value = self._get(section, key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"[{section}] {key} must be true or false")
+        return value
+
+    def number(self, section: str, key: str, default: float, minimum: float | None = None) -> float:
+        value = self._get(section, key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"[{section}] {key} must be a number")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"[{section}] {key} must be >= {minimum}, got {value}")
+        return float(value)
+
+    def whole(
+        self, section: str, key: str, default: int, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        value = self._get(section, key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"[{section}] {key} must be a whole number")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"[{section}] {key} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"[{section}] {key} must be <= {maximum}, got {value}")
+        return value
+
+    def choice(self, section: str, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(section, key, default).lower()
+        if value not in choices:
+            raise ConfigError(f"[{section}] {key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def path(self, section: str, key: str, default: Path) -> Path:
+        value = self.text(section, key, str(default))
+        if not value:
+            raise ConfigError(f"[{section}] {key} must not be empty")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def reject_unknown(self) -> None:
+        secret_files = {("api", "accesskey_file"), ("api", "token_file"), ("api", "password_file")}
+        for section, body in self.data.items():
+            for key in body:
+                if (section, key) not in self.used and (section, key) not in secret_files:
+                    raise ConfigError(f"[{section}] unknown key {key!r}")

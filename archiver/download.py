@@ -1,0 +1,320 @@
+"""One verified download: redirect -> storage stream -> checks -> fsync -> rename.
+
+A file visible under its final name is complete and verified: the body streams to a
+temporary name in the destination directory, is checked (length, every ``x-goog-hash``,
+ZIP member CRCs and sizes, RIFF structure), fsynced and only then renamed.  The sidecar is
+written before the data file, so a data file under its final name always has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiohttp
+import structlog
+
+from . import __version__
+from .client import ApiClient
+from .config import ArchiveConfig
+from .errors import LocalStorageError, NotReady, TransientError, VerificationError
+from .inspect import CHUNK, BodyDigest, Member, RiffChecker, ZipLimits, body_kind, inspect_zip, parse_goog_hash
+from .layout import EXTENSIONS, Layout, sidecar_path, temp_path
+from .state import Row
+
+log = structlog.get_logger("archiver.download")
+
+TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
+
+
+@dataclass(frozen=True)
+class Archived:
+    rel_path: str
+    size: int
+    sha256: str
+    server_hashes: dict[str, str]
+    members: int
+    adopted: bool = False
+
+
+def _limits(cfg: ArchiveConfig) -> ZipLimits:
+    return ZipLimits(cfg.max_members, cfg.max_member_bytes, cfg.max_total_bytes, cfg.max_ratio)
+
+
+def make_dirs(root: Path, directory: Path) -> None:
+    """Create ``directory`` (inside ``root``) level by level with mode 0750."""
+    try:
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        current = root
+        for part in directory.relative_to(root).parts:
+            current = current / part
+            current.mkdir(mode=0o750, exist_ok=True)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot create {directory}: {exc.strerror}") from None
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, rename (no directory fsync)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LocalStorageError(f"cannot write {path.name}: {exc.strerror}") from None
+
+
+def remove_temporaries(layout: Layout, row: Row) -> None:
+    """Remove what an interrupted download of ``row`` may have left (start-up recovery)."""
+    try:
+        directory = layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", ""))
+    except Exception:  # noqa: BLE001 - a row we cannot place has no temporaries either
+        return
+    for what in ("download", "unpack"):
+        tmp = temp_path(directory, row.id, what)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    for name in (f"{row.id}.json",):
+        (directory / f".{name}.partial").unlink(missing_ok=True)
+
+
+class Downloader:
+    """Archives one recording at a time; shared by all workers (it holds no per-call state)."""
+
+    def __init__(self, client: ApiClient, cfg: ArchiveConfig) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.layout = Layout(cfg.directory, cfg.layout)
+        self.limits = _limits(cfg)
+
+    async def archive(self, row: Row) -> Archived:
+        """Download, verify and store ``row``; raise an ``archiver.errors`` class otherwise."""
+        ref_type = row.raw.get("reference_type", "") or ""
+        directory = self.layout.directory_for(row.id, row.tm_create, ref_type)
+        adopted = await asyncio.to_thread(self._adopt_existing, row, directory)
+        if adopted is not None:
+            return adopted
+        await asyncio.to_thread(make_dirs, self.layout.directory.resolve(), directory)
+        last: Exception | None = None
+        url: str | None = None
+        for _ in range(TRIES_PER_ATTEMPT):
+            try:
+                if url is None:
+                    url = await self.client.recordingfile_url(row.id)
+                return await self._fetch(row, directory, url, ref_type)
+            except _StaleUrl as exc:
+                url, last = None, exc
+            except (VerificationError, TransientError) as exc:
+                url, last = None, exc
+                log.info("download_retry", recording_id=row.id, reason=str(exc))
+        assert last is not None
+        if isinstance(last, _StaleUrl):
+            raise TransientError(str(last))
+        raise last
+
+    async def _fetch(self, row: Row, directory: Path, url: str, ref_type: str) -> Archived:
+        tmp = temp_path(directory, row.id, "download")
+        unpack_tmp = temp_path(directory, row.id, "unpack")
+        try:
+            digest, kind, riff, hashes = await self._stream_to(tmp, url)
+            members = await self._check_structure(row, tmp, kind, riff, digest, unpack_tmp)
+            self._check_ready(row, kind, members, ref_type)
+            return await asyncio.to_thread(
+                self._commit, row, directory, tmp, unpack_tmp, kind, digest, hashes, members, ref_type
+            )
+        finally:
+            await asyncio.to_thread(_remove_quietly, tmp, unpack_tmp)
+
+    async def _stream_to(self, tmp: Path, url: str) -> tuple[BodyDigest, str, RiffChecker | None, dict[str, str]]:
+        digest = BodyDigest()
+        riff: RiffChecker | None = None
+        kind = ""
+        try:
+            async with self.client.storage_get(url) as resp:
+                if resp.status in (400, 401, 403):
+                    raise _StaleUrl(f"storage answered HTTP {resp.status} (signed URL expired or invalid)")
+                if resp.status != 200:
+                    raise TransientError(f"storage answered HTTP {resp.status}")
+                expected = resp.content_length
+                hashes = parse_goog_hash(resp.headers.getall("x-goog-hash", []))
+                async with aiofiles.open(tmp, "wb", opener=_opener) as out:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        if not kind:
+                            kind = body_kind(chunk)
+                            riff = RiffChecker() if kind == "wav" else None
+                        digest.update(chunk)
+                        if riff is not None:
+                            riff.feed(chunk)
+                        await out.write(chunk)
+                    await out.flush()
+                    await asyncio.to_thread(os.fsync, out.fileno())
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            # before OSError: aiohttp's connection errors are OSErrors too
+            raise TransientError(f"storage transfer broke: {type(exc).__name__}") from None
+        except OSError as exc:
+            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({tmp.parent})") from None
+        if not kind:
+            raise NotReady("storage answered an empty body")
+        digest.check(expected, hashes)
+        return digest, kind, riff, hashes
+
+    async def _check_structure(
+        self, row: Row, tmp: Path, kind: str, riff: RiffChecker | None, digest: BodyDigest, unpack_tmp: Path
+    ) -> list[Member]:
+        if kind == "wav":
+            assert riff is not None
+            riff.finish()
+            return [Member(f"{row.id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
+        extract_to = None
+        if self.cfg.unpack:
+            await asyncio.to_thread(_fresh_dir, unpack_tmp)
+            extract_to = unpack_tmp
+        return await asyncio.to_thread(inspect_zip, tmp, self.limits, extract_to)
+
+    def _check_ready(self, row: Row, kind: str, members: list[Member], ref_type: str) -> None:
+        """Before the settle window, an empty or short answer means "not uploaded yet"."""
+        expected = 2 if ref_type == "call" else 1
+        settled_at = (row.tm_end or row.tm_create or 0) + self.cfg.settle_window
+        if time.time() >= settled_at:
+            if (kind == "zip" and len(members) < expected) or not any(m.audio_bytes for m in members):
+                log.warning(
+                    "archived_incomplete", recording_id=row.id, members=len(members), expected=expected,
+                    reason="settle window passed; keeping what the server has",
+                )
+            return
+        if kind == "zip" and len(members) < expected:
+            raise NotReady(f"ZIP has {len(members)} of {expected} expected files (not uploaded yet)")
+        if kind == "wav" and not members[0].audio_bytes:
+            raise NotReady("WAV has no audio yet")
+
+    def _commit(
+        self, row: Row, directory: Path, tmp: Path, unpack_tmp: Path, kind: str, digest: BodyDigest,
+        hashes: dict[str, str], members: list[Member], ref_type: str,
+    ) -> Archived:
+        rel = self.layout.relative(row.id, kind, row.tm_create, ref_type)
+        final = self.layout.path(rel)
+        sha = digest.sha256.hexdigest()
+        checked = {k: hashes[k] for k in sorted(hashes)}
+        sidecar = {
+            "recording": row.raw,
+            "archive": {
+                "file": final.name,
+                "kind": kind,
+                "size": digest.size,
+                "sha256": sha,
+                "server_hashes_checked": checked,
+                "members": [m.as_dict() for m in members],
+                "members_expected": 2 if ref_type == "call" else 1,
+                "unpacked_to": f"{row.id}/" if kind == "zip" and self.cfg.unpack else None,
+                "archived_at": datetime.now(UTC).isoformat(),
+                "archiver": f"voipbin-archiver/{__version__}",
+            },
+        }
+        try:
+            write_file_atomic(sidecar_path(final), json.dumps(sidecar, indent=2, sort_keys=True).encode())
+            if kind == "zip" and self.cfg.unpack:
+                target = directory / row.id
+                if target.exists():
+                    shutil.rmtree(target)
+                os.chmod(unpack_tmp, 0o750)
+                fsync_dir(unpack_tmp)
+                os.replace(unpack_tmp, target)
+            os.replace(tmp, final)
+            fsync_dir(directory)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
+        return Archived(rel, digest.size, sha, checked, len(members))
+
+    def _adopt_existing(self, row: Row, directory: Path) -> Archived | None:
+        """A final file from an interrupted run (renamed, not yet recorded): re-verify it against
+        its sidecar and structure; keep it if it passes, remove it otherwise."""
+        for ext in EXTENSIONS:
+            final = directory / f"{row.id}.{ext}"
+            if not final.exists():
+                continue
+            side = sidecar_path(final)
+            try:
+                meta = json.loads(side.read_text())["archive"]
+                size, sha = _hash_file(final)
+                if size != meta["size"] or sha != meta["sha256"]:
+                    raise VerificationError("differs from its sidecar")
+                if ext == "zip":
+                    inspect_zip(final, self.limits)
+                else:
+                    _check_wav_file(final)
+            except Exception as exc:  # noqa: BLE001 - any doubt means: do not trust it
+                log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
+                final.unlink(missing_ok=True)
+                continue
+            rel = str(final.relative_to(self.layout.directory.resolve()))
+            log.info("existing_file_adopted", recording_id=row.id, file=rel)
+            return Archived(rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True)
+        return None
+
+
+class _StaleUrl(Exception):
+    """Storage refused the signed URL: ask ``/recordingfiles`` for a fresh one."""
+
+
+def _opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o640)
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(mode=0o750)
+
+
+def _remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            size += len(chunk)
+            h.update(chunk)
+    return size, h.hexdigest()
+
+
+def _check_wav_file(path: Path) -> None:
+    riff = RiffChecker(path.name)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            riff.feed(chunk)
+    riff.finish()
+
+
+def sidecar_of(path: Path) -> dict[str, Any]:
+    return json.loads(sidecar_path(path).read_text())

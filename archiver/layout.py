@@ -1,0 +1,71 @@
+"""Where a recording's files go. Nothing the server sends ever chooses a path on its own."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import InvalidRecording
+from .model import check_id
+
+EXTENSIONS = ("zip", "wav")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Maps a recording to ``<directory>/<template>``; the template is checked in config."""
+
+    directory: Path
+    template: str
+
+    def relative(self, rec_id: str, ext: str, tm_create: float | None, reference_type: str = "") -> str:
+        rec_id = check_id(rec_id)
+        if ext not in EXTENSIONS:
+            raise InvalidRecording(f"unsupported file kind {ext!r}")
+        when = datetime.fromtimestamp(tm_create or 0, UTC)
+        ref = reference_type if re.fullmatch(r"[a-z_]{1,32}", reference_type or "") else "unknown"
+        rel = self.template.format(
+            year=f"{when.year:04d}", month=f"{when.month:02d}", day=f"{when.day:02d}",
+            hour=f"{when.hour:02d}", id=rec_id, ext=ext, reference_type=ref,
+        )
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts) or rel.startswith("/"):
+            raise InvalidRecording(f"layout produced an unsafe path {rel!r}")
+        return rel
+
+    def path(self, rel: str) -> Path:
+        """Absolute path for a relative archive path, refusing anything that leaves the directory."""
+        root = self.directory.resolve()
+        full = (root / rel).resolve()
+        if root != full and root not in full.parents:
+            raise InvalidRecording(f"path {rel!r} leaves the archive directory")
+        return full
+
+    def directory_for(self, rec_id: str, tm_create: float | None, reference_type: str = "") -> Path:
+        """The directory a recording's files go to (the same whatever the file kind)."""
+        return self.path(self.relative(rec_id, "zip", tm_create, reference_type)).parent
+
+
+def sidecar_path(final: Path) -> Path:
+    return final.with_suffix(".json")
+
+
+def temp_path(directory: Path, rec_id: str, what: str) -> Path:
+    """A deterministic temporary name, so start-up recovery can find and remove it."""
+    return directory / f".{rec_id}.{what}.partial"
+
+
+def sanitize_member_name(name: str) -> str:
+    """A safe single path component for a ZIP member's name: no separators, ``..``, NUL, leading
+    dots or control characters survive; ``:`` becomes ``_``. Never empty."""
+    name = unicodedata.normalize("NFC", name)
+    name = name.replace("/", "_").replace("\\", "_")
+    name = _UNSAFE_CHARS.sub("_", name)
+    name = name.replace("..", "_")
+    name = name.lstrip(". ")
+    name = name[:200]
+    return name or "member"

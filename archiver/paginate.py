@@ -1,0 +1,78 @@
+"""Walk ``GET /recordings`` page by page, following the opaque ``next_page_token``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from .errors import InvalidRecording
+from .model import Recording, parse_recording
+
+log = structlog.get_logger("archiver.paginate")
+
+
+class Lister(Protocol):
+    async def list_recordings(self, page_token: str, page_size: int) -> Any: ...
+
+
+@dataclass
+class Page:
+    token: str  # the token this page was requested with ("" for the newest page)
+    next_token: str  # "" when this is the last page
+    recordings: list[Recording] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (id or "?", reason)
+    raw_count: int = 0
+
+
+def parse_page(body: Any, token: str) -> Page:
+    """Validate one listing answer; bad items are rejected one by one, never the whole walk."""
+    if not isinstance(body, dict):
+        log.error("page_malformed", reason=f"answer is a {type(body).__name__}, not an object")
+        return Page(token=token, next_token="")
+    next_token = body.get("next_page_token") or ""
+    if not isinstance(next_token, str) or len(next_token) > 200:
+        log.error("page_token_malformed", token_type=type(next_token).__name__)
+        next_token = ""
+    items = body.get("result")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        log.error("page_result_not_a_list", result_type=type(items).__name__)
+        # Nothing to store, but the token may still lead on: count it as a non-empty page.
+        return Page(token=token, next_token=next_token, raw_count=1)
+    page = Page(token=token, next_token=next_token, raw_count=len(items))
+    for item in items:
+        try:
+            page.recordings.append(parse_recording(item))
+        except InvalidRecording as exc:
+            raw_id = item.get("id") if isinstance(item, dict) else None
+            page.rejected.append((str(raw_id)[:80] if raw_id is not None else "?", str(exc)))
+    return page
+
+
+async def walk_pages(client: Lister, page_size: int, start_token: str = "") -> AsyncIterator[Page]:
+    """Yield pages newest-first until an empty page, an empty token or a token seen before.
+
+    The caller stores each page (and checkpoints ``page.next_token``) before asking for the
+    next one, so an interrupted walk resumes where it stopped.
+    """
+    token = start_token
+    seen: set[str] = {token}
+    while True:
+        body = await client.list_recordings(token, page_size)
+        page = parse_page(body, token)
+        yield page
+        if page.raw_count == 0:
+            log.debug("walk_end", reason="empty page")
+            return
+        if not page.next_token:
+            log.debug("walk_end", reason="no next token")
+            return
+        if page.next_token in seen:
+            log.warning("walk_end", reason="token repeated", token=page.next_token[:40])
+            return
+        seen.add(page.next_token)
+        token = page.next_token

@@ -1,0 +1,398 @@
+"""The engine: walk the listing into SQLite, and a bounded pool of workers that polls and downloads.
+
+Data flows one way: paginator -> ``StateDB`` -> feeder -> bounded queue -> workers ->
+``Downloader``.  The feeder is the only reader of due work, and it never hands out a recording
+that is already in flight, so a recording never has two downloads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+import structlog
+
+from .client import ApiClient
+from .config import Config
+from .download import Downloader, remove_temporaries
+from .errors import (
+    AuthRefused,
+    InvalidRecording,
+    LocalStorageError,
+    NotReady,
+    RecordingGone,
+    RecordingRefused,
+    TransientError,
+    VerificationError,
+)
+from .logs import redact
+from .model import KNOWN_STATUSES, parse_recording
+from .paginate import walk_pages
+from .state import Row, StateDB
+
+log = structlog.get_logger("archiver.pool")
+
+SHUTDOWN_GRACE = 6.0  # seconds in-flight downloads get to finish on SIGTERM before they are abandoned
+PAUSE_ON_TROUBLE = 60.0  # service: how long to stop taking work after a refused credential or full disk
+
+
+@dataclass
+class RunResult:
+    """What one backfill or service run did (this process only)."""
+
+    stats: Counter[str] = field(default_factory=Counter)
+    fatal: str = ""  # why the run stopped early, if it did
+    auth_refused: bool = False
+    walk_error: str = ""
+
+
+class Engine:
+    """One engine per process. ``backfill()`` returns when done; ``serve()`` when ``stop`` is set."""
+
+    def __init__(self, cfg: Config, client: ApiClient, state: StateDB) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.state = state
+        self.downloader = Downloader(client, cfg.archive)
+        self.workers_cfg = cfg.workers
+        self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=cfg.workers.concurrency * 2)
+        self.in_flight: set[str] = set()
+        self.wake = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.result = RunResult()
+        self.paused_until = 0.0
+        self.mode: Literal["backfill", "run"] = "backfill"
+        self.walk_done = False
+        self.deadline = float("inf")
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Start-up: rows a crash left ``downloading`` become ``pending``, temporaries go."""
+        rows = await self.state.recover()
+        for row in rows:
+            await asyncio.to_thread(remove_temporaries, self.downloader.layout, row)
+        if rows:
+            log.info("recovered", rows=len(rows), reason="interrupted downloads reset to pending")
+
+    async def backfill(
+        self, since: datetime | None = None, until: datetime | None = None, wait: float = 900.0
+    ) -> RunResult:
+        self.mode = "backfill"
+        await self.recover()
+        workers = self._start_workers()
+        feeder = asyncio.create_task(self._feed(), name="feeder")
+        try:
+            try:
+                await self._walk(full=True, since=since, until=until)
+            except AuthRefused as exc:
+                self._fatal(str(exc), auth=True)
+            except (TransientError, RecordingRefused, RecordingGone) as exc:
+                self.result.walk_error = redact(str(exc))
+                log.error("walk_failed", error=self.result.walk_error, hint="the next run resumes from the checkpoint")
+            self.walk_done = True
+            self.deadline = time.time() + wait
+            self.wake.set()
+            await self._wait_first(feeder)
+        finally:
+            await self._shutdown(feeder, workers)
+        return self.result
+
+    async def serve(self) -> RunResult:
+        """The service: a cycle every ``poll_interval`` until ``self.stop`` is set."""
+        self.mode = "run"
+        await self.recover()
+        workers = self._start_workers()
+        feeder = asyncio.create_task(self._feed(), name="feeder")
+        try:
+            while not self.stop.is_set():
+                await self.cycle()
+                try:
+                    await asyncio.wait_for(self.stop.wait(), self.workers_cfg.poll_interval)
+                except TimeoutError:
+                    pass
+        finally:
+            await self._shutdown(feeder, workers)
+        return self.result
+
+    async def cycle(self) -> None:
+        """One service cycle: a full walk when due (never completed, or rewalk interval), else
+        an incremental walk from the newest page that stops at known recordings."""
+        if time.time() < self.paused_until:
+            return
+        started = time.time()
+        before = self.client.stats["requests"]
+        try:
+            full = await self._full_walk_due()
+            new = await self._walk(full=full)
+        except AuthRefused as exc:
+            self._trouble(str(exc), auth=True)
+            return
+        except (TransientError, RecordingRefused, RecordingGone) as exc:
+            log.error("cycle_walk_failed", error=redact(str(exc)))
+            return
+        await self.state.set_meta("last_cycle", str(time.time()))
+        log.info(
+            "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
+            seconds=round(time.time() - started, 3), **await self.state.counts(),
+        )
+
+    async def _full_walk_due(self) -> bool:
+        if await self.state.walk_checkpoint("full") is not None:
+            return True
+        done = await self.state.get_meta("walk_done:full")
+        interval = self.workers_cfg.full_rewalk_interval
+        return done is None or (interval > 0 and time.time() - float(done) > interval)
+
+    def _start_workers(self) -> list[asyncio.Task[None]]:
+        return [
+            asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.workers_cfg.concurrency)
+        ]
+
+    async def _wait_first(self, feeder: asyncio.Task[None]) -> None:
+        stopper = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({feeder, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+
+    async def _shutdown(self, feeder: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+        """Stop taking work; let in-flight downloads finish briefly, then abandon them cleanly."""
+        self.stop.set()
+        feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
+        queued: list[str] = []
+        while not self.queue.empty():
+            row = self.queue.get_nowait()
+            queued.append(row.id)
+            self.in_flight.discard(row.id)
+            self.queue.task_done()
+        busy = [w for w in workers if not w.done()]
+        if self.in_flight:
+            log.info("shutdown_waiting", in_flight=len(self.in_flight), grace_seconds=SHUTDOWN_GRACE)
+            deadline = time.monotonic() + SHUTDOWN_GRACE
+            while self.in_flight and time.monotonic() < deadline:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    break
+        abandoned = list(self.in_flight)
+        for w in busy:
+            w.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        await self.state.release(queued + abandoned)
+        if abandoned:
+            log.info("shutdown_abandoned", recordings=len(abandoned), reason="will be downloaded on the next run")
+
+    def _fatal(self, reason: str, auth: bool = False) -> None:
+        """Backfill: stop the run. Service: pause taking work and say so loudly."""
+        if self.mode == "run":
+            self._trouble(reason, auth)
+            return
+        if not self.result.fatal:
+            log.error("stopping", reason=redact(reason))
+        self.result.fatal = self.result.fatal or redact(reason)
+        self.result.auth_refused = self.result.auth_refused or auth
+        self.stop.set()
+
+    def _trouble(self, reason: str, auth: bool) -> None:
+        self.paused_until = time.time() + max(PAUSE_ON_TROUBLE, self.workers_cfg.poll_interval)
+        self.result.auth_refused = self.result.auth_refused or auth
+        log.error(
+            "credential_refused" if auth else "archive_unwritable", reason=redact(reason),
+            paused_seconds=round(self.paused_until - time.time()),
+            hint="fix the credential" if auth else "free disk space or fix permissions",
+        )
+
+    # ---- the walk ----------------------------------------------------------------------------
+
+    async def _walk(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int:
+        """Store listed recordings. Full walks checkpoint each page; incremental ones stop at
+        known recordings (after ``overlap`` of them). Returns how many were new."""
+        name = None
+        start = ""
+        if full:
+            name = "full" if since is None and until is None else f"range:{since}:{until}"
+            start = await self.state.walk_checkpoint(name) or ""
+            if start:
+                log.info("walk_resumed", walk=name)
+        new_total = 0
+        known_total = 0
+        pages = 0
+        async for page in walk_pages(self.client, self.cfg.api.page_size, start):
+            pages += 1
+            for raw_id, reason in page.rejected:
+                self.result.stats["rejected"] += 1
+                log.error("listing_item_rejected", recording_id=redact(raw_id), reason=reason)
+            recs = page.recordings
+            reached_since = since is not None and any(r.tm_create and r.tm_create < since for r in recs)
+            if since is not None:
+                recs = [r for r in recs if r.tm_create is None or r.tm_create >= since]
+            if until is not None:
+                recs = [r for r in recs if r.tm_create is None or r.tm_create < until]
+            known = 0 if full else len(await self.state.known_ids([r.id for r in recs]))
+            token = "" if reached_since else page.next_token
+            new = await self.state.store_page(recs, name, token)
+            new_total += new
+            self.result.stats["pages"] += 1
+            self.result.stats["discovered"] += new
+            if new:
+                self.wake.set()
+            if reached_since:
+                break
+            if not full:
+                known_total += known
+                if known_total >= self.workers_cfg.overlap or (page.raw_count and known == len(page.recordings)):
+                    break
+        if name is not None:
+            await self.state.end_walk(name)
+        log.debug("walk_done", full=full, pages=pages, new=new_total)
+        return new_total
+
+    # ---- feeder and workers ------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        """Hand due recordings to the workers; in backfill, finish when nothing is left to wait for."""
+        while not self.stop.is_set():
+            self.wake.clear()
+            now = time.time()
+            free = self.queue.maxsize - self.queue.qsize()
+            if free > 0 and now >= self.paused_until:
+                rows = await self.state.due(now, free, self.in_flight)
+                if rows:
+                    await self.state.claim([r.id for r in rows if r.state == "pending"])
+                    for row in rows:
+                        self.in_flight.add(row.id)
+                        self.queue.put_nowait(row)
+                    continue
+            timeout = 1.0
+            if free > 0 and now >= self.paused_until:
+                next_due = await self.state.next_due_time()
+                if self.mode == "backfill" and self.walk_done and not self.in_flight:
+                    if next_due is None or next_due > self.deadline:
+                        return
+                if next_due is not None:
+                    timeout = min(max(next_due - now, 0.01), 5.0)
+            elif now < self.paused_until:
+                timeout = min(self.paused_until - now, 5.0)
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _worker(self) -> None:
+        while True:
+            row = await self.queue.get()
+            try:
+                await self._process(row)
+            finally:
+                self.in_flight.discard(row.id)
+                self.queue.task_done()
+                self.wake.set()
+
+    async def _process(self, row: Row) -> None:
+        log_ = log.bind(recording_id=row.id)
+        started = time.monotonic()
+        try:
+            if row.state == "discovered":
+                polled = await self._poll(row)
+                if polled is None:
+                    return
+                row = polled
+            result = await self.downloader.archive(row)
+        except NotReady as exc:
+            delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
+            await self.state.update(row.id, state="pending", polls=row.polls + 1, next_attempt_at=time.time() + delay)
+            self.result.stats["not_ready"] += 1
+            log_.info("not_ready", reason=str(exc), retry_in=round(delay, 1))
+            return
+        except RecordingGone as exc:
+            await self._finish(row, "skipped", f"deleted: {exc}")
+            return
+        except (RecordingRefused, InvalidRecording) as exc:
+            await self._finish(row, "failed", str(exc))
+            return
+        except (TransientError, VerificationError) as exc:
+            await self._retry_later(row, str(exc))
+            return
+        except (AuthRefused, LocalStorageError) as exc:
+            # not the recording's fault: no attempt counted, retryable as soon as we can work again
+            await self.state.update(row.id, state=_waiting_state(row), next_attempt_at=time.time())
+            self._fatal(str(exc), auth=isinstance(exc, AuthRefused))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log_.exception("unexpected_error")
+            await self._retry_later(row, f"unexpected {type(exc).__name__}: {exc}")
+            return
+        await self.state.update(
+            row.id, state="archived", path=result.rel_path, size=result.size, sha256=result.sha256,
+            server_hashes=",".join(f"{k}={v}" for k, v in result.server_hashes.items()),
+            members=result.members, archived_at=time.time(), last_error=None,
+        )
+        self.result.stats["archived"] += 1
+        self.result.stats["bytes"] += result.size
+        log_.info(
+            "archived", attempt=row.attempts + 1, bytes=result.size, members=result.members,
+            seconds=round(time.monotonic() - started, 3), path=result.rel_path, adopted=result.adopted,
+        )
+
+    async def _poll(self, row: Row) -> Row | None:
+        """``GET /recordings/{id}`` for a recording not ended yet; returns it claimed once ended."""
+        timeout = self.workers_cfg.pending_timeout
+        if row.tm_create is not None and time.time() > row.tm_create + timeout:
+            await self._finish(row, "failed", f"did not end within pending_timeout ({timeout:.0f} s)")
+            return None
+        raw = await self.client.get_recording(row.id)
+        rec = parse_recording(raw)
+        if rec.id != row.id:
+            raise InvalidRecording(f"detail answer is for another id {rec.id}")
+        if rec.deleted:
+            raise RecordingGone("tm_delete is set")
+        self.result.stats["polls"] += 1
+        if not rec.ended:
+            if rec.status not in KNOWN_STATUSES:
+                log.warning("unknown_status", recording_id=row.id, status=rec.status[:40])
+            delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
+            await self.state.update(
+                row.id, raw=raw, status=rec.status, polls=row.polls + 1, next_attempt_at=time.time() + delay
+            )
+            return None
+        tm_end = rec.tm_end.timestamp() if rec.tm_end else None
+        await self.state.update(row.id, state="downloading", raw=raw, status=rec.status, tm_end=tm_end, polls=0)
+        return Row(row.id, "downloading", raw, row.attempts, 0, row.tm_create, tm_end)
+
+    async def _finish(self, row: Row, state: str, reason: str) -> None:
+        reason = redact(reason)
+        await self.state.update(row.id, state=state, last_error=reason)
+        self.result.stats[state] += 1
+        (log.warning if state == "skipped" else log.error)(state, recording_id=row.id, reason=reason)
+
+    async def _retry_later(self, row: Row, reason: str) -> None:
+        reason = redact(reason)
+        attempts = row.attempts + 1
+        if attempts >= self.workers_cfg.max_attempts:
+            await self.state.update(row.id, attempts=attempts)
+            await self._finish(row, "failed", f"gave up after {attempts} attempts: {reason}")
+            return
+        delay = self._backoff(attempts - 1, self.workers_cfg.retry_backoff_min, self.workers_cfg.retry_backoff_max)
+        await self.state.update(
+            row.id, state=_waiting_state(row), attempts=attempts, last_error=reason, next_attempt_at=time.time() + delay
+        )
+        self.result.stats["retries"] += 1
+        log.warning("retry_scheduled", recording_id=row.id, attempt=attempts, reason=reason, retry_in=round(delay, 1))
+
+    @staticmethod
+    def _backoff(n: int, low: float, high: float) -> float:
+        """``low`` doubling to ``high``, with a little jitter so retries do not march in step."""
+        return min(high, low * (2 ** min(n, 30))) * random.uniform(0.9, 1.0)
+
+
+def _waiting_state(row: Row) -> str:
+    """The state a recording waits in: not ended yet, or ended and due for download."""
+    return "discovered" if row.state == "discovered" else "pending"

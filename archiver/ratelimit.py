@@ -1,0 +1,45 @@
+"""A token bucket shared by every worker: we pace ourselves instead of learning the limit by 429s."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; ``rate <= 0`` disables pacing.
+
+    Waiters are served in arrival order (one lock), so no worker starves.  ``pause()`` stops
+    everyone until a deadline: a 429's ``Retry-After`` slows the whole pool, not one worker.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._last = time.monotonic()
+        self._paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def pause(self, seconds: float) -> None:
+        until = time.monotonic() + max(0.0, seconds)
+        if until > self._paused_until:
+            self._paused_until = until
+            self._tokens = 0.0  # resume gently after a 429, with no saved-up burst
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                if now < self._paused_until:
+                    await asyncio.sleep(self._paused_until - now)
+                    self._last = time.monotonic()
+                    continue
+                if self.rate <= 0:
+                    return
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await asyncio.sleep((1.0 - self._tokens) / self.rate)

@@ -1,0 +1,589 @@
+"""A VoIPbin API simulator, faithful to ``shared/voipbin-api.md`` including its faults.
+
+Used by the tests, the benchmarks and ``voipbin-archiver demo``; runnable on its own:
+``python -m archiver.simulator --port 8080 --recordings 500``.
+
+What it serves:
+* ``POST /auth/login``, ``GET /v1.0/recordings`` (keyset pages, newest first),
+  ``GET /v1.0/recordings/{id}``, ``GET /v1.0/recordingfiles/{id}`` (307 to a signed URL),
+  ``GET /storage/{id}`` (the signed "storage" object, with ``x-goog-hash``).
+* ZIP bodies (today's server) or single WAVs (the tutorial's), both timestamp styles.
+* Recordings that end after a delay, whose files arrive late (empty ZIP, then one of two
+  members, then all), deleted ones; the per-customer rate limit (429 + ``Retry-After``).
+* Switchable faults with probabilities: 5xx, 503, resets, malformed JSON, truncated or
+  corrupted bodies, wrong hashes, expired signed URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import bisect
+import hashlib
+import hmac
+import io
+import json
+import random
+import secrets
+import struct
+import time
+import uuid
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import google_crc32c
+from aiohttp import web
+
+EMPTY_ZIP = b"PK\x05\x06" + b"\x00" * 18
+FAULTS = (
+    "api_500",  # any API request answers 500
+    "api_503",  # /recordingfiles answers 503 (cannot sign storage URLs)
+    "api_reset",  # the connection is closed without an answer
+    "malformed_json",  # a 200 whose JSON is cut short
+    "storage_500",
+    "storage_truncate",  # Content-Length promised, half the body sent, connection closed
+    "storage_corrupt",  # one byte flipped, hashes of the original
+    "storage_bad_hash",  # right body, wrong x-goog-hash
+    "storage_expired",  # the signed URL is refused (403)
+)
+
+
+@dataclass
+class SimConfig:
+    recordings: int = 250
+    seed: int = 1
+    mode: str = "zip"  # "zip" (today) or "wav" (the tutorial's server)
+    timestamps: str = "rfc3339"  # or "tutorial"
+    audio_bytes: int = 169_920  # 10.62 s of 8 kHz 16-bit mono
+    latency: float = 0.0
+    rate_limit: bool = True
+    rate: float = 16.7
+    burst: int = 33
+    pending: int = 0  # recordings still "recording", ending end_after seconds after start
+    end_after: float = 2.0
+    late_files: int = 0  # ended recordings whose files arrive files_after seconds after the end
+    files_after: float = 2.0
+    deleted: int = 0
+    conference_every: int = 7  # every Nth recording is a confbridge (one file)
+    faults: dict[str, float] = field(default_factory=dict)
+    accesskey: str = ""
+    username: str = "demo"
+    password: str = "demo-password"
+    signed_url_ttl: float = 86400.0
+
+
+@dataclass
+class SimRecording:
+    id: str
+    tm_create: datetime
+    reference_type: str
+    reference_id: str
+    duration: float
+    ends_at: float | None = None  # epoch; None: ended before the simulator started
+    files_at: float = 0.0  # epoch the files are complete in storage
+    deleted_at: float | None = None
+    raw_overrides: dict[str, Any] = field(default_factory=dict)
+    body_override: bytes | None = None
+
+
+def _ts(value: datetime | None, style: str) -> str:
+    if value is None:
+        return "9999-01-01 00:00:00.000000" if style == "tutorial" else ""
+    if style == "tutorial":
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if style == "token":  # today's page token: always six fractional digits
+        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    frac = f"{value.microsecond:06d}".rstrip("0")
+    return value.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
+
+
+def _parse_token(token: str) -> datetime | None:
+    text = token.strip().replace(" ", "T").rstrip("Z")
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def make_wav(audio: bytes, rate: int = 8000) -> bytes:
+    header = b"RIFF" + struct.pack("<I", 36 + len(audio)) + b"WAVE"
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    return header + fmt + b"data" + struct.pack("<I", len(audio)) + audio
+
+
+def make_zip(members: list[tuple[str, bytes]]) -> bytes:
+    if not members:
+        return EMPTY_ZIP
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+class Simulator:
+    """The simulated API. ``await sim.start()`` serves on 127.0.0.1; ``sim.base_url`` is /v1.0."""
+
+    def __init__(self, cfg: SimConfig | None = None) -> None:
+        self.cfg = cfg or SimConfig()
+        self.accesskey = self.cfg.accesskey or "vb_" + secrets.token_hex(16)
+        self.started = time.time()
+        self.rng = random.Random(self.cfg.seed)
+        self.fault_rng = random.Random(self.cfg.seed + 1)
+        self.faults: dict[str, float] = dict(self.cfg.faults)
+        self.stats: Counter[str] = Counter()
+        self.storage_gets: Counter[str] = Counter()
+        self.credential_leaks = 0
+        self.tokens: dict[str, float] = {}  # JWT -> expiry
+        self.revoked = False
+        self.quirk = ""  # "repeat_token": every page answers the same next_page_token
+        self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
+        self.recordings: dict[str, SimRecording] = {}
+        self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
+        self._body_cache: dict[tuple[str, str], tuple[bytes, str, str]] = {}
+        self._sign_key = secrets.token_bytes(16)
+        self._bucket_tokens = float(self.cfg.burst)
+        self._bucket_at = time.monotonic()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._generate()
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def _generate(self) -> None:
+        cfg = self.cfg
+        now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        for i in range(cfg.recordings):
+            rec_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+            conf = cfg.conference_every > 0 and i % cfg.conference_every == cfg.conference_every - 1
+            # spread back in time, microseconds distinct, a few hours per 100 recordings
+            created = now - timedelta(seconds=i * 97, microseconds=self.rng.randrange(1, 999_999))
+            rec = SimRecording(
+                id=rec_id, tm_create=created, reference_type="confbridge" if conf else "call",
+                reference_id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
+                duration=round(cfg.audio_bytes / 16000, 3),
+            )
+            self._add(rec)
+        ids = [rid for _, rid in self._order]
+        picks = self.rng.sample(ids, min(len(ids), cfg.pending + cfg.late_files + cfg.deleted))
+        for rid in picks[: cfg.pending]:
+            self.recordings[rid].ends_at = self.started + cfg.end_after
+            self.recordings[rid].files_at = self.started + cfg.end_after + cfg.files_after
+        for rid in picks[cfg.pending : cfg.pending + cfg.late_files]:
+            self.recordings[rid].ends_at = self.started
+            self.recordings[rid].files_at = self.started + cfg.files_after
+        for rid in picks[cfg.pending + cfg.late_files :]:
+            self.recordings[rid].deleted_at = self.started - 60
+
+    def _add(self, rec: SimRecording) -> None:
+        self.recordings[rec.id] = rec
+        bisect.insort(self._order, (-rec.tm_create.timestamp(), rec.id))
+
+    def add_recording(
+        self, *, body: bytes | None = None, raw_overrides: dict[str, Any] | None = None,
+        rec_id: str | None = None, reference_type: str = "call", ends_in: float | None = None,
+    ) -> str:
+        """Add a recording (newest of all), optionally with a hand-made body or raw fields."""
+        newest = max(
+            (r.tm_create for r in self.recordings.values()), default=datetime.now(UTC) - timedelta(minutes=10)
+        )
+        rec = SimRecording(
+            id=rec_id or str(uuid.uuid4()), tm_create=newest + timedelta(microseconds=1013),
+            reference_type=reference_type, reference_id=str(uuid.uuid4()), duration=1.0,
+            raw_overrides=raw_overrides or {}, body_override=body,
+        )
+        if ends_in is not None:
+            rec.ends_at = time.time() + ends_in
+            rec.files_at = rec.ends_at
+        self._add(rec)
+        return rec.id
+
+    def delete(self, rec_id: str) -> None:
+        self.recordings[rec_id].deleted_at = time.time()
+
+    def is_deleted(self, rec: SimRecording) -> bool:
+        return rec.deleted_at is not None and rec.deleted_at <= time.time()
+
+    def is_ended(self, rec: SimRecording) -> bool:
+        return rec.ends_at is None or rec.ends_at <= time.time()
+
+    def tm_end(self, rec: SimRecording) -> datetime | None:
+        if not self.is_ended(rec):
+            return None
+        if rec.ends_at is None:
+            return rec.tm_create + timedelta(seconds=2 + rec.duration)
+        return datetime.fromtimestamp(rec.ends_at, UTC)
+
+    def recording_json(self, rec: SimRecording) -> dict[str, Any]:
+        style = self.cfg.timestamps
+        ended = self.is_ended(rec)
+        tm_end = self.tm_end(rec)
+        raw: dict[str, Any] = {
+            "id": rec.id,
+            "customer_id": "5e4a0680-804e-11ec-8477-2fea5968d85b",
+            "owner_type": "customer",
+            "owner_id": "00000000-0000-0000-0000-000000000000",
+            "activeflow_id": "00000000-0000-0000-0000-000000000000",
+            "reference_type": rec.reference_type,
+            "reference_id": rec.reference_id,
+            "status": "ended" if ended else "recording",
+            "format": "wav",
+            "on_end_flow_id": "00000000-0000-0000-0000-000000000000",
+            "tm_start": _ts(rec.tm_create + timedelta(seconds=2), style),
+            "tm_end": _ts(tm_end, style),
+            "tm_create": _ts(rec.tm_create, style),
+            "tm_update": _ts(tm_end or rec.tm_create, style),
+            "tm_delete": _ts(datetime.fromtimestamp(rec.deleted_at, UTC) if rec.deleted_at else None, style),
+        }
+        if style == "tutorial" and not ended:
+            raw["tm_end"] = "9999-01-01 00:00:00.000000"
+        raw.update(rec.raw_overrides)
+        return raw
+
+    def member_names(self, rec: SimRecording) -> list[str]:
+        stamp = rec.tm_create.strftime("%Y-%m-%dT%H:%M:%S")
+        if rec.reference_type == "call":
+            return [f"call_{rec.reference_id}_{stamp}_in.wav", f"call_{rec.reference_id}_{stamp}_out.wav"]
+        return [f"confbridge_{rec.reference_id}_{stamp}.wav"]
+
+    def audio(self, rec: SimRecording, name: str, size: int) -> bytes:
+        return random.Random(f"{rec.id}/{name}").randbytes(size)
+
+    def variant(self, rec: SimRecording) -> str:
+        """What storage holds now: "empty", "partial" (one member) or "full"."""
+        now = time.time()
+        if not self.is_ended(rec) or now < rec.files_at - self.cfg.files_after / 2:
+            return "empty"
+        if now < rec.files_at:
+            return "partial"
+        return "full"
+
+    def body(self, rec: SimRecording, variant: str = "full") -> tuple[bytes, str, str]:
+        """(body, md5 b64, crc32c b64) of what storage serves for ``rec`` in ``variant``."""
+        key = (rec.id, variant)
+        cached = self._body_cache.get(key)
+        if cached:
+            return cached
+        if rec.body_override is not None:
+            data = rec.body_override
+        elif self.cfg.mode == "wav":
+            size = self.cfg.audio_bytes if variant == "full" else 0
+            data = make_wav(self.audio(rec, "wav", size))
+        else:
+            names = self.member_names(rec)
+            names = {"empty": [], "partial": names[:1], "full": names}[variant]
+            each = self.cfg.audio_bytes // max(1, len(self.member_names(rec)))
+            data = make_zip([(n, make_wav(self.audio(rec, n, each))) for n in names])
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        crc = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+        entry = (data, md5, crc)
+        if variant == "full":
+            self._body_cache[key] = entry
+        return entry
+
+    def expected_archives(self) -> dict[str, bytes]:
+        """Final bodies of every recording the archiver should end up with (ended, not deleted)."""
+        return {
+            r.id: self.body(r)[0] for r in self.recordings.values() if not self.is_deleted(r) and self.is_ended(r)
+        }
+
+    def storage_url(self, rec_id: str, variant: str, ttl: float | None = None) -> str:
+        expires = int(time.time() + (self.cfg.signed_url_ttl if ttl is None else ttl))
+        sig = self._sign(rec_id, variant, expires)
+        return (
+            f"http://127.0.0.1:{self.port}/storage/{rec_id}?v={variant}"
+            f"&X-Goog-Expires={expires}&X-Goog-Signature={sig}"
+        )
+
+    def _sign(self, rec_id: str, variant: str, expires: int) -> str:
+        return hmac.new(self._sign_key, f"{rec_id}:{variant}:{expires}".encode(), "sha256").hexdigest()
+
+    # ---- serving -----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1.0"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/auth/login", self.h_login)
+        app.router.add_get("/v1.0/recordings", self.h_list)
+        app.router.add_get("/v1.0/recordings/{id}", self.h_detail)
+        app.router.add_get("/v1.0/recordingfiles/{id}", self.h_files)
+        app.router.add_get("/storage/{id}", self.h_storage)
+        app.router.add_get("/_sim/stats", self.h_stats)
+        app.router.add_get("/_sim/urls", self.h_urls)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> Simulator:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _fault(self, name: str) -> bool:
+        p = self.faults.get(name, 0.0)
+        return p > 0 and self.fault_rng.random() < p
+
+    @staticmethod
+    def _error(status: int, reason: str, message: str = "") -> web.Response:
+        body = {"error": {"status": status, "reason": reason, "message": message, "request_id": str(uuid.uuid4())}}
+        return web.json_response(body, status=status)
+
+    def _rate_limited(self) -> web.Response | None:
+        if not self.cfg.rate_limit:
+            return None
+        now = time.monotonic()
+        self._bucket_tokens = min(self.cfg.burst, self._bucket_tokens + (now - self._bucket_at) * self.cfg.rate)
+        self._bucket_at = now
+        if self._bucket_tokens >= 1:
+            self._bucket_tokens -= 1
+            return None
+        self.stats["http_429"] += 1
+        retry = max(1, int((1 - self._bucket_tokens) / self.cfg.rate + 0.999))
+        resp = self._error(429, "RATE_LIMIT_EXCEEDED", "too many requests")
+        resp.headers["Retry-After"] = str(retry)
+        return resp
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self.revoked:
+            return False
+        key = request.query.get("accesskey") or request.cookies.get("accesskey")
+        if key:
+            return hmac.compare_digest(key, self.accesskey)
+        token = request.query.get("token") or request.cookies.get("token")
+        auth = request.headers.get("Authorization", "")
+        if not token and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        return bool(token) and self.tokens.get(token, 0) > time.time()
+
+    async def _api_gate(self, request: web.Request, endpoint: str) -> web.StreamResponse | None:
+        """Latency, rate limit, faults and auth shared by every API endpoint."""
+        self.stats["api_requests"] += 1
+        self.stats[endpoint] += 1
+        if self.cfg.latency:
+            await asyncio.sleep(self.cfg.latency)
+        limited = self._rate_limited()
+        if limited is not None:
+            return limited
+        if self._fault("api_reset"):
+            self.stats["fault_api_reset"] += 1
+            assert request.transport is not None
+            request.transport.close()
+            raise web.HTTPInternalServerError()  # never sent: the connection is gone
+        if self._fault("api_500"):
+            self.stats["fault_api_500"] += 1
+            return self._error(500, "INTERNAL_ERROR")
+        if not self._authorized(request):
+            self.stats["http_401"] += 1
+            return self._error(401, "UNAUTHORIZED", "invalid or expired credential")
+        return None
+
+    def _json(self, body: Any) -> web.Response:
+        text = json.dumps(body)
+        if self._fault("malformed_json"):
+            self.stats["fault_malformed_json"] += 1
+            text = text[: max(1, len(text) // 2)]
+        return web.Response(text=text, content_type="application/json")
+
+    async def h_login(self, request: web.Request) -> web.Response:
+        self.stats["login"] += 1
+        limited = self._rate_limited()
+        if limited is not None:
+            return limited
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.Response(status=400)
+        if self.revoked or body.get("username") != self.cfg.username or body.get("password") != self.cfg.password:
+            return web.Response(status=400)
+        token = "eyJ" + secrets.token_urlsafe(40)
+        self.tokens[token] = time.time() + 7 * 86400
+        return web.json_response({"username": self.cfg.username, "token": token})
+
+    async def h_list(self, request: web.Request) -> web.StreamResponse:
+        gate = await self._api_gate(request, "list")
+        if gate is not None:
+            return gate
+        try:
+            size = max(1, min(100, int(request.query.get("page_size", "100"))))
+        except ValueError:
+            return self._error(400, "BAD_REQUEST", "page_size")
+        token = request.query.get("page_token", "")
+        start = 0
+        if token:
+            ts = _parse_token(token)
+            if ts is None:
+                return self._error(400, "BAD_REQUEST", "page_token")
+            start = bisect.bisect_right(self._order, (-ts.timestamp(), "\uffff"))
+        items: list[Any] = []
+        i = start
+        while i < len(self._order) and len(items) < size:
+            rec = self.recordings[self._order[i][1]]
+            i += 1
+            if not self.is_deleted(rec):
+                items.append(self.recording_json(rec))
+        next_token = ""
+        if items:
+            last = self.recordings[items[-1]["id"]]
+            next_token = _ts(last.tm_create, "tutorial" if self.cfg.timestamps == "tutorial" else "token")
+        if self.quirk == "repeat_token" and items:
+            next_token = _ts(self.recordings[items[-1]["id"]].tm_create, "tutorial")
+            if token:
+                next_token = token
+        if not token and self.extra_listing_items:
+            items = list(self.extra_listing_items) + items
+        return self._json({"result": items, "next_page_token": next_token})
+
+    async def h_detail(self, request: web.Request) -> web.StreamResponse:
+        gate = await self._api_gate(request, "detail")
+        if gate is not None:
+            return gate
+        rec = self._lookup(request.match_info["id"])
+        if isinstance(rec, web.Response):
+            return rec
+        return self._json(self.recording_json(rec))
+
+    def _lookup(self, rec_id: str) -> SimRecording | web.Response:
+        try:
+            uuid.UUID(rec_id)
+        except ValueError:
+            return self._error(400, "BAD_REQUEST", "malformed id")
+        rec = self.recordings.get(rec_id)
+        if rec is None or self.is_deleted(rec):
+            return self._error(404, "NOT_FOUND", "recording not found")
+        if rec.raw_overrides.get("customer_id") == "other":
+            return self._error(403, "FORBIDDEN", "not your recording")
+        return rec
+
+    async def h_files(self, request: web.Request) -> web.StreamResponse:
+        gate = await self._api_gate(request, "recordingfiles")
+        if gate is not None:
+            return gate
+        rec = self._lookup(request.match_info["id"])
+        if isinstance(rec, web.Response):
+            return rec
+        if self._fault("api_503"):
+            self.stats["fault_api_503"] += 1
+            return self._error(503, "SERVICE_UNAVAILABLE", "cannot sign storage URL")
+        ttl = -10 if self._fault("storage_expired") else None
+        if ttl is not None:
+            self.stats["fault_storage_expired"] += 1
+        raise web.HTTPTemporaryRedirect(self.storage_url(rec.id, self.variant(rec), ttl))
+
+    async def h_storage(self, request: web.Request) -> web.StreamResponse:
+        self.stats["storage_requests"] += 1
+        if self.cfg.latency:
+            await asyncio.sleep(self.cfg.latency)
+        q = request.query
+        if "accesskey" in q or "token" in q or "Authorization" in request.headers or request.cookies:
+            self.credential_leaks += 1
+        rec_id = request.match_info["id"]
+        variant = q.get("v", "")
+        try:
+            expires = int(q.get("X-Goog-Expires", "0"))
+        except ValueError:
+            return web.Response(status=400, text="<Error><Code>InvalidArgument</Code></Error>")
+        if not hmac.compare_digest(q.get("X-Goog-Signature", ""), self._sign(rec_id, variant, expires)):
+            return web.Response(status=400, text="<Error><Code>InvalidSignature</Code></Error>")
+        if expires < time.time():
+            return web.Response(status=403, text="<Error><Code>ExpiredToken</Code></Error>")
+        rec = self.recordings.get(rec_id)
+        if rec is None:
+            return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
+        if self._fault("storage_500"):
+            self.stats["fault_storage_500"] += 1
+            return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
+        data, md5, crc = self.body(rec, variant)
+        self.storage_gets[rec_id] += 1
+        headers = {"x-goog-hash": f"crc32c={crc},md5={md5}", "Content-Type": "application/octet-stream"}
+        if self._fault("storage_bad_hash"):
+            self.stats["fault_storage_bad_hash"] += 1
+            headers["x-goog-hash"] = f"crc32c={crc},md5={base64.b64encode(b'0' * 16).decode()}"
+        if self._fault("storage_corrupt") and data:
+            self.stats["fault_storage_corrupt"] += 1
+            pos = len(data) // 2
+            data = data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1 :]
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        if self._fault("storage_truncate") and len(data) > 1:
+            self.stats["fault_storage_truncate"] += 1
+            await resp.write(data[: len(data) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write(data)
+        await resp.write_eof()
+        return resp
+
+    async def h_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({**self.stats, "credential_leaks": self.credential_leaks,
+                                  "storage_gets_total": sum(self.storage_gets.values())})
+
+    async def h_urls(self, request: web.Request) -> web.Response:
+        """Direct signed storage URLs of every final body (for the aria2c reference run)."""
+        lines = [
+            self.storage_url(r.id, "full")
+            for r in self.recordings.values()
+            if not self.is_deleted(r) and self.is_ended(r)
+        ]
+        return web.Response(text="\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m archiver.simulator", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--recordings", type=int, default=250)
+    parser.add_argument("--mode", choices=("zip", "wav"), default="zip")
+    parser.add_argument("--timestamps", choices=("rfc3339", "tutorial"), default="rfc3339")
+    parser.add_argument("--audio-bytes", type=int, default=169_920)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    parser.add_argument("--no-rate-limit", action="store_true")
+    parser.add_argument("--pending", type=int, default=0)
+    parser.add_argument("--late-files", type=int, default=0)
+    parser.add_argument("--deleted", type=int, default=0)
+    parser.add_argument("--accesskey", default="")
+    parser.add_argument("--fault", action="append", default=[], metavar="NAME=P",
+                        help=f"fault probability, repeatable; names: {', '.join(FAULTS)}")
+    parser.add_argument("--precompute", action="store_true", help="build every body before serving")
+    args = parser.parse_args(argv)
+    faults = {}
+    for item in args.fault:
+        name, _, p = item.partition("=")
+        if name not in FAULTS:
+            parser.error(f"unknown fault {name!r}")
+        faults[name] = float(p)
+    cfg = SimConfig(
+        recordings=args.recordings, mode=args.mode, timestamps=args.timestamps, audio_bytes=args.audio_bytes,
+        latency=args.latency, rate_limit=not args.no_rate_limit, pending=args.pending,
+        late_files=args.late_files, deleted=args.deleted, accesskey=args.accesskey, faults=faults,
+    )
+
+    async def serve() -> None:
+        sim = Simulator(cfg)
+        if args.precompute:
+            sim.expected_archives()
+        await sim.start(args.host, args.port)
+        print(f"simulator: {sim.base_url} accesskey={sim.accesskey}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

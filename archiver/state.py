@@ -1,0 +1,336 @@
+"""Every step recorded in SQLite, so a crash, ``kill -9`` or reboot loses nothing.
+
+One row per recording with its full JSON and our state:
+
+``discovered``  listed but not ``ended`` yet: polled with ``GET /recordings/{id}``
+``pending``     ended: its download is due at ``next_attempt_at`` (also: files not uploaded yet)
+``downloading`` claimed by a worker (reset to ``pending`` at start-up after a crash)
+``archived``    verified file renamed into place, sidecar written
+``failed``      given up, ``last_error`` says why
+``skipped``     deleted or otherwise gone, ``last_error`` says why
+
+WAL mode with ``synchronous=FULL``: a committed change survives power loss.  The schema is
+versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a database from version n to n+1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .errors import StateLocked
+from .model import Recording
+
+STATES = ("discovered", "pending", "downloading", "archived", "failed", "skipped")
+WAITING = ("discovered", "pending")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE recordings (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT '',
+        reference_type TEXT NOT NULL DEFAULT '',
+        tm_create REAL,
+        tm_end REAL,
+        discovered_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        polls INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        path TEXT,
+        size INTEGER,
+        sha256 TEXT,
+        server_hashes TEXT,
+        members INTEGER,
+        archived_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX recordings_due ON recordings(next_attempt_at) WHERE state IN ('discovered', 'pending');
+    CREATE INDEX recordings_state ON recordings(state);
+    CREATE TABLE walks (name TEXT PRIMARY KEY, token TEXT NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A recording as the worker pool needs it."""
+
+    id: str
+    state: str
+    raw: dict[str, Any]
+    attempts: int
+    polls: int
+    tm_create: float | None
+    tm_end: float | None
+
+
+def _epoch(ts: Any) -> float | None:
+    return ts.timestamp() if ts is not None else None
+
+
+def _initial_state(rec: Recording) -> tuple[str, str | None]:
+    if rec.deleted:
+        return "skipped", "deleted (tm_delete is set)"
+    return ("pending" if rec.ended else "discovered"), None
+
+
+class StateDB:
+    """The archiver's SQLite state. Use ``await StateDB.open(path)``; one writer per file."""
+
+    def __init__(self, db: aiosqlite.Connection, lock_fd: int | None) -> None:
+        self.db = db
+        self._lock_fd = lock_fd
+
+    @classmethod
+    async def open(cls, path: Path, *, readonly: bool = False) -> StateDB:
+        lock_fd = None
+        if readonly:
+            if not path.exists():
+                raise FileNotFoundError(f"state database {path} does not exist yet")
+            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        else:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            lock_fd = _lock(path)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            db = await aiosqlite.connect(path)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
+        db.row_factory = aiosqlite.Row
+        state = cls(db, lock_fd)
+        if not readonly:
+            await state._migrate()
+        return state
+
+    async def close(self) -> None:
+        await self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            version = (await cur.fetchone())[0]
+        if version > len(MIGRATIONS):
+            raise StateLocked(
+                f"state database schema v{version} is newer than this archiver knows (v{len(MIGRATIONS)})"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            await self.db.executescript(
+                f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
+            )
+
+    # ---- the walk ----------------------------------------------------------------------------
+
+    async def known_ids(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        async with self.db.execute(f"SELECT id FROM recordings WHERE id IN ({marks})", ids) as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> int:
+        """Insert unknown recordings and checkpoint the walk, in one transaction. Returns how
+        many were new. A known ``discovered`` row that the listing now shows ended moves on
+        to ``pending`` (no detail request needed)."""
+        now = time.time()
+        new = 0
+        for rec in recordings:
+            state, reason = _initial_state(rec)
+            cur = await self.db.execute(
+                "INSERT OR IGNORE INTO recordings (id, state, raw, status, reference_type, tm_create,"
+                " tm_end, discovered_at, next_attempt_at, last_error, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
+                 _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now),
+            )
+            if cur.rowcount:
+                new += 1
+            elif rec.ended or rec.deleted:
+                state, reason = _initial_state(rec)
+                await self.db.execute(
+                    "UPDATE recordings SET state=?, raw=?, status=?, tm_end=?, last_error=?,"
+                    " next_attempt_at=?, updated_at=? WHERE id=? AND state='discovered'",
+                    (state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now, rec.id),
+                )
+        if walk is not None:
+            if next_token:
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO walks (name, token, updated_at) VALUES (?,?,?)",
+                    (walk, next_token, now),
+                )
+            else:
+                await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
+        await self.db.commit()
+        return new
+
+    async def walk_checkpoint(self, walk: str) -> str | None:
+        async with self.db.execute("SELECT token FROM walks WHERE name=?", (walk,)) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def end_walk(self, walk: str) -> None:
+        await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
+        await self.set_meta(f"walk_done:{walk}", str(time.time()))
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.db.execute("SELECT value FROM meta WHERE key=?", (key,)) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", (key, value))
+        await self.db.commit()
+
+    # ---- the worker pool ---------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
+        """Rows whose next attempt is due, oldest first, skipping those already in flight."""
+        async with self.db.execute(
+            "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings"
+            " WHERE state IN ('discovered', 'pending') AND next_attempt_at <= ?"
+            " ORDER BY next_attempt_at LIMIT ?",
+            (now, limit + len(exclude)),
+        ) as cur:
+            rows = await cur.fetchall()
+        out = [
+            Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
+            for r in rows
+            if r["id"] not in exclude
+        ]
+        return out[:limit]
+
+    async def next_due_time(self) -> float | None:
+        async with self.db.execute(
+            "SELECT min(next_attempt_at) FROM recordings WHERE state IN ('discovered', 'pending')"
+        ) as cur:
+            row = await cur.fetchone()
+        return row[0]
+
+    async def claim(self, ids: list[str]) -> None:
+        """Mark ended recordings as being downloaded (one commit for the batch)."""
+        if ids:
+            marks = ",".join("?" * len(ids))
+            await self.db.execute(
+                f"UPDATE recordings SET state='downloading', updated_at=? WHERE id IN ({marks})"
+                " AND state='pending'",
+                (time.time(), *ids),
+            )
+            await self.db.commit()
+
+    async def update(self, rec_id: str, **fields: Any) -> None:
+        """Set columns of one row and commit; ``raw`` may be a dict."""
+        if "raw" in fields and not isinstance(fields["raw"], str):
+            fields["raw"] = json.dumps(fields["raw"])
+        fields["updated_at"] = time.time()
+        sets = ", ".join(f"{k}=?" for k in fields)
+        await self.db.execute(f"UPDATE recordings SET {sets} WHERE id=?", (*fields.values(), rec_id))
+        await self.db.commit()
+
+    async def release(self, ids: list[str]) -> None:
+        """Give claimed rows back (shutdown): ``downloading`` -> ``pending``."""
+        if ids:
+            marks = ",".join("?" * len(ids))
+            await self.db.execute(
+                f"UPDATE recordings SET state='pending' WHERE state='downloading' AND id IN ({marks})", ids
+            )
+            await self.db.commit()
+
+    async def recover(self) -> list[Row]:
+        """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so
+        the caller can remove their temporary files."""
+        async with self.db.execute(
+            "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings WHERE state='downloading'"
+        ) as cur:
+            rows = [
+                Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
+                for r in await cur.fetchall()
+            ]
+        await self.db.execute("UPDATE recordings SET state='pending' WHERE state='downloading'")
+        await self.db.commit()
+        return rows
+
+    async def retry_failed(self) -> int:
+        cur = await self.db.execute(
+            "UPDATE recordings SET state='pending', attempts=0, next_attempt_at=? WHERE state='failed'",
+            (time.time(),),
+        )
+        await self.db.commit()
+        return cur.rowcount
+
+    # ---- reports -----------------------------------------------------------------------------
+
+    async def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        async with self.db.execute("SELECT state, count(*) FROM recordings GROUP BY state") as cur:
+            for state, n in await cur.fetchall():
+                out[state] = n
+        return out
+
+    async def summary(self) -> dict[str, Any]:
+        """Counts per state, the oldest waiting recording and the last error, for ``status``."""
+        out: dict[str, Any] = await self.counts()
+        out["total"] = sum(out[s] for s in STATES)
+        async with self.db.execute(
+            "SELECT id, tm_create FROM recordings WHERE state IN ('discovered','pending','downloading')"
+            " ORDER BY tm_create LIMIT 1"
+        ) as cur:
+            row = await cur.fetchone()
+        out["oldest_pending"] = {"id": row[0], "tm_create": row[1]} if row else None
+        async with self.db.execute(
+            "SELECT id, state, last_error, updated_at FROM recordings WHERE last_error IS NOT NULL"
+            " AND state IN ('failed','pending','discovered') ORDER BY updated_at DESC LIMIT 1"
+        ) as cur:
+            row = await cur.fetchone()
+        out["last_error"] = (
+            {"id": row[0], "state": row[1], "error": row[2], "at": row[3]} if row else None
+        )
+        out["last_cycle"] = await self.get_meta("last_cycle")
+        return out
+
+    async def archived(self, batch: int = 1000) -> Any:
+        """Yield archived rows in batches (``verify``); never the whole table in memory."""
+        last = ""
+        while True:
+            async with self.db.execute(
+                "SELECT id, path, size, sha256 FROM recordings WHERE state='archived' AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (last, batch),
+            ) as cur:
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield dict(r)
+            last = rows[-1]["id"]
+
+    async def is_known_archived(self, rec_id: str) -> bool:
+        async with self.db.execute("SELECT state FROM recordings WHERE id=?", (rec_id,)) as cur:
+            row = await cur.fetchone()
+        return bool(row and row[0] == "archived")
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive lock on ``<db>.lock`` for the life of the process (one writer)."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateLocked(
+            f"state database {path} is in use by another voipbin-archiver process (lock {lock_path})"
+        ) from None
+    return fd

@@ -1,0 +1,44 @@
+"""Assertions shared by the end-to-end tests: the archive is exactly what the simulator holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from archiver.simulator import Simulator
+from tests.conftest import archive_files, db_rows
+
+
+def assert_archive_complete(sim: Simulator, root: Path, db: Path, unpack: bool = False) -> None:
+    """Every ended, non-deleted recording archived once with identical bytes and a right sidecar;
+    nothing else in the archive; no temporary files."""
+    expected = sim.expected_archives()
+    rows = {r[0]: r for r in db_rows(db) if r[1] == "archived"}
+    assert set(rows) == set(expected), (
+        f"missing {sorted(set(expected) - set(rows))[:5]}, unexpected {sorted(set(rows) - set(expected))[:5]}"
+    )
+    known: set[Path] = set()
+    for rec_id, body in expected.items():
+        _, _, rel, sha, _ = rows[rec_id]
+        path = root / rel
+        assert path.read_bytes() == body, f"{rec_id}: bytes differ"
+        assert sha == hashlib.sha256(body).hexdigest()
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        assert sidecar["recording"]["id"] == rec_id
+        meta = sidecar["archive"]
+        assert meta["sha256"] == sha and meta["size"] == len(body)
+        assert set(meta["server_hashes_checked"]) == {"md5", "crc32c"}
+        rec = sim.recordings[rec_id]
+        if sim.cfg.mode == "zip" and rec.body_override is None:
+            assert [m["name"] for m in meta["members"]] == sim.member_names(rec), f"{rec_id}: early ZIP kept"
+        known |= {path, path.with_suffix(".json")}
+        if unpack:
+            for m in meta["members"]:
+                member = path.parent / rec_id / m["stored_as"]
+                assert hashlib.sha256(member.read_bytes()).hexdigest() == m["sha256"]
+                known.add(member)
+    files = archive_files(root)
+    assert not [p for p in files if p.name.endswith(".partial")], "temporary files left"
+    strays = [p for p in files if p not in known]
+    assert not strays, f"files the database does not know: {strays[:5]}"

@@ -1,0 +1,120 @@
+"""Shared fixtures: a real simulator on 127.0.0.1, a config file, the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archiver.simulator import SimConfig, Simulator
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[Callable[..., Any]]:
+    started: list[Simulator] = []
+
+    async def factory(**kwargs: Any) -> Simulator:
+        kwargs.setdefault("rate_limit", False)
+        sim = Simulator(SimConfig(**kwargs))
+        await sim.start()
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        await sim.stop()
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(directory: Path, sim: Simulator | None, **sections: dict[str, Any]) -> Path:
+    """A config for ``sim`` in ``directory``, fast test defaults, overridable per section."""
+    base: dict[str, dict[str, Any]] = {
+        "api": {"requests_per_second": 0, "retry_base": 0.01, "retry_max": 0.05, "timeout": 10},
+        "archive": {"directory": "archive", "settle_window": 60},
+        "state": {"database": "state.sqlite3"},
+        "workers": {"concurrency": 8, "poll_backoff_min": 0.2, "poll_backoff_max": 0.5,
+                    "retry_backoff_min": 0.05, "retry_backoff_max": 0.2, "poll_interval": 0.5},
+    }
+    if sim is not None:
+        base["api"].update(base_url=sim.base_url, accesskey=sim.accesskey)
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+class Proc:
+    def __init__(self, rc: int, out: str, err: str) -> None:
+        self.rc, self.out, self.err = rc, out, err
+
+    def __repr__(self) -> str:
+        return f"Proc(rc={self.rc}, out={self.out[-2000:]!r}, err={self.err[-4000:]!r})"
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "archiver", *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOIPBIN_")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+async def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None) -> Proc:
+    """Run the real CLI in a subprocess while this event loop keeps serving the simulator."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=cwd, env=env or cli_env(),
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        raise AssertionError(f"CLI {args} timed out: {err.decode()[-3000:]}") from None
+    return Proc(proc.returncode or 0, out.decode(), err.decode())
+
+
+def db_rows(db: Path, sql: str = "SELECT id, state, path, sha256, last_error FROM recordings") -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds (no blind sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def archive_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,99 @@
+"""End to end: the real CLI archives from the simulator over real HTTP into a temp directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.checks import assert_archive_complete
+from tests.conftest import db_rows, run_cli, write_config
+
+
+@pytest.mark.parametrize(
+    ("mode", "timestamps"), [("zip", "rfc3339"), ("wav", "tutorial")], ids=["zip-today", "wav-tutorial"]
+)
+async def test_backfill_archives_everything_once(tmp_path, make_sim, mode, timestamps):
+    sim = await make_sim(
+        recordings=240, mode=mode, timestamps=timestamps, pending=6, late_files=6, deleted=5,
+        end_after=1.0, files_after=2.0, audio_bytes=16_000,
+    )
+    cfg = write_config(tmp_path, sim, api={"page_size": 35})
+    first = await run_cli("--config", str(cfg), "backfill", "--wait", "60")
+    assert first.rc == 0, first
+    assert "archived 235" in first.out, first.out
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+    # the late ones were fetched while not ready, yet only their final body was kept
+    assert sim.stats["list"] >= 240 // 35 + 1
+    deleted = [r.id for r in sim.recordings.values() if sim.is_deleted(r)]
+    assert not [p for p in (tmp_path / "archive").rglob("*") if any(d in p.name for d in deleted)]
+
+    gets_before = sum(sim.storage_gets.values())
+    files_before = sim.stats["recordingfiles"]
+    second = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert second.rc == 0, second
+    assert sum(sim.storage_gets.values()) == gets_before, "second backfill downloaded again"
+    assert sim.stats["recordingfiles"] == files_before
+    assert "archived 0" in second.out
+
+    status = await run_cli("--config", str(cfg), "status", "--json")
+    info = json.loads(status.out)
+    assert info["archived"] == 235 and info["pending"] == 0 and info["failed"] == 0
+
+    verify = await run_cli("--config", str(cfg), "verify")
+    assert verify.rc == 0, verify
+    assert "verified 235" in verify.out
+
+
+async def test_happy_path_costs_two_requests_per_recording(tmp_path, make_sim):
+    sim = await make_sim(recordings=120, audio_bytes=4000)
+    cfg = write_config(tmp_path, sim, api={"page_size": 100})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    assert sim.stats["detail"] == 0, "ended recordings need no detail request"
+    assert sim.stats["recordingfiles"] == 120 and sim.stats["storage_requests"] == 120
+    assert sim.stats["list"] == 3  # 100 + 20 + the empty page after the short last page
+
+
+async def test_unpack_extracts_verified_members(tmp_path, make_sim):
+    sim = await make_sim(recordings=20, audio_bytes=4000)
+    cfg = write_config(tmp_path, sim, archive={"unpack": True})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3", unpack=True)
+    names = {p.name for p in (tmp_path / "archive").rglob("*.wav")}
+    assert names and not any(":" in n for n in names), "':' must become '_'"
+
+
+async def test_pending_recording_times_out(tmp_path, make_sim):
+    sim = await make_sim(recordings=3, audio_bytes=4000)
+    stuck = sim.add_recording(ends_in=3600)
+    cfg = write_config(tmp_path, sim, workers={"pending_timeout": 0.5})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert result.rc == 1, result
+    rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
+    assert rows[stuck][1] == "failed" and "pending_timeout" in rows[stuck][4]
+
+
+async def test_unfinished_recordings_stay_pending_without_failing(tmp_path, make_sim):
+    sim = await make_sim(recordings=3, audio_bytes=4000)
+    later = sim.add_recording(ends_in=3600)
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "0.5")
+    assert result.rc == 0, result
+    assert "still waiting: 1" in result.out
+    rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
+    assert rows[later][1] == "discovered"
+
+
+async def test_settle_window_accepts_an_empty_zip_with_a_warning(tmp_path, make_sim):
+    from archiver.simulator import EMPTY_ZIP
+
+    sim = await make_sim(recordings=0)
+    empty = sim.add_recording(body=EMPTY_ZIP)
+    cfg = write_config(tmp_path, sim, archive={"settle_window": 0})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 0, result
+    assert "archived_incomplete" in result.err
+    row = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}[empty]
+    assert row[1] == "archived"
