@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_demo(args))
         cfg = load_config(args.config or default_config_path())
         configure_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+        for warning in cfg.warnings:
+            structlog.get_logger("archiver.config").warning(warning)
         if args.command == "status":
             return asyncio.run(_status(cfg, args.json))
         if args.command == "verify":

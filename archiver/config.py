@@ -16,11 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
-
 from .errors import ConfigError
-
-log = structlog.get_logger("archiver.config")
 
 DEFAULT_BASE_URL = "https://api.voipbin.net/v1.0"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{id}.{ext}"
@@ -100,6 +96,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     path: Path | None = None
+    warnings: tuple[str, ...] = ()  # logged by the caller once logging is set up
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -171,9 +168,13 @@ def build_config(
         format=reader.choice("logging", "format", "auto", ("auto", "json", "console")),
     )
     reader.reject_unknown()
-    if path is not None and api.secrets() and _holds_secret(data):
-        _warn_if_world_readable(path)
-    return Config(api=api, archive=archive, state=state, workers=workers, logging=logging_cfg, path=path)
+    warnings = []
+    if path is not None and _holds_secret(data) and _world_readable(path):
+        warnings.append(f"config_world_readable: {path} holds a credential; chmod 600 it or use accesskey_file")
+    return Config(
+        api=api, archive=archive, state=state, workers=workers, logging=logging_cfg, path=path,
+        warnings=tuple(warnings),
+    )
 
 
 def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfig:
@@ -269,17 +270,11 @@ def _holds_secret(data: dict[str, Any]) -> bool:
     return isinstance(api, dict) and any(api.get(k) for k in ("accesskey", "token", "password"))
 
 
-def _warn_if_world_readable(path: Path) -> None:
+def _world_readable(path: Path) -> bool:
     try:
-        mode = path.stat().st_mode
+        return bool(path.stat().st_mode & stat.S_IROTH)
     except OSError:
-        return
-    if mode & stat.S_IROTH:
-        log.warning(
-            "config_world_readable",
-            path=str(path),
-            hint="the file holds a credential: chmod 600 it, or use accesskey_file / env",
-        )
+        return False
 
 
 class _Reader:

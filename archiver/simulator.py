@@ -121,7 +121,8 @@ def make_zip(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for name, data in members:
-            zf.writestr(name, data)
+            # a fixed timestamp keeps bodies byte-identical whenever they are rebuilt
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2021, 1, 28, 9, 17, 0)), data, zipfile.ZIP_DEFLATED, 1)
     return buf.getvalue()
 
 
@@ -202,8 +203,8 @@ class Simulator:
         self._add(rec)
         return rec.id
 
-    def delete(self, rec_id: str) -> None:
-        self.recordings[rec_id].deleted_at = time.time()
+    def delete(self, rec_id: str, after: float = 0.0) -> None:
+        self.recordings[rec_id].deleted_at = time.time() + after
 
     def is_deleted(self, rec: SimRecording) -> bool:
         return rec.deleted_at is not None and rec.deleted_at <= time.time()

@@ -1,0 +1,111 @@
+"""Configuration: defaults, validation messages naming the key, credentials, exit code 2."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from archiver.config import build_config, load_config
+from archiver.errors import ConfigError
+from tests.conftest import REPO, cli_env, run_cli
+
+KEY = "vb_" + "a" * 32
+
+
+def _cfg(tmp_path: Path, text: str, env: dict[str, str] | None = None):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load_config(path, env=env or {})
+
+
+def test_example_config_documents_every_key_and_loads(tmp_path):
+    example = (REPO / "config.example.toml").read_text()
+    cfg = _cfg(tmp_path, example, env={"VOIPBIN_ACCESSKEY": KEY})
+    assert cfg.api.base_url == "https://api.voipbin.net/v1.0"
+    assert cfg.api.accesskey == KEY and cfg.api.page_size == 100 and cfg.api.requests_per_second == 16
+    assert cfg.workers.concurrency == 8 and cfg.workers.poll_interval == 60
+    assert cfg.archive.unpack is False and cfg.archive.settle_window == 3600
+    assert cfg.api.login_url == "https://api.voipbin.net/auth/login"
+    # every key the loader knows appears in the example (commented or not)
+    data = tomllib.loads(example)
+    for section in ("api", "archive", "state", "workers", "logging"):
+        assert section in data
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path):
+    cfg = _cfg(tmp_path, f'[api]\naccesskey="{KEY}"\n[archive]\ndirectory="rec"\n[state]\ndatabase="s.db"\n')
+    assert cfg.archive.directory == tmp_path / "rec"
+    assert cfg.state.database == tmp_path / "s.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[api]\n", "no credential"),
+        (f'[api]\naccesskey="{KEY}"\ntoken="eyJx"\n', "exactly one credential kind"),
+        (f'[api]\naccesskey="{KEY}"\nbase_url="http://api.example.com/v1.0"\n', "plain http is refused"),
+        (f'[api]\naccesskey="{KEY}"\nbase_url="ftp://x"\n', "base_url"),
+        (f'[api]\naccesskey="{KEY}"\npage_size=0\n', "[api] page_size must be >= 1"),
+        (f'[api]\naccesskey="{KEY}"\npage_size="ten"\n', "[api] page_size must be a whole number"),
+        (f'[api]\naccesskey="{KEY}"\nbogus=1\n', "[api] unknown key 'bogus'"),
+        (f'[api]\naccesskey="{KEY}"\n[nope]\nx=1\n', "unknown section"),
+        (f'[api]\naccesskey="{KEY}"\n[workers]\nconcurrency=0\n', "[workers] concurrency"),
+        (f'[api]\naccesskey="{KEY}"\n[archive]\nlayout="../{{id}}.{{ext}}"\n', "[archive] layout"),
+        (f'[api]\naccesskey="{KEY}"\n[archive]\nlayout="{{year}}/{{name}}.{{ext}}"\n', "unknown field"),
+        (f'[api]\naccesskey="{KEY}"\n[archive]\nunpack="yes"\n', "[archive] unpack must be true or false"),
+        ('[api]\nusername="u"\n', "username and password must be set together"),
+        (f'[api]\naccesskey="{KEY}"\n[logging]\nlevel="loud"\n', "[logging] level"),
+        ("[api\n", "not valid TOML"),
+    ],
+)
+def test_invalid_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        _cfg(tmp_path, text)
+    assert message in str(err.value)
+
+
+def test_loopback_http_is_allowed_and_credentials_come_from_env_or_file(tmp_path):
+    env = {"VOIPBIN_TOKEN": "eyJabc"}
+    cfg = _cfg(tmp_path, '[api]\nbase_url="http://127.0.0.1:9/v1.0"\n', env=env)
+    assert cfg.api.token == "eyJabc" and cfg.api.credential_kind == "token"
+    (tmp_path / "key").write_text(KEY + "\n")
+    cfg = _cfg(tmp_path, '[api]\naccesskey_file="key"\n')
+    assert cfg.api.accesskey == KEY
+    with pytest.raises(ConfigError, match="accesskey_file"):
+        _cfg(tmp_path, '[api]\naccesskey_file="missing"\n')
+
+
+def test_build_config_defaults():
+    cfg = build_config({"api": {"accesskey": KEY}}, base_dir=Path("/x"), env={})
+    assert cfg.state.database == Path("/var/lib/voipbin-archiver/state.sqlite3")
+    assert cfg.archive.layout == "{year}/{month}/{day}/{id}.{ext}"
+
+
+async def test_cli_config_errors_exit_2(tmp_path):
+    missing = await run_cli("--config", str(tmp_path / "nope.toml"), "status")
+    assert missing.rc == 2 and "config file not found" in missing.err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[api]\npage_size = 5\n")
+    result = await run_cli("--config", str(bad), "backfill")
+    assert result.rc == 2 and "no credential" in result.err
+    usage = await run_cli("frobnicate")
+    assert usage.rc == 2
+
+
+async def test_config_path_from_environment(tmp_path):
+    path = tmp_path / "elsewhere.toml"
+    path.write_text(f'[api]\naccesskey="{KEY}"\n[state]\ndatabase="s.db"\n')
+    result = await run_cli("status", "--json", env=cli_env(VOIPBIN_ARCHIVER_CONFIG=str(path)))
+    assert result.rc == 0, result
+    assert '"archived": 0' in result.out
+
+
+async def test_world_readable_config_with_a_secret_is_warned_about(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[api]\naccesskey="{KEY}"\n[state]\ndatabase="s.db"\n')
+    path.chmod(0o644)
+    result = await run_cli("--config", str(path), "status")
+    assert "config_world_readable" in result.err
+    assert KEY not in result.err + result.out

@@ -1,0 +1,147 @@
+"""Hostile or broken input: each bad recording fails alone, with a reason; nothing escapes."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import zipfile
+
+import pytest
+
+from archiver.layout import sanitize_member_name
+from archiver.simulator import make_wav, make_zip
+from tests.conftest import db_rows, run_cli, write_config
+
+
+def _zip(entries: list[tuple[str, bytes]], level: int = 6) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
+        for name, data in entries:
+            zf.writestr(zipfile.ZipInfo(name), data, zipfile.ZIP_DEFLATED)
+    return buf.getvalue()
+
+
+WAV = make_wav(b"\x01\x02" * 100)
+
+
+def _outside(tmp_path) -> list:
+    """Everything written under tmp_path outside the archive directory, but our own files."""
+    ours = {"config.toml", "state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm", "state.sqlite3.lock"}
+    return [p for p in tmp_path.rglob("*") if p.is_file() and "archive" not in p.parts and p.name not in ours]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (_zip([("../evil.wav", WAV), ("ok.wav", WAV)]), "path separator"),
+        (_zip([("/abs/evil.wav", WAV), ("ok.wav", WAV)]), "path separator"),
+        (_zip([("back\\slash.wav", WAV), ("ok.wav", WAV)]), "path separator"),
+        (_zip([("..", WAV), ("ok.wav", WAV)]), "relative path"),
+        (_zip([(f"m{i}.wav", WAV) for i in range(1500)], level=1), "more than max_members"),
+        (_zip([("bomb.wav", b"\x00" * (40 * 1024 * 1024)), ("ok.wav", WAV)], level=9), "zip bomb"),
+    ],
+    ids=["dotdot", "absolute", "backslash", "dotdot-alone", "thousands", "bomb"],
+)
+async def test_hostile_zips_fail_the_recording_and_write_nothing_outside(tmp_path, make_sim, body, reason):
+    sim = await make_sim(recordings=3, audio_bytes=4000)
+    bad = sim.add_recording(body=body)
+    cfg = write_config(tmp_path, sim, archive={"unpack": True})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 1, result
+    rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
+    assert rows[bad][1] == "failed" and reason in rows[bad][4], rows[bad]
+    assert sum(1 for r in rows.values() if r[1] == "archived") == 3, "the others are unaffected"
+    assert not _outside(tmp_path)
+    assert not list((tmp_path / "archive").rglob(f"*{bad}*")), "nothing of the hostile recording is kept"
+
+
+@pytest.mark.parametrize(
+    ("body", "overrides", "state", "reason"),
+    [
+        (None, {"format": "../../x"}, None, None),  # rejected in the listing
+        (None, {"format": "wav/.."}, None, None),
+        (None, {"customer_id": "other"}, "failed", "403"),
+        (b"MZ\x90\x00 not audio at all", {}, "failed", "neither a ZIP nor a WAV"),
+        (make_zip([("a.wav", b"RIFF\x10\x00\x00\x00WAVEjunk"), ("b.wav", WAV)]), {}, "failed", "RIFF size"),
+    ],
+    ids=["format-traversal", "format-dotdot", "forbidden", "not-audio", "broken-riff"],
+)
+async def test_bad_recordings_are_isolated(tmp_path, make_sim, body, overrides, state, reason):
+    sim = await make_sim(recordings=3, audio_bytes=4000)
+    bad = sim.add_recording(body=body, raw_overrides=overrides)
+    cfg = write_config(tmp_path, sim, workers={"max_attempts": 2})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
+    rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
+    if state is None:
+        assert bad not in rows and "listing_item_rejected" in result.err
+        assert result.rc == 0, result
+    else:
+        assert result.rc == 1, result
+        assert rows[bad][1] == state and reason in rows[bad][4], rows[bad]
+    assert sum(1 for r in rows.values() if r[1] == "archived") == 3
+    assert not _outside(tmp_path)
+
+
+async def test_deleted_while_pending_is_skipped(tmp_path, make_sim):
+    sim = await make_sim(recordings=2, audio_bytes=4000)
+    doomed = sim.add_recording(ends_in=3600)
+    sim.delete(doomed, after=0.6)
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    row = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}[doomed]
+    assert row[1] == "skipped" and "deleted" in row[4]
+
+
+async def test_unknown_status_is_logged_and_treated_as_not_ended(tmp_path, make_sim):
+    sim = await make_sim(recordings=2, audio_bytes=4000)
+    odd = sim.add_recording(raw_overrides={"status": "paused-by-martians"})
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "0.5")
+    assert result.rc == 0, result
+    assert "unknown_status" in result.err
+    assert {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}[odd][1] == "discovered"
+
+
+async def test_secrets_never_appear_in_any_output(tmp_path, make_sim):
+    sim = await make_sim(recordings=30, audio_bytes=4000, faults={"api_500": 0.1, "storage_expired": 0.1})
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "--log-level", "debug", "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    status = await run_cli("--config", str(cfg), "status", "--json")
+    outputs = result.out + result.err + status.out + status.err
+    outputs += "".join(p.read_text() for p in (tmp_path / "archive").rglob("*.json"))
+    con = sqlite3.connect(tmp_path / "state.sqlite3")
+    outputs += "\n".join(con.iterdump())
+    con.close()
+    assert sim.accesskey not in outputs
+    assert "X-Goog-Signature=" not in outputs or "X-Goog-Signature=REDACTED" in outputs
+    assert sim.credential_leaks == 0, "storage must never receive our credential"
+
+
+async def test_login_mode_never_logs_the_password_or_jwt(tmp_path, make_sim):
+    sim = await make_sim(recordings=10, audio_bytes=4000)
+    cfg = write_config(tmp_path, sim, api={"accesskey": None, "username": sim.cfg.username,
+                                           "password": sim.cfg.password})
+    result = await run_cli("--config", str(cfg), "--log-level", "debug", "backfill", "--wait", "3")
+    assert result.rc == 0, result
+    assert sim.stats["login"] == 1 and sim.tokens
+    for secret in [sim.cfg.password, *sim.tokens]:
+        assert secret not in result.out + result.err
+
+
+async def test_revoked_credential_exits_3_without_counting_attempts(tmp_path, make_sim):
+    sim = await make_sim(recordings=10, audio_bytes=4000)
+    sim.revoked = True
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
+    assert result.rc == 3, result
+    assert "refused the credential" in result.err + result.out
+
+
+def test_member_names_are_sanitised():
+    assert sanitize_member_name("call_x_2021-01-28T09:17:00_in.wav") == "call_x_2021-01-28T09_17_00_in.wav"
+    for hostile in ("../../etc/passwd", "/abs", "a\\b", "..", ".hidden", "x\x00y", "\x01", ""):
+        safe = sanitize_member_name(hostile)
+        assert safe and "/" not in safe and "\\" not in safe and ".." not in safe and "\x00" not in safe
+        assert not safe.startswith(".")
