@@ -49,6 +49,7 @@ FAULTS = (
     "storage_corrupt",  # one byte flipped, hashes of the original
     "storage_bad_hash",  # right body, wrong x-goog-hash
     "storage_expired",  # the signed URL is refused (403)
+    "storage_stall",  # half the body, then silence for stall_seconds (a slow body / read timeout)
 )
 
 
@@ -74,6 +75,8 @@ class SimConfig:
     username: str = "demo"
     password: str = "demo-password"
     signed_url_ttl: float = 86400.0
+    stall_seconds: float = 5.0
+    storage_base: str = ""  # redirect to this origin instead of ourselves (e.g. to test http refusal)
 
 
 @dataclass
@@ -141,7 +144,7 @@ class Simulator:
         self.credential_leaks = 0
         self.tokens: dict[str, float] = {}  # JWT -> expiry
         self.revoked = False
-        self.quirk = ""  # "repeat_token": every page answers the same next_page_token
+        self.quirk = ""  # "repeat_token": pages repeat their token; "result_not_list": newest page is junk
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
         self.recordings: dict[str, SimRecording] = {}
         self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
@@ -295,8 +298,9 @@ class Simulator:
     def storage_url(self, rec_id: str, variant: str, ttl: float | None = None) -> str:
         expires = int(time.time() + (self.cfg.signed_url_ttl if ttl is None else ttl))
         sig = self._sign(rec_id, variant, expires)
+        origin = self.cfg.storage_base or f"http://127.0.0.1:{self.port}"
         return (
-            f"http://127.0.0.1:{self.port}/storage/{rec_id}?v={variant}"
+            f"{origin}/storage/{rec_id}?v={variant}"
             f"&X-Goog-Expires={expires}&X-Goog-Signature={sig}"
         )
 
@@ -444,6 +448,8 @@ class Simulator:
                 next_token = token
         if not token and self.extra_listing_items:
             items = list(self.extra_listing_items) + items
+        if not token and self.quirk == "result_not_list":
+            return self._json({"result": {"oops": items[:1]}, "next_page_token": next_token})
         return self._json({"result": items, "next_page_token": next_token})
 
     async def h_detail(self, request: web.Request) -> web.StreamResponse:
@@ -523,6 +529,13 @@ class Simulator:
             await resp.write(data[: len(data) // 2])
             assert request.transport is not None
             request.transport.close()
+            return resp
+        if self._fault("storage_stall") and len(data) > 1:
+            self.stats["fault_storage_stall"] += 1
+            await resp.write(data[: len(data) // 2])
+            await asyncio.sleep(self.cfg.stall_seconds)
+            await resp.write(data[len(data) // 2 :])
+            await resp.write_eof()
             return resp
         await resp.write(data)
         await resp.write_eof()

@@ -48,14 +48,15 @@ async def test_sigterm_stops_cleanly_and_resumes(tmp_path, make_sim):
     sim = await make_sim(recordings=200, latency=0.03, audio_bytes=30_000)
     cfg = write_config(tmp_path, sim, workers={"concurrency": 4})
     db = tmp_path / "state.sqlite3"
-    proc = await asyncio.create_subprocess_exec(
-        *cli_command("--config", str(cfg), "run"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=cli_env(),
-    )
-    await wait_until(lambda: _archived(db) >= 30, 60, "30 archived")
-    proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), 10)
-    assert proc.returncode == 0, err.decode()[-2000:]
+    log_path = tmp_path / "run.log"
+    with open(log_path, "wb") as log_file:  # a file, not a pipe nobody reads while it runs
+        proc = await asyncio.create_subprocess_exec(
+            *cli_command("--config", str(cfg), "run"), stdout=log_file, stderr=log_file, env=cli_env(),
+        )
+        await wait_until(lambda: _archived(db) >= 30, 60, "30 archived")
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0, log_path.read_text()[-2000:]
     con = sqlite3.connect(db)
     assert con.execute("SELECT count(*) FROM recordings WHERE state='downloading'").fetchone()[0] == 0
     con.close()
