@@ -62,11 +62,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        live = args.command in ("backfill", "demo") and sys.stderr.isatty() and args.log_format != "json"
         if args.command == "demo":
-            configure_logging(args.log_level or "info", args.log_format or "auto")
-            return asyncio.run(_demo(args))
+            configure_logging(args.log_level or ("warning" if live else "info"), args.log_format or "auto")
+            return asyncio.run(_demo(args, live))
         cfg = load_config(args.config or default_config_path())
-        configure_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+        # on a terminal, a backfill shows a live progress line; logs would scroll it away
+        level = args.log_level or ("warning" if live and cfg.logging.level == "info" else cfg.logging.level)
+        configure_logging(level, args.log_format or cfg.logging.format)
         for warning in cfg.warnings:
             structlog.get_logger("archiver.config").warning(warning)
         if args.command == "status":
@@ -76,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "backfill":
             if args.since and args.until and args.since >= args.until:
                 raise ConfigError("--since must be before --until")
-            run = run_engine(cfg, "backfill", args.since, args.until, args.wait, args.retry_failed)
+            run = run_engine(cfg, "backfill", args.since, args.until, args.wait, args.retry_failed, progress=live)
         else:
             run = run_engine(cfg, "run")
         result, counts, requests = asyncio.run(run)
         _print_summary(args.command, result, counts, requests)
-        return _exit_code(result)
+        # the service stops only when asked to (SIGTERM/SIGINT): that is a clean exit
+        return EXIT_OK if args.command == "run" else _exit_code(result)
     except (ConfigError, StateLocked) as exc:
         print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
@@ -160,7 +164,7 @@ async def _verify(cfg: Config) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
-async def _demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace, live: bool) -> int:
     """Start the simulator on 127.0.0.1 and archive from it, as a newcomer's first look."""
     from .simulator import SimConfig, Simulator
 
@@ -180,7 +184,7 @@ async def _demo(args: argparse.Namespace) -> int:
             },
             base_dir=Path.cwd(), env={},
         )
-        result, counts, requests = await run_engine(cfg, "backfill", wait=60)
+        result, counts, requests = await run_engine(cfg, "backfill", wait=60, progress=live)
     finally:
         await sim.stop()
     _print_summary("demo", result, counts, requests)

@@ -89,12 +89,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # "host:port" for /metrics and /healthz; empty = off
+
+
+@dataclass(frozen=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     state: StateConfig = field(default_factory=StateConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: Path | None = None
     warnings: tuple[str, ...] = ()  # logged by the caller once logging is set up
 
@@ -134,7 +140,7 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
 def build_config(
     data: dict[str, Any], base_dir: Path, env: dict[str, str], path: Path | None = None
 ) -> Config:
-    known = {"api", "archive", "state", "workers", "logging"}
+    known = {"api", "archive", "state", "workers", "logging", "metrics"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section or key [{key}] (known: {', '.join(sorted(known))})")
@@ -167,12 +173,13 @@ def build_config(
         level=reader.choice("logging", "level", "info", ("debug", "info", "warning", "error")),
         format=reader.choice("logging", "format", "auto", ("auto", "json", "console")),
     )
+    metrics = MetricsConfig(listen=_check_listen(reader.text("metrics", "listen", "")))
     reader.reject_unknown()
     warnings = []
     if path is not None and _holds_secret(data) and _world_readable(path):
         warnings.append(f"config_world_readable: {path} holds a credential; chmod 600 it or use accesskey_file")
     return Config(
-        api=api, archive=archive, state=state, workers=workers, logging=logging_cfg, path=path,
+        api=api, archive=archive, state=state, workers=workers, logging=logging_cfg, metrics=metrics, path=path,
         warnings=tuple(warnings),
     )
 
@@ -234,7 +241,7 @@ def _secret(reader: _Reader, env: dict[str, str], key: str, env_name: str, base_
     if value and file_value:
         raise ConfigError(f"[api] set {key} or {key}_file, not both")
     if file_value:
-        secret_path = Path(file_value)
+        secret_path = Path(os.path.expandvars(file_value))
         if not secret_path.is_absolute():
             secret_path = base_dir / secret_path
         try:
@@ -263,6 +270,15 @@ def _check_layout(layout: str) -> str:
     if not layout.endswith("{id}.{ext}"):
         raise ConfigError("[archive] layout must end with {id}.{ext} (the sidecar is {id}.json beside it)")
     return layout
+
+
+def _check_listen(listen: str) -> str:
+    if not listen:
+        return ""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[metrics] listen must be host:port, e.g. 127.0.0.1:9464, got {listen!r}")
+    return listen
 
 
 def _holds_secret(data: dict[str, Any]) -> bool:

@@ -31,6 +31,7 @@ from .errors import (
     VerificationError,
 )
 from .logs import redact
+from .metrics import Metrics
 from .model import KNOWN_STATUSES, parse_recording
 from .paginate import walk_pages
 from .state import Row, StateDB
@@ -69,6 +70,8 @@ class Engine:
         self.mode: Literal["backfill", "run"] = "backfill"
         self.walk_done = False
         self.deadline = float("inf")
+        self.metrics = Metrics()
+        self.ready = asyncio.Event()  # set once recovered and working (systemd READY=1)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -87,9 +90,11 @@ class Engine:
         await self.recover()
         workers = self._start_workers()
         feeder = asyncio.create_task(self._feed(), name="feeder")
+        self.ready.set()
         try:
             try:
                 await self._walk(full=True, since=since, until=until)
+                self.metrics.cycle_succeeded()
             except AuthRefused as exc:
                 self._fatal(str(exc), auth=True)
             except (TransientError, RecordingRefused, RecordingGone) as exc:
@@ -109,6 +114,7 @@ class Engine:
         await self.recover()
         workers = self._start_workers()
         feeder = asyncio.create_task(self._feed(), name="feeder")
+        self.ready.set()
         try:
             while not self.stop.is_set():
                 await self.cycle()
@@ -137,6 +143,7 @@ class Engine:
             log.error("cycle_walk_failed", error=redact(str(exc)))
             return
         await self.state.set_meta("last_cycle", str(time.time()))
+        self.metrics.cycle_succeeded()
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
             seconds=round(time.time() - started, 3), **await self.state.counts(),
@@ -200,6 +207,8 @@ class Engine:
         self.stop.set()
 
     def _trouble(self, reason: str, auth: bool) -> None:
+        if auth:
+            self.metrics.set_refused(True)
         self.paused_until = time.time() + max(PAUSE_ON_TROUBLE, self.workers_cfg.poll_interval)
         self.result.auth_refused = self.result.auth_refused or auth
         log.error(
@@ -308,6 +317,7 @@ class Engine:
             delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
             await self.state.update(row.id, state="pending", polls=row.polls + 1, next_attempt_at=time.time() + delay)
             self.result.stats["not_ready"] += 1
+            self.metrics.retries.labels("not_ready").inc()
             log_.info("not_ready", reason=str(exc), retry_in=round(delay, 1))
             return
         except RecordingGone as exc:
@@ -317,7 +327,8 @@ class Engine:
             await self._finish(row, "failed", str(exc))
             return
         except (TransientError, VerificationError) as exc:
-            await self._retry_later(row, str(exc))
+            kind = "verification" if isinstance(exc, VerificationError) else "transient"
+            await self._retry_later(row, str(exc), kind)
             return
         except (AuthRefused, LocalStorageError) as exc:
             # not the recording's fault: no attempt counted, retryable as soon as we can work again
@@ -328,7 +339,7 @@ class Engine:
             raise
         except Exception as exc:
             log_.exception("unexpected_error")
-            await self._retry_later(row, f"unexpected {type(exc).__name__}: {exc}")
+            await self._retry_later(row, f"unexpected {type(exc).__name__}: {exc}", "unexpected")
             return
         await self.state.update(
             row.id, state="archived", path=result.rel_path, size=result.size, sha256=result.sha256,
@@ -337,9 +348,14 @@ class Engine:
         )
         self.result.stats["archived"] += 1
         self.result.stats["bytes"] += result.size
+        seconds = time.monotonic() - started
+        self.metrics.archived.inc()
+        self.metrics.bytes.inc(result.size)
+        self.metrics.files.inc(result.members)
+        self.metrics.download_seconds.observe(seconds)
         log_.info(
             "archived", attempt=row.attempts + 1, bytes=result.size, members=result.members,
-            seconds=round(time.monotonic() - started, 3), path=result.rel_path, adopted=result.adopted,
+            seconds=round(seconds, 3), path=result.rel_path, adopted=result.adopted,
         )
 
     async def _poll(self, row: Row) -> Row | None:
@@ -373,8 +389,9 @@ class Engine:
         self.result.stats[state] += 1
         (log.warning if state == "skipped" else log.error)(state, recording_id=row.id, reason=reason)
 
-    async def _retry_later(self, row: Row, reason: str) -> None:
+    async def _retry_later(self, row: Row, reason: str, kind: str) -> None:
         reason = redact(reason)
+        self.metrics.retries.labels(kind).inc()
         attempts = row.attempts + 1
         if attempts >= self.workers_cfg.max_attempts:
             await self.state.update(row.id, attempts=attempts)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +18,8 @@ from .client import ApiClient
 from .config import Config
 from .download import CHUNK
 from .layout import sidecar_path
+from .metrics import serve_metrics
+from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
 from .state import StateDB
 
@@ -37,28 +40,118 @@ def _on_signals(engine: Engine) -> None:
 
 async def run_engine(
     cfg: Config, mode: str, since: datetime | None = None, until: datetime | None = None, wait: float = 900.0,
-    retry_failed: bool = False,
+    retry_failed: bool = False, progress: bool = False,
 ) -> tuple[RunResult, dict[str, int], dict[str, int]]:
     """Run ``backfill`` or ``run``; returns (result, state counts, client request counts)."""
     state = await StateDB.open(cfg.state.database)
+    notifier = Notifier.from_env()
+    metrics_runner = None
     try:
         if retry_failed:
             log.info("retry_failed", recordings=await state.retry_failed())
         async with ApiClient(cfg.api, cfg.workers.concurrency) as client:
             engine = Engine(cfg, client, state)
             _on_signals(engine)
+            if cfg.metrics.listen:
+                metrics_runner = await serve_metrics(engine.metrics, cfg.metrics.listen, cfg.workers.poll_interval)
+                log.info("metrics_listening", listen=cfg.metrics.listen)
+            supervisor = asyncio.create_task(_supervise(engine, state, client, notifier, mode, progress))
             started = time.monotonic()
-            if mode == "backfill":
-                result = await engine.backfill(since, until, wait)
-            else:
-                result = await engine.serve()
+            try:
+                if mode == "backfill":
+                    result = await engine.backfill(since, until, wait)
+                else:
+                    result = await engine.serve()
+            finally:
+                notifier.send("STOPPING=1")
+                supervisor.cancel()
+                await asyncio.gather(supervisor, return_exceptions=True)
             counts = await state.counts()
             result.stats["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]
             log.info(f"{mode}_done", **dict(result.stats), **{f"total_{k}": v for k, v in counts.items()},
                      requests=client.stats["requests"], http_429=client.stats["http_429"])
             return result, counts, dict(client.stats)
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        notifier.close()
         await state.close()
+
+
+async def _supervise(
+    engine: Engine, state: StateDB, client: ApiClient, notifier: Notifier, mode: str, progress: bool
+) -> None:
+    """Beside the engine: READY=1, then STATUS=/WATCHDOG=1, metrics gauges and progress."""
+    await engine.ready.wait()
+    notifier.send("READY=1")
+    watchdog = watchdog_interval()
+    tick = min(watchdog or 2.0, 2.0)
+    started = time.monotonic()
+    last_progress = 0.0
+    live = ProgressLine(sys.stderr) if progress else None
+    try:
+        while True:
+            if watchdog:
+                notifier.send("WATCHDOG=1")  # from the event loop itself: it proves the loop is alive
+            summary = await state.summary()
+            oldest = summary["oldest_pending"]
+            engine.metrics.set_counts(summary, oldest["tm_create"] if oldest else None)
+            engine.metrics.api_requests.set(client.stats["requests"])
+            engine.metrics.http_429.set(client.stats["http_429"])
+            text = _status_text(summary, engine)
+            notifier.send(f"STATUS={text}")
+            elapsed = time.monotonic() - started
+            if live is not None:
+                live.show(_progress_text(summary, engine, elapsed))
+            elif mode == "backfill" and elapsed - last_progress >= 10:
+                last_progress = elapsed
+                log.info("progress", **_progress_fields(summary, engine, elapsed))
+            await asyncio.sleep(tick)
+    finally:
+        if live is not None:
+            live.clear()
+
+
+def _status_text(summary: dict[str, Any], engine: Engine) -> str:
+    waiting = summary["discovered"] + summary["pending"] + summary["downloading"]
+    cycle = engine.metrics.last_cycle_at
+    when = time.strftime("%H:%M:%S", time.gmtime(cycle)) + " UTC" if cycle else "none yet"
+    return (f"archived {summary['archived']}, waiting {waiting}, failed {summary['failed']}, "
+            f"skipped {summary['skipped']}; last cycle {when}")
+
+
+def _progress_fields(summary: dict[str, Any], engine: Engine, elapsed: float) -> dict[str, Any]:
+    stats = engine.result.stats
+    waiting = summary["discovered"] + summary["pending"] + summary["downloading"]
+    rate = stats["archived"] / elapsed if elapsed > 0 else 0.0
+    return {
+        "pages": stats["pages"], "known": summary["total"], "archived": summary["archived"],
+        "waiting": waiting, "failed": summary["failed"],
+        "mb_per_s": round(stats["bytes"] / 1e6 / elapsed, 2) if elapsed > 0 else 0.0,
+        "eta_s": round(waiting / rate) if rate > 0 and waiting else None,
+    }
+
+
+def _progress_text(summary: dict[str, Any], engine: Engine, elapsed: float) -> str:
+    f = _progress_fields(summary, engine, elapsed)
+    eta = f"{f['eta_s'] // 60}m{f['eta_s'] % 60:02d}s" if f["eta_s"] is not None else "-"
+    return (f"pages {f['pages']}  known {f['known']}  archived {f['archived']}  waiting {f['waiting']}  "
+            f"failed {f['failed']}  {f['mb_per_s']:.1f} MB/s  ETA {eta}")
+
+
+class ProgressLine:
+    """One line on a terminal, rewritten in place."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def show(self, text: str) -> None:
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
 
 
 async def status(cfg: Config) -> dict[str, Any]:

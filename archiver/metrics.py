@@ -1,0 +1,87 @@
+"""Prometheus metrics and ``/healthz``, served over HTTP when ``[metrics] listen`` is set."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .state import STATES
+
+
+class Metrics:
+    """One registry per engine (not the global one), so tests and embeddings stay independent."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.recordings = Gauge("voipbin_archiver_recordings", "Recordings by state", ["state"], registry=r)
+        self.bytes = Counter("voipbin_archiver_archived_bytes", "Bytes archived", registry=r)
+        self.files = Counter("voipbin_archiver_archived_files", "Recording files (ZIP members) archived", registry=r)
+        self.archived = Counter("voipbin_archiver_archived_recordings", "Recordings archived", registry=r)
+        self.download_seconds = Histogram(
+            "voipbin_archiver_download_seconds", "Time to download and verify one recording", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.retries = Counter("voipbin_archiver_retries", "Recording retries by reason", ["reason"], registry=r)
+        self.pending_age = Gauge(
+            "voipbin_archiver_oldest_pending_age_seconds", "Age of the oldest recording not archived yet", registry=r
+        )
+        self.last_cycle = Gauge(
+            "voipbin_archiver_last_successful_cycle_timestamp_seconds", "When the last cycle succeeded", registry=r
+        )
+        self.api_requests = Gauge("voipbin_archiver_api_requests", "HTTP requests sent (API and storage)", registry=r)
+        self.http_429 = Gauge("voipbin_archiver_rate_limited_responses", "429 answers received", registry=r)
+        self.credential_refused = Gauge(
+            "voipbin_archiver_credential_refused", "1 while the API refuses the credential", registry=r
+        )
+        self.last_cycle_at = 0.0
+        self.refused = False
+        for state in STATES:
+            self.recordings.labels(state)
+
+    def set_counts(self, counts: dict[str, int], oldest_tm_create: float | None) -> None:
+        for state in STATES:
+            self.recordings.labels(state).set(counts.get(state, 0))
+        self.pending_age.set(max(0.0, time.time() - oldest_tm_create) if oldest_tm_create else 0)
+
+    def cycle_succeeded(self) -> None:
+        self.last_cycle_at = time.time()
+        self.last_cycle.set(self.last_cycle_at)
+        self.set_refused(False)
+
+    def set_refused(self, refused: bool) -> None:
+        self.refused = refused
+        self.credential_refused.set(1 if refused else 0)
+
+    def healthy(self, poll_interval: float) -> tuple[bool, str]:
+        if self.refused:
+            return False, "credential refused"
+        if not self.last_cycle_at:
+            return False, "no successful cycle yet"
+        age = time.time() - self.last_cycle_at
+        if age > 3 * poll_interval:
+            return False, f"last successful cycle {age:.0f} s ago"
+        return True, "ok"
+
+
+async def serve_metrics(metrics: Metrics, listen: str, poll_interval: float) -> web.AppRunner:
+    """Start ``GET /metrics`` and ``GET /healthz`` on ``host:port``; returns the runner to clean up."""
+    host, _, port = listen.rpartition(":")
+
+    async def h_metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def h_health(_request: web.Request) -> web.Response:
+        ok, reason = metrics.healthy(poll_interval)
+        return web.Response(status=200 if ok else 503, text=reason + "\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", h_metrics)
+    app.router.add_get("/healthz", h_health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port)).start()
+    return runner
