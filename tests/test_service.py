@@ -35,7 +35,7 @@ async def test_notify_ready_status_watchdog_stopping(tmp_path, make_sim):
 
     receiver = asyncio.create_task(receive())
     env = cli_env(NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="400000")
-    log_file = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    log_file = open(tmp_path / "run.log", "wb")
     proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
                                                 stdout=log_file, stderr=log_file, env=env)
     try:
@@ -68,7 +68,7 @@ async def test_metrics_and_healthz_over_http(tmp_path, make_sim):
     sim = await make_sim(recordings=15, audio_bytes=2000)
     port = _free_port()
     cfg = write_config(tmp_path, sim, metrics={"listen": f"127.0.0.1:{port}"})
-    log_file = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    log_file = open(tmp_path / "run.log", "wb")
     proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
                                                 stdout=log_file, stderr=log_file, env=cli_env())
     base = f"http://127.0.0.1:{port}"
