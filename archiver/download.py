@@ -110,17 +110,28 @@ class Downloader:
         self.cfg = cfg
         self.layout = Layout(cfg.directory, cfg.layout)
         self.limits = _limits(cfg)
+        self._made_dirs: set[Path] = set()
 
-    async def archive(self, row: Row) -> Archived:
-        """Download, verify and store ``row``; raise an ``archiver.errors`` class otherwise."""
+    def directory(self, row: Row) -> Path:
+        return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "")
+
+    async def adopt(self, row: Row) -> Archived | None:
+        """A file already under the final name (a crash after the rename, before the database
+        commit) is re-verified and adopted, or removed; None when there is none."""
+        directory = self.directory(row)
+        if not any((directory / f"{row.id}.{ext}").exists() for ext in EXTENSIONS):
+            return None  # the common case: two stat calls, no thread hop
+        return await asyncio.to_thread(self._adopt_existing, row, directory)
+
+    async def archive(self, row: Row, url: str | None = None) -> Archived:
+        """Download (from ``url`` if already resolved), verify and store ``row``; raise an
+        ``archiver.errors`` class otherwise."""
         ref_type = row.raw.get("reference_type", "") or ""
-        directory = self.layout.directory_for(row.id, row.tm_create, ref_type)
-        adopted = await asyncio.to_thread(self._adopt_existing, row, directory)
-        if adopted is not None:
-            return adopted
-        await asyncio.to_thread(make_dirs, self.layout.directory.resolve(), directory)
+        directory = self.directory(row)
+        if directory not in self._made_dirs or not directory.is_dir():
+            await asyncio.to_thread(make_dirs, self.layout.directory.resolve(), directory)
+            self._made_dirs.add(directory)
         last: Exception | None = None
-        url: str | None = None
         for _ in range(TRIES_PER_ATTEMPT):
             try:
                 if url is None:

@@ -1,8 +1,9 @@
 """The engine: walk the listing into SQLite, and a bounded pool of workers that polls and downloads.
 
-Data flows one way: paginator -> ``StateDB`` -> feeder -> bounded queue -> workers ->
-``Downloader``.  The feeder is the only reader of due work, and it never hands out a recording
-that is already in flight, so a recording never has two downloads at once.
+Data flows one way: paginator -> ``StateDB`` -> feeder -> bounded queue -> resolvers (poll,
+signed URL) -> bounded queue -> ``concurrency`` download workers -> ``Downloader``.  The feeder
+is the only reader of due work, and it never hands out a recording that is already in flight,
+so a recording never has two downloads at once.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 import structlog
 
 from .client import ApiClient
 from .config import Config
-from .download import Downloader, remove_temporaries
+from .download import Archived, Downloader, remove_temporaries
 from .errors import (
     AuthRefused,
     InvalidRecording,
@@ -37,6 +39,7 @@ from .paginate import walk_pages
 from .state import Row, StateDB
 
 log = structlog.get_logger("archiver.pool")
+T = TypeVar("T")
 
 SHUTDOWN_GRACE = 6.0  # seconds in-flight downloads get to finish on SIGTERM before they are abandoned
 PAUSE_ON_TROUBLE = 60.0  # service: how long to stop taking work after a refused credential or full disk
@@ -61,7 +64,9 @@ class Engine:
         self.state = state
         self.downloader = Downloader(client, cfg.archive)
         self.workers_cfg = cfg.workers
+        # due rows -> resolvers -> (row, signed URL) -> download workers; both queues bounded
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=cfg.workers.concurrency * 2)
+        self.downloads: asyncio.Queue[tuple[Row, str, float]] = asyncio.Queue(maxsize=cfg.workers.concurrency)
         self.in_flight: set[str] = set()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
@@ -157,8 +162,9 @@ class Engine:
         return done is None or (interval > 0 and time.time() - float(done) > interval)
 
     def _start_workers(self) -> list[asyncio.Task[None]]:
-        return [
-            asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.workers_cfg.concurrency)
+        n = self.workers_cfg.concurrency
+        return [asyncio.create_task(self._resolver(), name=f"resolver-{i}") for i in range(n)] + [
+            asyncio.create_task(self._downloader(), name=f"downloader-{i}") for i in range(n)
         ]
 
     async def _wait_first(self, feeder: asyncio.Task[None]) -> None:
@@ -171,10 +177,8 @@ class Engine:
         self.stop.set()
         feeder.cancel()
         await asyncio.gather(feeder, return_exceptions=True)
-        queued: list[str] = []
-        while not self.queue.empty():
+        while not self.queue.empty():  # not started: back to the database as they were
             row = self.queue.get_nowait()
-            queued.append(row.id)
             self.in_flight.discard(row.id)
             self.queue.task_done()
         busy = [w for w in workers if not w.done()]
@@ -187,13 +191,15 @@ class Engine:
                     await asyncio.wait_for(self.wake.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
-        abandoned = list(self.in_flight)
+        abandoned = len(self.in_flight)
         for w in busy:
             w.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
-        await self.state.release(queued + abandoned)
+        # Every claimed row goes back to pending, including a batch the feeder claimed just as it
+        # was cancelled; we are the only writer, and every task has stopped.
+        await self.recover()
         if abandoned:
-            log.info("shutdown_abandoned", recordings=len(abandoned), reason="will be downloaded on the next run")
+            log.info("shutdown_abandoned", recordings=abandoned, reason="will be downloaded on the next run")
 
     def _fatal(self, reason: str, auth: bool = False) -> None:
         """Backfill: stop the run. Service: pause taking work and say so loudly."""
@@ -293,68 +299,94 @@ class Engine:
             except TimeoutError:
                 pass
 
-    async def _worker(self) -> None:
+    async def _resolver(self) -> None:
+        """Stage 1: poll what has not ended, adopt what is already on disk, and fetch the signed
+        URL ahead, so the download workers always have the next transfer ready."""
         while True:
             row = await self.queue.get()
+            job = None
             try:
-                await self._process(row)
+                job = await self._guarded(row, self._prepare(row))
             finally:
-                self.in_flight.discard(row.id)
                 self.queue.task_done()
-                self.wake.set()
+                if job is None:
+                    self._done(row)
+            if job is not None:
+                await self.downloads.put(job)
 
-    async def _process(self, row: Row) -> None:
-        log_ = log.bind(recording_id=row.id)
+    async def _downloader(self) -> None:
+        """Stage 2: ``concurrency`` of these keep exactly that many transfers busy."""
+        while True:
+            row, url, started = await self.downloads.get()
+            try:
+                await self._guarded(row, self._download(row, url, started))
+            finally:
+                self.downloads.task_done()
+                self._done(row)
+
+    def _done(self, row: Row) -> None:
+        self.in_flight.discard(row.id)
+        self.wake.set()
+
+    async def _prepare(self, row: Row) -> tuple[Row, str, float] | None:
         started = time.monotonic()
+        if row.state == "discovered":
+            polled = await self._poll(row)
+            if polled is None:
+                return None
+            row = polled
+        adopted = await self.downloader.adopt(row)
+        if adopted is not None:
+            await self._archived(row, adopted, started)
+            return None
+        return row, await self.client.recordingfile_url(row.id), started
+
+    async def _download(self, row: Row, url: str, started: float) -> None:
+        await self._archived(row, await self.downloader.archive(row, url), started)
+
+    async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
+        """Run one stage for ``row``; every outcome but success is recorded here."""
         try:
-            if row.state == "discovered":
-                polled = await self._poll(row)
-                if polled is None:
-                    return
-                row = polled
-            result = await self.downloader.archive(row)
+            return await work
         except NotReady as exc:
             delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
             await self.state.update(row.id, state="pending", polls=row.polls + 1, next_attempt_at=time.time() + delay)
             self.result.stats["not_ready"] += 1
             self.metrics.retries.labels("not_ready").inc()
-            log_.info("not_ready", reason=str(exc), retry_in=round(delay, 1))
-            return
+            log.info("not_ready", recording_id=row.id, reason=str(exc), retry_in=round(delay, 1))
         except RecordingGone as exc:
             await self._finish(row, "skipped", f"deleted: {exc}")
-            return
         except (RecordingRefused, InvalidRecording) as exc:
             await self._finish(row, "failed", str(exc))
-            return
         except (TransientError, VerificationError) as exc:
             kind = "verification" if isinstance(exc, VerificationError) else "transient"
             await self._retry_later(row, str(exc), kind)
-            return
         except (AuthRefused, LocalStorageError) as exc:
             # not the recording's fault: no attempt counted, retryable as soon as we can work again
             await self.state.update(row.id, state=_waiting_state(row), next_attempt_at=time.time())
             self._fatal(str(exc), auth=isinstance(exc, AuthRefused))
-            return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log_.exception("unexpected_error")
+        except Exception as exc:  # a bug must not kill the worker or lose the row
+            log.exception("unexpected_error", recording_id=row.id)
             await self._retry_later(row, f"unexpected {type(exc).__name__}: {exc}", "unexpected")
-            return
+        return None
+
+    async def _archived(self, row: Row, result: Archived, started: float) -> None:
         await self.state.update(
             row.id, state="archived", path=result.rel_path, size=result.size, sha256=result.sha256,
             server_hashes=",".join(f"{k}={v}" for k, v in result.server_hashes.items()),
             members=result.members, archived_at=time.time(), last_error=None,
         )
+        seconds = time.monotonic() - started
         self.result.stats["archived"] += 1
         self.result.stats["bytes"] += result.size
-        seconds = time.monotonic() - started
         self.metrics.archived.inc()
         self.metrics.bytes.inc(result.size)
         self.metrics.files.inc(result.members)
         self.metrics.download_seconds.observe(seconds)
-        log_.info(
-            "archived", attempt=row.attempts + 1, bytes=result.size, members=result.members,
+        log.info(
+            "archived", recording_id=row.id, attempt=row.attempts + 1, bytes=result.size, members=result.members,
             seconds=round(seconds, 3), path=result.rel_path, adopted=result.adopted,
         )
 

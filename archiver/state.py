@@ -239,15 +239,6 @@ class StateDB:
         await self.db.execute(f"UPDATE recordings SET {sets} WHERE id=?", (*fields.values(), rec_id))
         await self.db.commit()
 
-    async def release(self, ids: list[str]) -> None:
-        """Give claimed rows back (shutdown): ``downloading`` -> ``pending``."""
-        if ids:
-            marks = ",".join("?" * len(ids))
-            await self.db.execute(
-                f"UPDATE recordings SET state='pending' WHERE state='downloading' AND id IN ({marks})", ids
-            )
-            await self.db.commit()
-
     async def recover(self) -> list[Row]:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so
         the caller can remove their temporary files."""
