@@ -33,7 +33,8 @@ from .state import Row
 
 log = structlog.get_logger("archiver.download")
 
-TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
+TRIES_PER_ATTEMPT = 3
+WRITE_BUFFER = 1 << 20  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,18 @@ def make_dirs(root: Path, directory: Path) -> None:
         raise LocalStorageError(f"cannot create {directory}: {exc.strerror}") from None
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (Linux flushes the inode whatever the descriptor)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot fsync {path.name}: {exc.strerror}") from None
+
+
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
@@ -129,7 +136,7 @@ class Downloader:
         ref_type = row.raw.get("reference_type", "") or ""
         directory = self.directory(row)
         if directory not in self._made_dirs or not directory.is_dir():
-            await asyncio.to_thread(make_dirs, self.layout.directory.resolve(), directory)
+            await asyncio.to_thread(make_dirs, self.layout.root, directory)
             self._made_dirs.add(directory)
         last: Exception | None = None
         for _ in range(TRIES_PER_ATTEMPT):
@@ -152,16 +159,24 @@ class Downloader:
         unpack_tmp = temp_path(directory, row.id, "unpack")
         try:
             digest, kind, riff, hashes = await self._stream_to(tmp, url)
-            members = await self._check_structure(row, tmp, kind, riff, digest, unpack_tmp)
-            self._check_ready(row, kind, members, ref_type)
+            # checks and commit in one thread hop: CPU and disk work, off the event loop
             return await asyncio.to_thread(
-                self._commit, row, directory, tmp, unpack_tmp, kind, digest, hashes, members, ref_type
+                self._verify_and_commit, row, directory, tmp, unpack_tmp, kind, riff, digest, hashes, ref_type
             )
-        finally:
+        except BaseException:
             await asyncio.to_thread(_remove_quietly, tmp, unpack_tmp)
+            raise
+
+    def _verify_and_commit(
+        self, row: Row, directory: Path, tmp: Path, unpack_tmp: Path, kind: str, riff: RiffChecker | None,
+        digest: BodyDigest, hashes: dict[str, str], ref_type: str,
+    ) -> Archived:
+        fsync_path(tmp)
+        members = self._check_structure(row, tmp, kind, riff, digest, unpack_tmp)
+        self._check_ready(row, kind, members, ref_type)
+        return self._commit(row, directory, tmp, unpack_tmp, kind, digest, hashes, members, ref_type)
 
     async def _stream_to(self, tmp: Path, url: str) -> tuple[BodyDigest, str, RiffChecker | None, dict[str, str]]:
-        digest = BodyDigest()
         riff: RiffChecker | None = None
         kind = ""
         try:
@@ -172,7 +187,12 @@ class Downloader:
                     raise TransientError(f"storage answered HTTP {resp.status}")
                 expected = resp.content_length
                 hashes = parse_goog_hash(resp.headers.getall("x-goog-hash", []))
+                digest = BodyDigest(md5="md5" in hashes)  # MD5 only when there is one to compare
+                # Chunks are gathered up to WRITE_BUFFER and written in one executor hop each
+                # (a 170 kB recording: one write); memory stays bounded per transfer.
                 async with aiofiles.open(tmp, "wb", opener=_opener) as out:
+                    pending: list[bytes] = []
+                    buffered = 0
                     async for chunk in resp.content.iter_chunked(CHUNK):
                         if not kind:
                             kind = body_kind(chunk)
@@ -180,9 +200,14 @@ class Downloader:
                         digest.update(chunk)
                         if riff is not None:
                             riff.feed(chunk)
-                        await out.write(chunk)
-                    await out.flush()
-                    await asyncio.to_thread(os.fsync, out.fileno())
+                        pending.append(chunk)
+                        buffered += len(chunk)
+                        if buffered >= WRITE_BUFFER:
+                            await out.write(b"".join(pending))
+                            pending, buffered = [], 0
+                    if pending:
+                        await out.write(b"".join(pending))
+                # fsync happens in the commit step (any descriptor of the file will do)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # before OSError: aiohttp's connection errors are OSErrors too
             raise TransientError(f"storage transfer broke: {type(exc).__name__}") from None
@@ -193,7 +218,7 @@ class Downloader:
         digest.check(expected, hashes)
         return digest, kind, riff, hashes
 
-    async def _check_structure(
+    def _check_structure(
         self, row: Row, tmp: Path, kind: str, riff: RiffChecker | None, digest: BodyDigest, unpack_tmp: Path
     ) -> list[Member]:
         if kind == "wav":
@@ -202,9 +227,9 @@ class Downloader:
             return [Member(f"{row.id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
         extract_to = None
         if self.cfg.unpack:
-            await asyncio.to_thread(_fresh_dir, unpack_tmp)
+            _fresh_dir(unpack_tmp)
             extract_to = unpack_tmp
-        return await asyncio.to_thread(inspect_zip, tmp, self.limits, extract_to)
+        return inspect_zip(tmp, self.limits, extract_to)
 
     def _check_ready(self, row: Row, kind: str, members: list[Member], ref_type: str) -> None:
         """Before the settle window, an empty or short answer means "not uploaded yet"."""
@@ -252,10 +277,10 @@ class Downloader:
                 if target.exists():
                     shutil.rmtree(target)
                 os.chmod(unpack_tmp, 0o750)
-                fsync_dir(unpack_tmp)
+                fsync_path(unpack_tmp)
                 os.replace(unpack_tmp, target)
             os.replace(tmp, final)
-            fsync_dir(directory)
+            fsync_path(directory)
         except OSError as exc:
             raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
         return Archived(rel, digest.size, sha, checked, len(members))
@@ -281,7 +306,7 @@ class Downloader:
                 log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
                 final.unlink(missing_ok=True)
                 continue
-            rel = str(final.relative_to(self.layout.directory.resolve()))
+            rel = str(final.relative_to(self.layout.root))
             log.info("existing_file_adopted", recording_id=row.id, file=rel)
             return Archived(rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True)
         return None

@@ -113,29 +113,29 @@ class RiffChecker:
 class BodyDigest:
     """Size, SHA-256, MD5 and CRC32C of a body, fed chunk by chunk as it streams to disk."""
 
-    def __init__(self) -> None:
+    def __init__(self, md5: bool = True) -> None:
         self.size = 0
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.crc32c = 0
 
     def update(self, data: bytes) -> None:
         self.size += len(data)
         self.sha256.update(data)
-        self.md5.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
         self.crc32c = google_crc32c.extend(self.crc32c, data)
 
     def check(self, expected_length: int | None, server_hashes: dict[str, str]) -> dict[str, str]:
         """Compare with ``Content-Length`` and every offered hash; return the hashes checked."""
         if expected_length is not None and expected_length != self.size:
             raise VerificationError(f"length mismatch: Content-Length {expected_length}, got {self.size}")
-        ours = {
-            "md5": base64.b64encode(self.md5.digest()).decode(),
-            "crc32c": base64.b64encode(self.crc32c.to_bytes(4, "big")).decode(),
-        }
+        ours = {"crc32c": base64.b64encode(self.crc32c.to_bytes(4, "big")).decode()}
+        if self.md5 is not None:
+            ours["md5"] = base64.b64encode(self.md5.digest()).decode()
         checked = {}
         for name, theirs in server_hashes.items():
-            if ours[name] != theirs:
+            if ours.get(name) != theirs:
                 raise VerificationError(f"{name} mismatch: server {theirs}, body {ours[name]}")
             checked[name] = theirs
         return checked

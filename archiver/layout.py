@@ -6,6 +6,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 from .errors import InvalidRecording
@@ -21,6 +22,11 @@ class Layout:
 
     directory: Path
     template: str
+
+    @cached_property
+    def root(self) -> Path:
+        """The archive directory, resolved once (resolving per file costs an lstat per component)."""
+        return self.directory.resolve()
 
     def relative(self, rec_id: str, ext: str, tm_create: float | None, reference_type: str = "") -> str:
         rec_id = check_id(rec_id)
@@ -38,12 +44,14 @@ class Layout:
         return rel
 
     def path(self, rel: str) -> Path:
-        """Absolute path for a relative archive path, refusing anything that leaves the directory."""
-        root = self.directory.resolve()
-        full = (root / rel).resolve()
-        if root != full and root not in full.parents:
+        """Absolute path for a relative archive path, refusing anything that leaves the directory.
+
+        Checked lexically: ``relative()`` only builds paths from validated fields (digits, the
+        UUID, the extension) and a template without ``..``, so no component can climb out."""
+        parts = rel.split("/")
+        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
             raise InvalidRecording(f"path {rel!r} leaves the archive directory")
-        return full
+        return self.root.joinpath(*parts)
 
     def directory_for(self, rec_id: str, tm_create: float | None, reference_type: str = "") -> Path:
         """The directory a recording's files go to (the same whatever the file kind)."""

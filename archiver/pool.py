@@ -137,6 +137,7 @@ class Engine:
         if time.time() < self.paused_until:
             return
         started = time.time()
+        cpu = time.process_time()
         before = self.client.stats["requests"]
         try:
             full = await self._full_walk_due()
@@ -151,7 +152,8 @@ class Engine:
         self.metrics.cycle_succeeded()
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
-            seconds=round(time.time() - started, 3), **await self.state.counts(),
+            seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4),
+            **await self.state.counts(),
         )
 
     async def _full_walk_due(self) -> bool:
@@ -373,10 +375,9 @@ class Engine:
         return None
 
     async def _archived(self, row: Row, result: Archived, started: float) -> None:
-        await self.state.update(
-            row.id, state="archived", path=result.rel_path, size=result.size, sha256=result.sha256,
-            server_hashes=",".join(f"{k}={v}" for k, v in result.server_hashes.items()),
-            members=result.members, archived_at=time.time(), last_error=None,
+        await self.state.mark_archived(
+            row.id, result.rel_path, result.size, result.sha256,
+            ",".join(f"{k}={v}" for k, v in result.server_hashes.items()), result.members,
         )
         seconds = time.monotonic() - started
         self.result.stats["archived"] += 1

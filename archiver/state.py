@@ -15,6 +15,7 @@ versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a database from 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -91,6 +92,8 @@ class StateDB:
     def __init__(self, db: aiosqlite.Connection, lock_fd: int | None) -> None:
         self.db = db
         self._lock_fd = lock_fd
+        self._archived_batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> StateDB:
@@ -238,6 +241,38 @@ class StateDB:
         sets = ", ".join(f"{k}=?" for k in fields)
         await self.db.execute(f"UPDATE recordings SET {sets} WHERE id=?", (*fields.values(), rec_id))
         await self.db.commit()
+
+    async def mark_archived(
+        self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int
+    ) -> None:
+        """Record a verified file. Concurrent calls share one transaction (group commit); each
+        returns only once its own row is committed."""
+        now = time.time()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._archived_batch.append(((path, size, sha256, server_hashes, members, now, now, rec_id), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_archived())
+        await asyncio.shield(future)
+
+    async def _flush_archived(self) -> None:
+        await asyncio.sleep(0)  # let the other workers finishing now join this batch
+        while self._archived_batch:
+            batch, self._archived_batch = self._archived_batch, []
+            try:
+                await self.db.executemany(
+                    "UPDATE recordings SET state='archived', path=?, size=?, sha256=?, server_hashes=?,"
+                    " members=?, archived_at=?, last_error=NULL, updated_at=? WHERE id=?",
+                    [values for values, _ in batch],
+                )
+                await self.db.commit()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter, who handles it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
 
     async def recover(self) -> list[Row]:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so

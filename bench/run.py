@@ -1,0 +1,246 @@
+"""Benchmarks: voipbin-archiver against the bundled simulator, and against aria2c.
+
+    python bench/run.py                      # all runs, default sizes
+    python bench/run.py --runs throughput    # one of: throughput, rate, scale (comma-separated)
+
+Every figure is a ratio measured in one run on the same machine (ours vs aria2c, ours vs the
+theoretical bound), because the machines are shared and noisy. Results are appended to
+bench/results.md. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results.md"
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("VOIPBIN_")}
+    e["PYTHONPATH"] = str(REPO)
+    return e
+
+
+class Sim:
+    """The simulator in its own process, so its CPU is not charged to us."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "archiver.simulator", "--port", "0", "--precompute", *args],
+            stdout=subprocess.PIPE, text=True, env=env(),
+        )
+        line = self.proc.stdout.readline()  # "simulator: <url> accesskey=<key>"
+        if not line.startswith("simulator:"):
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        _, self.base_url, key = line.split()
+        self.accesskey = key.split("=", 1)[1]
+        self.origin = self.base_url.rsplit("/v1.0", 1)[0]
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.origin + path, timeout=60) as resp:
+            return resp.read()
+
+    def stats(self) -> dict[str, int]:
+        return json.loads(self.get("/_sim/stats"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, float]:
+    """Run ``cmd``; wall seconds, CPU seconds and peak RSS (MB) of that process alone."""
+    with open(stderr_path, "wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, env=env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+            "rc": proc.returncode}
+
+
+def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, **workers: float) -> Path:
+    cfg = directory / "config.toml"
+    extra = "".join(f"{k} = {v}\n" for k, v in workers.items())
+    cfg.write_text(
+        f'[api]\nbase_url = "{sim.base_url}"\naccesskey = "{sim.accesskey}"\nrequests_per_second = {rps}\n'
+        f'burst = 16\n[archive]\ndirectory = "archive"\n[state]\ndatabase = "state.sqlite3"\n'
+        f"[workers]\nconcurrency = {concurrency}\n{extra}[logging]\nlevel = \"warning\"\n"
+    )
+    cfg.chmod(0o600)
+    return cfg
+
+
+def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, float]:
+    cfg = write_config(work, sim, concurrency, rps)
+    before = sim.stats()
+    result = measured([sys.executable, "-m", "archiver", "--config", str(cfg), "backfill", "--wait", "0"],
+                      work, work / "backfill.log")
+    after = sim.stats()
+    result["api_requests"] = after.get("api_requests", 0) - before.get("api_requests", 0)
+    result["storage_requests"] = after.get("storage_requests", 0) - before.get("storage_requests", 0)
+    result["http_429"] = after.get("http_429", 0) - before.get("http_429", 0)
+    result["bytes"] = sum(p.stat().st_size for p in (work / "archive").rglob("*") if p.suffix in (".zip", ".wav"))
+    if result["rc"] != 0:
+        raise RuntimeError(f"backfill failed rc={result['rc']}: {(work / 'backfill.log').read_text()[-2000:]}")
+    return result
+
+
+def aria2c(sim: Sim, work: Path, concurrency: int) -> dict[str, float]:
+    urls = work / "urls.txt"
+    urls.write_bytes(sim.get("/_sim/urls"))
+    out = work / "aria2c"
+    out.mkdir()
+    cmd = ["aria2c", "-i", str(urls), "-j", str(concurrency), "-d", str(out), "--allow-overwrite=true",
+           "--auto-file-renaming=false", "--file-allocation=none", "--console-log-level=error",
+           "--summary-interval=0", "--max-connection-per-server=1", "--split=1", "--disable-ipv6", "-q"]
+    result = measured(cmd, work, work / "aria2c.log")
+    if result["rc"] != 0:
+        raise RuntimeError(f"aria2c failed: {(work / 'aria2c.log').read_text()[-2000:]}")
+    result["files"] = len(list(out.iterdir()))
+    return result
+
+
+def throughput(args: argparse.Namespace, mode: str) -> list[str]:
+    n, lat, c = args.recordings, args.latency, args.concurrency
+    sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", mode)
+    try:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            ours = backfill(sim, Path(tmp), c, 0)
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            ref = aria2c(sim, Path(tmp), c)
+    finally:
+        sim.stop()
+    per_rec = (ours["api_requests"] + ours["storage_requests"]) / n
+    bound = n * per_rec * lat / c
+    mb = ours["bytes"] / 1e6
+    return [
+        f"| throughput ({mode}) | N={n} L={lat * 1000:.0f}ms C={c} | {ours['wall']:.2f} s |"
+        f" {n / ours['wall']:.0f} rec/s, {mb / ours['wall']:.1f} MB/s | {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec |"
+        f" {ours['rss_mb']:.0f} MB |"
+        f" {per_rec:.3f} req/rec | aria2c {ref['wall']:.2f} s ({ref['files']} files): ours/aria2c ="
+        f" **{ours['wall'] / ref['wall']:.2f}**; latency bound {bound:.2f} s:"
+        f" bound/ours = **{bound / ours['wall']:.0%}** |"
+    ]
+
+
+def rate_limited(args: argparse.Namespace) -> list[str]:
+    n, lat, c = args.rate_recordings, args.latency, args.concurrency
+    sim = Sim("--recordings", str(n), "--latency", str(lat))
+    try:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            ours = backfill(sim, Path(tmp), c, 16)
+    finally:
+        sim.stop()
+    bound = ours["api_requests"] / 16.7
+    share = ours["http_429"] / max(1, ours["api_requests"])
+    return [
+        f"| rate-limited (16.7/s, burst 33) | N={n} L={lat * 1000:.0f}ms C={c} rps=16 | {ours['wall']:.2f} s |"
+        f" {n / ours['wall']:.1f} rec/s | {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | {ours['rss_mb']:.0f} MB |"
+        f" {ours['api_requests']} API req | rate bound {bound:.2f} s: bound/ours = **{bound / ours['wall']:.0%}**;"
+        f" 429s: {ours['http_429']} ({share:.2%}) |"
+    ]
+
+
+def noop_cycle(cfg: Path, work: Path) -> dict[str, float]:
+    """Start ``run``, wait for the first cycle_done event, stop it; return that event."""
+    log = work / "run.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "archiver", "--config", str(cfg), "--log-level", "info",
+                                 "--log-format", "json", "run"], cwd=work, stdout=subprocess.DEVNULL,
+                                stderr=err, env=env())
+        deadline = time.monotonic() + 600
+        event = None
+        while event is None and time.monotonic() < deadline:
+            for line in log.read_text().splitlines():
+                if '"cycle_done"' in line:
+                    event = json.loads(line)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    if event is None:
+        raise RuntimeError("no cycle_done event")
+    return event
+
+
+def scale(args: argparse.Namespace) -> list[str]:
+    rows = []
+    for n in (args.scale // 10, args.scale):
+        sim = Sim("--recordings", str(n), "--audio-bytes", "64", "--no-rate-limit")
+        try:
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                work = Path(tmp)
+                ours = backfill(sim, work, args.concurrency, 0)
+                cfg = write_config(work, sim, args.concurrency, 0, poll_interval=3600)
+                status = measured([sys.executable, "-m", "archiver", "--config", str(cfg), "status", "--json"],
+                                  work, work / "status.log")
+                cycle = noop_cycle(cfg, work)
+        finally:
+            sim.stop()
+        rows.append(
+            f"| scale | N={n} L=0 C={args.concurrency} tiny | {ours['wall']:.1f} s | {n / ours['wall']:.0f} rec/s |"
+            f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | peak RSS **{ours['rss_mb']:.0f} MB** |"
+            f" status {status['wall']:.2f} s (process, incl. start-up) | no-op run cycle:"
+            f" {cycle['requests']} req, {1000 * cycle['cpu_seconds']:.1f} ms CPU, {1000 * cycle['seconds']:.0f} ms |"
+        )
+    return rows
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), "0")
+    return f"{os.cpu_count()} cores ({cpu}), {int(mem) / 1024**2:.0f} GiB, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="throughput,rate,scale")
+    p.add_argument("--recordings", type=int, default=3000)
+    p.add_argument("--latency", type=float, default=0.02)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rate-recordings", type=int, default=500)
+    p.add_argument("--scale", type=int, default=100_000)
+    p.add_argument("--workdir", default=None, help="where temporary archives go (default: system temp)")
+    args = p.parse_args()
+    runs = set(args.runs.split(","))
+    if "throughput" in runs and not shutil.which("aria2c"):
+        sys.exit("aria2c is needed for the reference run: apt-get install aria2")
+    lines: list[str] = []
+    if "throughput" in runs:
+        lines += throughput(args, "zip") + throughput(args, "wav")
+    if "rate" in runs:
+        lines += rate_limited(args)
+    if "scale" in runs:
+        lines += scale(args)
+    header = (
+        f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — {machine()}\n\n"
+        f"`python bench/run.py {' '.join(sys.argv[1:])}`\n\n"
+        "| run | parameters | wall | throughput | CPU | peak RSS | requests | ratios |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    text = header + "\n".join(lines) + "\n"
+    print(text)
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nAppended by `bench/run.py`; earlier rows are kept.\n")
+    with open(RESULTS, "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
