@@ -122,19 +122,17 @@ class Downloader:
     def directory(self, row: Row) -> Path:
         return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "")
 
-    async def adopt(self, row: Row) -> Archived | None:
+    async def adopt(self, row: Row, directory: Path) -> Archived | None:
         """A file already under the final name (a crash after the rename, before the database
         commit) is re-verified and adopted, or removed; None when there is none."""
-        directory = self.directory(row)
         if not any((directory / f"{row.id}.{ext}").exists() for ext in EXTENSIONS):
             return None  # the common case: two stat calls, no thread hop
         return await asyncio.to_thread(self._adopt_existing, row, directory)
 
-    async def archive(self, row: Row, url: str | None = None) -> Archived:
-        """Download (from ``url`` if already resolved), verify and store ``row``; raise an
-        ``archiver.errors`` class otherwise."""
+    async def archive(self, row: Row, directory: Path, url: str | None = None) -> Archived:
+        """Download (from ``url`` if already resolved), verify and store ``row`` in ``directory``
+        (from ``self.directory(row)``); raise an ``archiver.errors`` class otherwise."""
         ref_type = row.raw.get("reference_type", "") or ""
-        directory = self.directory(row)
         if directory not in self._made_dirs or not directory.is_dir():
             await asyncio.to_thread(make_dirs, self.layout.root, directory)
             self._made_dirs.add(directory)

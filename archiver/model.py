@@ -51,8 +51,13 @@ def parse_timestamp(value: Any) -> datetime | None:
     return ts
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def check_id(value: Any) -> str:
     """Return the canonical lowercase UUID string, or raise ``InvalidRecording``."""
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return value  # the common case, checked on every path built: a regex, not a parse
     if not isinstance(value, str) or len(value) != 36:
         raise InvalidRecording(f"id is not a UUID: {str(value)[:80]!r}")
     try:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import structlog
@@ -45,6 +46,16 @@ SHUTDOWN_GRACE = 6.0  # seconds in-flight downloads get to finish on SIGTERM bef
 PAUSE_ON_TROUBLE = 60.0  # service: how long to stop taking work after a refused credential or full disk
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A recording ready for a download worker: where it goes and its signed URL."""
+
+    row: Row
+    directory: Path
+    url: str
+    started: float
+
+
 @dataclass
 class RunResult:
     """What one backfill or service run did (this process only)."""
@@ -66,7 +77,7 @@ class Engine:
         self.workers_cfg = cfg.workers
         # due rows -> resolvers -> (row, signed URL) -> download workers; both queues bounded
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=cfg.workers.concurrency * 2)
-        self.downloads: asyncio.Queue[tuple[Row, str, float]] = asyncio.Queue(maxsize=cfg.workers.concurrency)
+        self.downloads: asyncio.Queue[_Job] = asyncio.Queue(maxsize=cfg.workers.concurrency)
         self.in_flight: set[str] = set()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
@@ -319,9 +330,10 @@ class Engine:
     async def _downloader(self) -> None:
         """Stage 2: ``concurrency`` of these keep exactly that many transfers busy."""
         while True:
-            row, url, started = await self.downloads.get()
+            job = await self.downloads.get()
+            row = job.row
             try:
-                await self._guarded(row, self._download(row, url, started))
+                await self._guarded(row, self._download(job))
             finally:
                 self.downloads.task_done()
                 self._done(row)
@@ -330,21 +342,23 @@ class Engine:
         self.in_flight.discard(row.id)
         self.wake.set()
 
-    async def _prepare(self, row: Row) -> tuple[Row, str, float] | None:
+    async def _prepare(self, row: Row) -> _Job | None:
         started = time.monotonic()
         if row.state == "discovered":
             polled = await self._poll(row)
             if polled is None:
                 return None
             row = polled
-        adopted = await self.downloader.adopt(row)
+        directory = self.downloader.directory(row)
+        adopted = await self.downloader.adopt(row, directory)
         if adopted is not None:
             await self._archived(row, adopted, started)
             return None
-        return row, await self.client.recordingfile_url(row.id), started
+        return _Job(row, directory, await self.client.recordingfile_url(row.id), started)
 
-    async def _download(self, row: Row, url: str, started: float) -> None:
-        await self._archived(row, await self.downloader.archive(row, url), started)
+    async def _download(self, job: _Job) -> None:
+        result = await self.downloader.archive(job.row, job.directory, job.url)
+        await self._archived(job.row, result, job.started)
 
     async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
         """Run one stage for ``row``; every outcome but success is recorded here."""
