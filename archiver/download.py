@@ -9,7 +9,6 @@ written before the data file, so a data file under its final name always has one
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,17 @@ from . import __version__
 from .client import ApiClient
 from .config import ArchiveConfig
 from .errors import LocalStorageError, NotReady, TransientError, VerificationError
-from .inspect import CHUNK, BodyDigest, Member, RiffChecker, ZipLimits, body_kind, inspect_zip, parse_goog_hash
+from .inspect import (
+    CHUNK,
+    BodyDigest,
+    Member,
+    RiffChecker,
+    ZipLimits,
+    body_kind,
+    hash_file,
+    inspect_zip,
+    parse_goog_hash,
+)
 from .layout import EXTENSIONS, Layout, sidecar_path, temp_path
 from .state import Row
 
@@ -293,7 +302,7 @@ class Downloader:
             side = sidecar_path(final)
             try:
                 meta = json.loads(side.read_text())["archive"]
-                size, sha = _hash_file(final)
+                size, sha = hash_file(final)
                 if size != meta["size"] or sha != meta["sha256"]:
                     raise VerificationError("differs from its sidecar")
                 if ext == "zip":
@@ -330,16 +339,6 @@ def _remove_quietly(*paths: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            size += len(chunk)
-            h.update(chunk)
-    return size, h.hexdigest()
 
 
 def _check_wav_file(path: Path) -> None:

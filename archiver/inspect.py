@@ -268,3 +268,14 @@ def _fsync(fd: int) -> None:
         os.fsync(fd)
     except OSError as exc:
         raise LocalStorageError(f"cannot fsync in the archive: {exc.strerror}") from None
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            size += len(chunk)
+            digest.update(chunk)
+    return size, digest.hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import sys
@@ -16,7 +15,7 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
-from .download import CHUNK
+from .inspect import hash_file
 from .layout import sidecar_path
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
@@ -162,22 +161,12 @@ async def status(cfg: Config) -> dict[str, Any]:
         await state.close()
 
 
-def _sha256(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            size += len(chunk)
-            h.update(chunk)
-    return size, h.hexdigest()
-
-
 def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
     """Problems with one archived recording's files (empty list: all good)."""
     problems: list[str] = []
     path = root / row["path"]
     try:
-        size, sha = _sha256(path)
+        size, sha = hash_file(path)
     except OSError as exc:
         return [f"{row['path']}: missing or unreadable ({exc.strerror})"]
     if size != row["size"] or sha != row["sha256"]:
@@ -192,7 +181,7 @@ def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
         for member in meta.get("members", []):
             member_path = path.parent / row["id"] / member.get("stored_as", "")
             try:
-                msize, msha = _sha256(member_path)
+                msize, msha = hash_file(member_path)
             except OSError:
                 problems.append(f"{member_path.relative_to(root)}: unpacked member missing")
                 continue
