@@ -9,6 +9,7 @@ written before the data file, so a data file under its final name always has one
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiofiles
 import aiohttp
@@ -165,78 +166,56 @@ class Downloader:
         tmp = temp_path(directory, row.id, "download")
         unpack_tmp = temp_path(directory, row.id, "unpack")
         try:
-            digest, kind, riff, hashes = await self._stream_to(tmp, url)
-            # checks and commit in one thread hop: CPU and disk work, off the event loop
-            return await asyncio.to_thread(
-                self._verify_and_commit, row, directory, tmp, unpack_tmp, kind, riff, digest, hashes, ref_type
-            )
+            body = await self._stream(tmp, url)
+            # hashing, writing, checks and commit in one executor hop: off the event loop
+            return await asyncio.to_thread(self._verify_and_commit, row, directory, body, unpack_tmp, ref_type)
         except BaseException:
             await asyncio.to_thread(_remove_quietly, tmp, unpack_tmp)
             raise
 
-    def _verify_and_commit(
-        self, row: Row, directory: Path, tmp: Path, unpack_tmp: Path, kind: str, riff: RiffChecker | None,
-        digest: BodyDigest, hashes: dict[str, str], ref_type: str,
-    ) -> Archived:
-        fsync_path(tmp)
-        members = self._check_structure(row, tmp, kind, riff, digest, unpack_tmp)
-        self._check_ready(row, kind, members, ref_type)
-        return self._commit(row, directory, tmp, unpack_tmp, kind, digest, hashes, members, ref_type)
+    def _verify_and_commit(self, row: Row, directory: Path, body: _Body, unpack_tmp: Path, ref_type: str) -> Archived:
+        source = body.finish()
+        members = self._check_structure(row, source, body, unpack_tmp)
+        self._check_ready(row, body.kind, members, ref_type)
+        return self._commit(row, directory, body, unpack_tmp, members, ref_type)
 
-    async def _stream_to(self, tmp: Path, url: str) -> tuple[BodyDigest, str, RiffChecker | None, dict[str, str]]:
-        riff: RiffChecker | None = None
-        kind = ""
+    async def _stream(self, tmp: Path, url: str) -> _Body:
         try:
             async with self.client.storage_get(url) as resp:
                 if resp.status in (400, 401, 403):
                     raise _StaleUrl(f"storage answered HTTP {resp.status} (signed URL expired or invalid)")
                 if resp.status != 200:
                     raise TransientError(f"storage answered HTTP {resp.status}")
-                expected = resp.content_length
                 hashes = parse_goog_hash(resp.headers.getall("x-goog-hash", []))
-                digest = BodyDigest(md5="md5" in hashes)  # MD5 only when there is one to compare
-                # Chunks are gathered up to WRITE_BUFFER and written in one executor hop each
-                # (a 170 kB recording: one write); memory stays bounded per transfer.
-                async with aiofiles.open(tmp, "wb", opener=_opener) as out:
-                    pending: list[bytes] = []
-                    buffered = 0
+                body = _Body(tmp, resp.content_length, hashes)
+                try:
                     async for chunk in resp.content.iter_chunked(CHUNK):
-                        if not kind:
-                            kind = body_kind(chunk)
-                            riff = RiffChecker() if kind == "wav" else None
-                        digest.update(chunk)
-                        if riff is not None:
-                            riff.feed(chunk)
-                        pending.append(chunk)
-                        buffered += len(chunk)
-                        if buffered >= WRITE_BUFFER:
-                            await out.write(b"".join(pending))
-                            pending, buffered = [], 0
-                    if pending:
-                        await out.write(b"".join(pending))
-                # fsync happens in the commit step (any descriptor of the file will do)
+                        body.add(chunk)
+                        if body.buffered >= WRITE_BUFFER:
+                            await body.spill()
+                finally:
+                    await body.close()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # before OSError: aiohttp's connection errors are OSErrors too
             raise TransientError(f"storage transfer broke: {type(exc).__name__}") from None
         except OSError as exc:
             raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({tmp.parent})") from None
-        if not kind:
+        if not body.kind:
+            if body.buffered:
+                body.detect_kind()  # fewer than 4 bytes: raises "neither a ZIP nor a WAV"
             raise NotReady("storage answered an empty body")
-        digest.check(expected, hashes)
-        return digest, kind, riff, hashes
+        return body
 
-    def _check_structure(
-        self, row: Row, tmp: Path, kind: str, riff: RiffChecker | None, digest: BodyDigest, unpack_tmp: Path
-    ) -> list[Member]:
-        if kind == "wav":
-            assert riff is not None
-            riff.finish()
-            return [Member(f"{row.id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
+    def _check_structure(self, row: Row, source: Path | BinaryIO, body: _Body, unpack_tmp: Path) -> list[Member]:
+        if body.kind == "wav":
+            assert body.riff is not None
+            body.riff.finish()
+            return [Member(f"{row.id}.wav", body.digest.size, body.digest.sha256.hexdigest(), body.riff.data_bytes)]
         extract_to = None
         if self.cfg.unpack:
             _fresh_dir(unpack_tmp)
             extract_to = unpack_tmp
-        return inspect_zip(tmp, self.limits, extract_to)
+        return inspect_zip(source, self.limits, extract_to)
 
     def _check_ready(self, row: Row, kind: str, members: list[Member], ref_type: str) -> None:
         """Before the settle window, an empty or short answer means "not uploaded yet"."""
@@ -255,9 +234,9 @@ class Downloader:
             raise NotReady("WAV has no audio yet")
 
     def _commit(
-        self, row: Row, directory: Path, tmp: Path, unpack_tmp: Path, kind: str, digest: BodyDigest,
-        hashes: dict[str, str], members: list[Member], ref_type: str,
+        self, row: Row, directory: Path, body: _Body, unpack_tmp: Path, members: list[Member], ref_type: str
     ) -> Archived:
+        kind, digest, tmp, hashes = body.kind, body.digest, body.tmp, body.hashes
         rel = self.layout.relative(row.id, kind, row.tm_create, ref_type)
         final = self.layout.path(rel)
         sha = digest.sha256.hexdigest()
@@ -317,6 +296,79 @@ class Downloader:
             log.info("existing_file_adopted", recording_id=row.id, file=rel)
             return Archived(rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True)
         return None
+
+
+class _Body:
+    """A body on its way to disk. Up to ``WRITE_BUFFER`` bytes stay in memory and are hashed,
+    written and fsynced by ``finish()`` in the commit thread (one executor hop for a typical
+    recording); a larger body spills to the temporary file through aiofiles as it streams,
+    hashed in a thread alongside the write. Memory stays bounded per transfer."""
+
+    def __init__(self, tmp: Path, expected_length: int | None, hashes: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.expected_length = expected_length
+        self.hashes = hashes
+        self.digest = BodyDigest(md5="md5" in hashes)  # MD5 only when there is one to compare
+        self.kind = ""
+        self.riff: RiffChecker | None = None
+        self._pending: list[bytes] = []
+        self.buffered = 0
+        self._file: Any = None
+        self._spilled = False
+
+    def add(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self.buffered += len(chunk)
+        if not self.kind and (self.buffered >= 4 or self._spilled):
+            self.detect_kind()
+
+    def detect_kind(self) -> None:
+        """From the first bytes (which may arrive a few at a time); raises on unknown ones."""
+        head = b"".join(self._pending)[:4]
+        self.kind = body_kind(head)
+        self.riff = RiffChecker() if self.kind == "wav" else None
+
+    def _take(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending, self.buffered = [], 0
+        return data
+
+    def _absorb(self, data: bytes) -> None:
+        self.digest.update(data)
+        if self.riff is not None:
+            self.riff.feed(data)
+
+    async def spill(self) -> None:
+        if self._file is None:
+            self._file = await aiofiles.open(self.tmp, "wb", opener=_opener)
+            self._spilled = True
+        data = self._take()
+        await asyncio.gather(self._file.write(data), asyncio.to_thread(self._absorb, data))
+
+    async def close(self) -> None:
+        if self._file is not None:
+            await self._file.close()
+            self._file = None
+
+    def finish(self) -> Path | BinaryIO:
+        """(In a thread.) Write the rest, fsync, check length and server hashes. Returns what the
+        structure check should read: the bytes in memory when the body never spilled."""
+        data = self._take()
+        self._absorb(data)
+        flags = os.O_WRONLY | (os.O_APPEND if self._spilled else os.O_CREAT | os.O_TRUNC)
+        try:
+            fd = os.open(self.tmp, flags, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({self.tmp.parent})") from None
+        self.digest.check(self.expected_length, self.hashes)
+        return self.tmp if self._spilled else io.BytesIO(data)
 
 
 class _StaleUrl(Exception):

@@ -12,7 +12,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import google_crc32c
 
@@ -177,8 +177,8 @@ def _hostile_name(name: str) -> str | None:
     return None
 
 
-def inspect_zip(path: Path, limits: ZipLimits, extract_to: Path | None = None) -> list[Member]:
-    """Verify every member (CRC, size, WAV structure) of the ZIP at ``path``.
+def inspect_zip(path: Path | BinaryIO, limits: ZipLimits, extract_to: Path | None = None) -> list[Member]:
+    """Verify every member (CRC, size, WAV structure) of the ZIP at ``path`` (or in a file object).
 
     Hostile archives (unsafe names, too many members, zip bombs, encryption) raise
     ``InvalidRecording``; damaged ones raise ``VerificationError``.  With ``extract_to`` (an

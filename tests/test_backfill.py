@@ -97,3 +97,13 @@ async def test_settle_window_accepts_an_empty_zip_with_a_warning(tmp_path, make_
     assert "archived_incomplete" in result.err
     row = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}[empty]
     assert row[1] == "archived"
+
+
+@pytest.mark.parametrize("mode", ["zip", "wav"])
+async def test_large_recordings_stream_to_disk_in_pieces(tmp_path, make_sim, mode):
+    """Bodies over the 1 MiB write buffer take the spill path (aiofiles writes as they stream)."""
+    sim = await make_sim(recordings=4, mode=mode, audio_bytes=3_500_000, faults={"storage_corrupt": 0.2})
+    cfg = write_config(tmp_path, sim, archive={"unpack": mode == "zip"}, workers={"max_attempts": 20})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert result.rc == 0, result
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3", unpack=mode == "zip")
