@@ -143,7 +143,7 @@ class Downloader:
         """Download (from ``url`` if already resolved), verify and store ``row`` in ``directory``
         (from ``self.directory(row)``); raise an ``archiver.errors`` class otherwise."""
         ref_type = row.raw.get("reference_type", "") or ""
-        if directory not in self._made_dirs or not directory.is_dir():
+        if directory not in self._made_dirs:  # created once per process, not checked per file
             await asyncio.to_thread(make_dirs, self.layout.root, directory)
             self._made_dirs.add(directory)
         last: Exception | None = None
@@ -157,6 +157,9 @@ class Downloader:
             except (VerificationError, TransientError) as exc:
                 url, last = None, exc
                 log.info("download_retry", recording_id=row.id, reason=str(exc))
+            except LocalStorageError:
+                self._made_dirs.clear()  # a directory may have been removed under us: make it again
+                raise
         assert last is not None
         if isinstance(last, _StaleUrl):
             raise TransientError(str(last))

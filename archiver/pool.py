@@ -262,9 +262,8 @@ class Engine:
                 recs = [r for r in recs if r.tm_create is None or r.tm_create >= since]
             if until is not None:
                 recs = [r for r in recs if r.tm_create is None or r.tm_create < until]
-            known = 0 if full else len(await self.state.known_ids([r.id for r in recs]))
             token = "" if reached_since else page.next_token
-            new = await self.state.store_page(recs, name, token)
+            new, known = await self.state.store_page(recs, name, token)
             new_total += new
             self.result.stats["pages"] += 1
             self.result.stats["discovered"] += new

@@ -486,7 +486,8 @@ class Simulator:
         ttl = -10 if self._fault("storage_expired") else None
         if ttl is not None:
             self.stats["fault_storage_expired"] += 1
-        raise web.HTTPTemporaryRedirect(self.storage_url(rec.id, self.variant(rec), ttl))
+        location = self.storage_url(rec.id, self.variant(rec), ttl)
+        return web.Response(status=307, headers={"Location": location})
 
     async def h_storage(self, request: web.Request) -> web.StreamResponse:
         self.stats["storage_requests"] += 1

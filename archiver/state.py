@@ -87,7 +87,11 @@ def _initial_state(rec: Recording) -> tuple[str, str | None]:
 
 
 class StateDB:
-    """The archiver's SQLite state. Use ``await StateDB.open(path)``; one writer per file."""
+    """The archiver's SQLite state. Use ``await StateDB.open(path)``; one writer per file.
+
+    Every read is one ``execute_fetchall`` (a single step in aiosqlite's thread): a cursor left
+    open across an await would see rows that another task updates meanwhile on the same
+    connection, and SQLite's answer is then undefined (a GROUP BY once returned a NULL state)."""
 
     def __init__(self, db: aiosqlite.Connection, lock_fd: int | None) -> None:
         self.db = db
@@ -124,8 +128,7 @@ class StateDB:
             self._lock_fd = None
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            version = (await cur.fetchone())[0]
+        version = (await self.db.execute_fetchall("PRAGMA user_version"))[0][0]
         if version > len(MIGRATIONS):
             raise StateLocked(
                 f"state database schema v{version} is newer than this archiver knows (v{len(MIGRATIONS)})"
@@ -141,57 +144,58 @@ class StateDB:
         if not ids:
             return set()
         marks = ",".join("?" * len(ids))
-        async with self.db.execute(f"SELECT id FROM recordings WHERE id IN ({marks})", ids) as cur:
-            return {r[0] for r in await cur.fetchall()}
+        rows = await self.db.execute_fetchall(f"SELECT id FROM recordings WHERE id IN ({marks})", ids)
+        return {r[0] for r in rows}
 
-    async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> int:
-        """Insert unknown recordings and checkpoint the walk, in one transaction. Returns how
-        many were new. A known ``discovered`` row that the listing now shows ended moves on
-        to ``pending`` (no detail request needed)."""
+    async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]:
+        """Insert unknown recordings and checkpoint the walk, in one transaction. Returns (new,
+        known). A known ``discovered`` row that the listing now shows ended or deleted moves on
+        (no detail request needed). A few statements per page, not one per recording."""
         now = time.time()
-        new = 0
+        known = await self.known_ids([r.id for r in recordings])
+        inserts = []
+        moves = []
         for rec in recordings:
             state, reason = _initial_state(rec)
-            cur = await self.db.execute(
-                "INSERT OR IGNORE INTO recordings (id, state, raw, status, reference_type, tm_create,"
-                " tm_end, discovered_at, next_attempt_at, last_error, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
-                 _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now),
-            )
-            if cur.rowcount:
-                new += 1
+            if rec.id not in known:
+                known.add(rec.id)  # a page may (in theory) list an id twice
+                inserts.append((rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
+                                _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
             elif rec.ended or rec.deleted:
-                state, reason = _initial_state(rec)
-                await self.db.execute(
-                    "UPDATE recordings SET state=?, raw=?, status=?, tm_end=?, last_error=?,"
-                    " next_attempt_at=?, updated_at=? WHERE id=? AND state='discovered'",
-                    (state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now, rec.id),
-                )
+                moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now, rec.id))
+        if inserts:
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO recordings (id, state, raw, status, reference_type, tm_create,"
+                " tm_end, discovered_at, next_attempt_at, last_error, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                inserts,
+            )
+        if moves:
+            await self.db.executemany(
+                "UPDATE recordings SET state=?, raw=?, status=?, tm_end=?, last_error=?,"
+                " next_attempt_at=?, updated_at=? WHERE id=? AND state='discovered'",
+                moves,
+            )
         if walk is not None:
             if next_token:
                 await self.db.execute(
-                    "INSERT OR REPLACE INTO walks (name, token, updated_at) VALUES (?,?,?)",
-                    (walk, next_token, now),
+                    "INSERT OR REPLACE INTO walks (name, token, updated_at) VALUES (?,?,?)", (walk, next_token, now)
                 )
             else:
                 await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
         await self.db.commit()
-        return new
+        return len(inserts), len(recordings) - len(inserts)
 
     async def walk_checkpoint(self, walk: str) -> str | None:
-        async with self.db.execute("SELECT token FROM walks WHERE name=?", (walk,)) as cur:
-            row = await cur.fetchone()
-        return row[0] if row else None
+        rows = await self.db.execute_fetchall("SELECT token FROM walks WHERE name=?", (walk,))
+        return rows[0][0] if rows else None
 
     async def end_walk(self, walk: str) -> None:
         await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
         await self.set_meta(f"walk_done:{walk}", str(time.time()))
 
     async def get_meta(self, key: str) -> str | None:
-        async with self.db.execute("SELECT value FROM meta WHERE key=?", (key,)) as cur:
-            row = await cur.fetchone()
-        return row[0] if row else None
+        rows = await self.db.execute_fetchall("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
 
     async def set_meta(self, key: str, value: str) -> None:
         await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", (key, value))
@@ -201,13 +205,12 @@ class StateDB:
 
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
         """Rows whose next attempt is due, oldest first, skipping those already in flight."""
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings"
             " WHERE state IN ('discovered', 'pending') AND next_attempt_at <= ?"
             " ORDER BY next_attempt_at LIMIT ?",
             (now, limit + len(exclude)),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         out = [
             Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
             for r in rows
@@ -216,11 +219,10 @@ class StateDB:
         return out[:limit]
 
     async def next_due_time(self) -> float | None:
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT min(next_attempt_at) FROM recordings WHERE state IN ('discovered', 'pending')"
-        ) as cur:
-            row = await cur.fetchone()
-        return row[0]
+        )
+        return rows[0][0]
 
     async def claim(self, ids: list[str]) -> None:
         """Mark ended recordings as being downloaded (one commit for the batch)."""
@@ -277,13 +279,12 @@ class StateDB:
     async def recover(self) -> list[Row]:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so
         the caller can remove their temporary files."""
-        async with self.db.execute(
-            "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings WHERE state='downloading'"
-        ) as cur:
-            rows = [
-                Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
-                for r in await cur.fetchall()
-            ]
+        rows = [
+            Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
+            for r in await self.db.execute_fetchall(
+                "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings WHERE state='downloading'"
+            )
+        ]
         await self.db.execute("UPDATE recordings SET state='pending' WHERE state='downloading'")
         await self.db.commit()
         return rows
@@ -300,28 +301,26 @@ class StateDB:
 
     async def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
-        async with self.db.execute("SELECT state, count(*) FROM recordings GROUP BY state") as cur:
-            for state, n in await cur.fetchall():
-                out[state] = n
+        rows = await self.db.execute_fetchall("SELECT state, count(*) FROM recordings GROUP BY state")
+        for state, n in rows:
+            out[str(state)] = n
         return out
 
     async def summary(self) -> dict[str, Any]:
         """Counts per state, the oldest waiting recording and the last error, for ``status``."""
         out: dict[str, Any] = await self.counts()
         out["total"] = sum(out[s] for s in STATES)
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT id, tm_create FROM recordings WHERE state IN ('discovered','pending','downloading')"
             " ORDER BY tm_create LIMIT 1"
-        ) as cur:
-            row = await cur.fetchone()
-        out["oldest_pending"] = {"id": row[0], "tm_create": row[1]} if row else None
-        async with self.db.execute(
+        )
+        out["oldest_pending"] = {"id": rows[0][0], "tm_create": rows[0][1]} if rows else None
+        rows = await self.db.execute_fetchall(
             "SELECT id, state, last_error, updated_at FROM recordings WHERE last_error IS NOT NULL"
             " AND state IN ('failed','pending','discovered') ORDER BY updated_at DESC LIMIT 1"
-        ) as cur:
-            row = await cur.fetchone()
+        )
         out["last_error"] = (
-            {"id": row[0], "state": row[1], "error": row[2], "at": row[3]} if row else None
+            {"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3]} if rows else None
         )
         out["last_cycle"] = await self.get_meta("last_cycle")
         return out
@@ -330,23 +329,16 @@ class StateDB:
         """Yield archived rows in batches (``verify``); never the whole table in memory."""
         last = ""
         while True:
-            async with self.db.execute(
+            rows = await self.db.execute_fetchall(
                 "SELECT id, path, size, sha256 FROM recordings WHERE state='archived' AND id > ?"
                 " ORDER BY id LIMIT ?",
                 (last, batch),
-            ) as cur:
-                rows = await cur.fetchall()
+            )
             if not rows:
                 return
             for r in rows:
                 yield dict(r)
             last = rows[-1]["id"]
-
-    async def is_known_archived(self, rec_id: str) -> bool:
-        async with self.db.execute("SELECT state FROM recordings WHERE id=?", (rec_id,)) as cur:
-            row = await cur.fetchone()
-        return bool(row and row[0] == "archived")
-
 
 def _lock(path: Path) -> int:
     """Hold an exclusive lock on ``<db>.lock`` for the life of the process (one writer)."""
