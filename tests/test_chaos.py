@@ -13,6 +13,7 @@ import time
 
 from tests.checks import assert_archive_complete
 from tests.conftest import cli_command, cli_env, run_cli, write_config
+from tests.test_crash import _archived
 
 FAULTS = {
     "api_500": 0.03, "api_reset": 0.02, "api_503": 0.03, "malformed_json": 0.02,
@@ -27,21 +28,28 @@ async def test_chaos_kill9_with_faults(tmp_path, make_sim):
                          late_files=10, deleted=10, end_after=2.0, files_after=2.0, seed=seed)
     cfg = write_config(tmp_path, sim, api={"page_size": 50, "max_retries": 8},
                        workers={"concurrency": 8, "max_attempts": 30})
+    db = tmp_path / "state.sqlite3"
     kills = 0
-    for _ in range(4):
+    # kill at random points of progress (not of time, which depends on the machine), each time
+    # a little after a random number of recordings is archived, to land in different phases
+    thresholds = sorted(rng.sample(range(50, 1000), 4))
+    for threshold in thresholds:
         proc = await asyncio.create_subprocess_exec(
             *cli_command("--config", str(cfg), "backfill", "--wait", "30"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=cli_env(),
         )
-        try:
-            await asyncio.wait_for(proc.wait(), rng.uniform(0.8, 2.5))
-        except TimeoutError:
+        waiter = asyncio.create_task(proc.wait())
+        while not waiter.done() and _archived(db) < threshold:
+            await asyncio.wait({waiter}, timeout=0.01)
+        if not waiter.done():
+            await asyncio.wait({waiter}, timeout=rng.uniform(0, 0.05))
+        if not waiter.done():
             proc.send_signal(signal.SIGKILL)
-            await proc.wait()
             kills += 1
+        await waiter
     final = await run_cli("--config", str(cfg), "backfill", "--wait", "60", timeout=240)
     assert final.rc == 0, (seed, final)
-    assert kills >= 2, f"seed {seed}: the run was too quick to be killed"
+    assert kills >= 3, f"seed {seed}: thresholds {thresholds}: the runs ended before they could be killed"
     assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
     verify = await run_cli("--config", str(cfg), "verify")
     assert verify.rc == 0, verify
