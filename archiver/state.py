@@ -60,6 +60,13 @@ MIGRATIONS: list[str] = [
     CREATE TABLE walks (name TEXT PRIMARY KEY, token TEXT NOT NULL, updated_at REAL NOT NULL);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # v2: status, metrics and systemd STATUS= ask for the oldest waiting recording and the last
+    # error every few seconds; without these, each asked SQLite to scan every waiting row.
+    """
+    CREATE INDEX recordings_waiting_created ON recordings(tm_create)
+        WHERE state IN ('discovered', 'pending', 'downloading');
+    CREATE INDEX recordings_errors ON recordings(updated_at) WHERE last_error IS NOT NULL;
+    """,
 ]
 
 
@@ -118,7 +125,11 @@ class StateDB:
         db.row_factory = aiosqlite.Row
         state = cls(db, lock_fd)
         if not readonly:
-            await state._migrate()
+            try:
+                await state._migrate()
+            except BaseException:
+                await state.close()
+                raise
         return state
 
     async def close(self) -> None:
@@ -206,7 +217,7 @@ class StateDB:
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
         """Rows whose next attempt is due, oldest first, skipping those already in flight."""
         rows = await self.db.execute_fetchall(
-            "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings"
+            "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings INDEXED BY recordings_due"
             " WHERE state IN ('discovered', 'pending') AND next_attempt_at <= ?"
             " ORDER BY next_attempt_at LIMIT ?",
             (now, limit + len(exclude)),
@@ -220,7 +231,8 @@ class StateDB:
 
     async def next_due_time(self) -> float | None:
         rows = await self.db.execute_fetchall(
-            "SELECT min(next_attempt_at) FROM recordings WHERE state IN ('discovered', 'pending')"
+            "SELECT min(next_attempt_at) FROM recordings INDEXED BY recordings_due"
+            " WHERE state IN ('discovered', 'pending')"
         )
         return rows[0][0]
 
@@ -311,13 +323,14 @@ class StateDB:
         out: dict[str, Any] = await self.counts()
         out["total"] = sum(out[s] for s in STATES)
         rows = await self.db.execute_fetchall(
-            "SELECT id, tm_create FROM recordings WHERE state IN ('discovered','pending','downloading')"
-            " ORDER BY tm_create LIMIT 1"
+            "SELECT id, tm_create FROM recordings INDEXED BY recordings_waiting_created"
+            " WHERE state IN ('discovered', 'pending', 'downloading') ORDER BY tm_create LIMIT 1"
         )
         out["oldest_pending"] = {"id": rows[0][0], "tm_create": rows[0][1]} if rows else None
         rows = await self.db.execute_fetchall(
-            "SELECT id, state, last_error, updated_at FROM recordings WHERE last_error IS NOT NULL"
-            " AND state IN ('failed','pending','discovered') ORDER BY updated_at DESC LIMIT 1"
+            "SELECT id, state, last_error, updated_at FROM recordings INDEXED BY recordings_errors"
+            " WHERE last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
+            " ORDER BY updated_at DESC LIMIT 1"
         )
         out["last_error"] = (
             {"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3]} if rows else None
