@@ -103,23 +103,31 @@ def _exit_code(result: RunResult) -> int:
 
 
 def _print_summary(command: str, result: RunResult, counts: dict[str, int], requests: dict[str, int]) -> None:
+    """The final summary table: what this run did, beside what the database holds now."""
     s = result.stats
     waiting = counts["discovered"] + counts["pending"] + counts["downloading"]
     mb = s["bytes"] / 1e6
     seconds = float(s.get("seconds", 0) or 0)
-    lines = [
-        f"{command} summary",
-        f"  this run:  archived {s['archived']} ({mb:.1f} MB, {mb / seconds if seconds else 0:.1f} MB/s),"
-        f" skipped {s['skipped']}, failed {s['failed']}, new {s['discovered']}, pages {s['pages']},"
-        f" requests {requests.get('requests', 0)} (429s: {requests.get('http_429', 0)}), {seconds:.1f} s",
-        "  database:  " + ", ".join(f"{k} {counts[k]}" for k in STATES),
+    rows: list[tuple[str, object, object]] = [
+        ("archived", s["archived"], counts["archived"]),
+        ("skipped", s["skipped"], counts["skipped"]),
+        ("failed", s["failed"], counts["failed"]),
+        ("waiting", "-", waiting),
+        ("new recordings", s["discovered"], ""),
+        ("pages listed", s["pages"], ""),
+        ("HTTP requests", requests.get("requests", 0), ""),
+        ("429 answers", requests.get("http_429", 0), ""),
+        ("data", f"{mb:.1f} MB", f"{mb / seconds if seconds else 0:.1f} MB/s"),
+        ("time", f"{seconds:.1f} s", ""),
     ]
+    lines = [f"{command + ' summary':<24}{'this run':>12}{'database':>12}"]
+    lines += [f"  {name:<22}{this!s:>12}{total!s:>12}".rstrip() for name, this, total in rows]
     if waiting:
-        lines.append(f"  still waiting: {waiting} (not ended or files not uploaded yet; the next run continues)")
+        lines.append(f"still waiting: {waiting} (not ended or files not uploaded yet; the next run continues)")
     if result.walk_error:
-        lines.append(f"  listing failed: {result.walk_error}")
+        lines.append(f"listing failed: {result.walk_error}")
     if result.fatal:
-        lines.append(f"  stopped early: {result.fatal}")
+        lines.append(f"stopped early: {result.fatal}")
     print("\n".join(lines), flush=True)
 
 

@@ -118,3 +118,12 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
 
 def archive_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def archived_this_run(out: str) -> int:
+    """The "this run" archived count from a backfill's summary table."""
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:1] == ["archived"]:
+            return int(parts[1])
+    raise AssertionError(f"no summary in {out!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from archiver.client import ApiClient
 from archiver.config import ApiConfig
 from archiver.paginate import walk_pages
-from tests.conftest import run_cli, write_config
+from tests.conftest import archived_this_run, run_cli, write_config
 
 
 def _api(sim) -> ApiConfig:
@@ -37,7 +37,7 @@ async def test_empty_first_page(make_sim, tmp_path):
     cfg = write_config(tmp_path, sim)
     result = await run_cli("--config", str(cfg), "backfill", "--wait", "1")
     assert result.rc == 0, result
-    assert "archived 0" in result.out
+    assert archived_this_run(result.out) == 0
 
 
 async def test_a_repeating_token_ends_the_walk(make_sim):
@@ -67,7 +67,7 @@ async def test_malformed_items_are_rejected_one_by_one(make_sim, tmp_path):
     cfg = write_config(tmp_path, sim)
     result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
     assert result.rc == 0, result
-    assert "archived 12" in result.out
+    assert archived_this_run(result.out) == 12
     assert result.err.count("listing_item_rejected") == 4
 
 
@@ -86,4 +86,4 @@ async def test_backfill_resumes_at_the_checkpointed_page(make_sim, tmp_path):
     result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
     assert result.rc == 0, result
     assert sim.stats["list"] == 4, "pages 3..5 and the empty one; the first two are not asked again"
-    assert "archived 50" in result.out
+    assert archived_this_run(result.out) == 50
