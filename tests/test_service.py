@@ -127,3 +127,33 @@ async def test_backfill_logs_progress_and_status_prints_a_table(tmp_path, make_s
     table = await run_cli("--config", str(cfg), "status")
     assert table.rc == 0
     assert "archived" in table.out and "10" in table.out and "oldest pending" in table.out
+
+
+async def test_backfill_on_a_terminal_shows_a_live_progress_line(tmp_path, make_sim):
+    import os
+    import pty
+
+    sim = await make_sim(recordings=40, audio_bytes=2000, latency=0.01)
+    cfg = write_config(tmp_path, sim, workers={"concurrency": 2})
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command("--config", str(cfg), "backfill", "--wait", "1"),
+        stdout=asyncio.subprocess.PIPE, stderr=slave, env=cli_env(),
+    )
+    os.close(slave)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    text = screen.decode(errors="replace")
+    assert "\r\x1b[K" in text and "ETA" in text and "archived" in text, text[-500:]
+    assert '"event"' not in text, "info logs stay quiet under the live line"
+    assert "backfill summary" in out.decode()
