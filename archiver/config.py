@@ -11,6 +11,7 @@ import os
 import stat
 import string
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,48 +305,39 @@ class _Reader:
             if not isinstance(body, dict):
                 raise ConfigError(f"[{section}] must be a table")
 
-    def _get(self, section: str, key: str) -> Any:
+    def _get(self, section: str, key: str, default: Any, ok: Callable[[Any], bool], expected: str) -> Any:
+        """The value at [section] key, the default when absent; ``ok`` decides its type."""
         self.used.add((section, key))
-        return self.data.get(section, {}).get(key)
-
-    def text(self, section: str, key: str, default: str) -> str:
-        value = self._get(section, key)
+        value = self.data.get(section, {}).get(key)
         if value is None:
             return default
-        if not isinstance(value, str):
-            raise ConfigError(f"[{section}] {key} must be a string, got {type(value).__name__}")
+        if not ok(value):
+            raise ConfigError(f"[{section}] {key} must be {expected}, got {type(value).__name__}")
         return value
 
-    def flag(self, section: str, key: str, default: bool) -> bool:
-        value = self._get(section, key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(f"[{section}] {key} must be true or false")
-        return value
-
-    def number(self, section: str, key: str, default: float, minimum: float | None = None) -> float:
-        value = self._get(section, key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"[{section}] {key} must be a number")
+    @staticmethod
+    def _within(section: str, key: str, value: float, minimum: float | None, maximum: float | None) -> None:
         if minimum is not None and value < minimum:
             raise ConfigError(f"[{section}] {key} must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"[{section}] {key} must be <= {maximum}, got {value}")
+
+    def text(self, section: str, key: str, default: str) -> str:
+        return self._get(section, key, default, lambda v: isinstance(v, str), "a string")
+
+    def flag(self, section: str, key: str, default: bool) -> bool:
+        return self._get(section, key, default, lambda v: isinstance(v, bool), "true or false")
+
+    def number(self, section: str, key: str, default: float, minimum: float | None = None) -> float:
+        value = self._get(section, key, default, _is_number, "a number")
+        self._within(section, key, value, minimum, None)
         return float(value)
 
     def whole(
         self, section: str, key: str, default: int, minimum: int | None = None, maximum: int | None = None
     ) -> int:
-        value = self._get(section, key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"[{section}] {key} must be a whole number")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"[{section}] {key} must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise ConfigError(f"[{section}] {key} must be <= {maximum}, got {value}")
+        value = self._get(section, key, default, _is_whole, "a whole number")
+        self._within(section, key, value, minimum, maximum)
         return value
 
     def choice(self, section: str, key: str, default: str, choices: tuple[str, ...]) -> str:
@@ -367,3 +359,11 @@ class _Reader:
             for key in body:
                 if (section, key) not in self.used and (section, key) not in secret_files:
                     raise ConfigError(f"[{section}] unknown key {key!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

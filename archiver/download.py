@@ -115,8 +115,7 @@ def remove_temporaries(layout: Layout, row: Row) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-    for name in (f"{row.id}.json",):
-        (directory / f".{name}.partial").unlink(missing_ok=True)
+    (directory / f".{row.id}.json.partial").unlink(missing_ok=True)  # see write_file_atomic
 
 
 class Downloader:
