@@ -8,6 +8,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .errors import ConfigError
 from .state import STATES
 
 
@@ -83,5 +84,9 @@ async def serve_metrics(metrics: Metrics, listen: str, poll_interval: float) -> 
     app.router.add_get("/healthz", h_health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port)).start()
+    try:
+        await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port)).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"[metrics] listen = {listen!r}: cannot listen there ({exc.strerror})") from None
     return runner

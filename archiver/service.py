@@ -25,12 +25,13 @@ from .state import StateDB
 log = structlog.get_logger("archiver.service")
 
 
-def _on_signals(engine: Engine) -> None:
+def _on_signals(engine: Engine, notifier: Notifier) -> None:
     loop = asyncio.get_running_loop()
 
     def stop(signame: str) -> None:
         if not engine.stop.is_set():
             log.info("signal", signal=signame, action="stopping: no new work, finishing in-flight downloads")
+            notifier.send("STOPPING=1")
         engine.stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,7 +51,7 @@ async def run_engine(
             log.info("retry_failed", recordings=await state.retry_failed())
         async with ApiClient(cfg.api, cfg.workers.concurrency) as client:
             engine = Engine(cfg, client, state)
-            _on_signals(engine)
+            _on_signals(engine, notifier)
             if cfg.metrics.listen:
                 metrics_runner = await serve_metrics(engine.metrics, cfg.metrics.listen, cfg.workers.poll_interval)
                 log.info("metrics_listening", listen=cfg.metrics.listen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import sqlite3
 import zipfile
@@ -10,7 +11,7 @@ import pytest
 
 from archiver.layout import sanitize_member_name
 from archiver.simulator import make_wav, make_zip
-from tests.conftest import db_rows, run_cli, write_config
+from tests.conftest import archived_this_run, db_rows, run_cli, write_config
 
 
 def _zip(entries: list[tuple[str, bytes]], level: int = 6) -> bytes:
@@ -137,6 +138,29 @@ async def test_revoked_credential_exits_3_without_counting_attempts(tmp_path, ma
     result = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
     assert result.rc == 3, result
     assert "refused the credential" in result.err + result.out
+    sim.revoked = False
+    # the listing itself was refused, so nothing is known yet; once it works again, nothing was lost
+    again = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
+    assert again.rc == 0, again
+    assert archived_this_run(again.out) == 10
+
+
+async def test_credential_revoked_mid_run_costs_no_recording_an_attempt(tmp_path, make_sim):
+    sim = await make_sim(recordings=60, audio_bytes=2000, latency=0.01)
+    cfg = write_config(tmp_path, sim, workers={"concurrency": 2})
+
+    async def revoke_soon():
+        while sim.stats["storage_requests"] < 10:
+            await asyncio.sleep(0.01)
+        sim.revoked = True
+
+    revoker = asyncio.create_task(revoke_soon())
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
+    await revoker
+    assert result.rc == 3, result
+    rows = db_rows(tmp_path / "state.sqlite3", "SELECT state, attempts FROM recordings")
+    assert {state for state, _ in rows} <= {"archived", "pending"}
+    assert all(attempts == 0 for _, attempts in rows), "a refused credential is not the recording's fault"
 
 
 def test_member_names_are_sanitised():

@@ -157,3 +157,15 @@ async def test_backfill_on_a_terminal_shows_a_live_progress_line(tmp_path, make_
     assert "\r\x1b[K" in text and "ETA" in text and "archived" in text, text[-500:]
     assert '"event"' not in text, "info logs stay quiet under the live line"
     assert "backfill summary" in out.decode()
+
+
+async def test_metrics_port_in_use_is_a_clean_config_error(tmp_path, make_sim):
+    sim = await make_sim(recordings=1, audio_bytes=2000)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path, sim, metrics={"listen": f"127.0.0.1:{port}"})
+        result = await run_cli("--config", str(cfg), "backfill", "--wait", "1")
+    assert result.rc == 2, result
+    assert "[metrics] listen" in result.err and "Traceback" not in result.err
