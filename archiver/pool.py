@@ -433,7 +433,9 @@ class Engine:
         reason = redact(reason)
         await self.state.update(row.id, state=state, last_error=reason)
         self.result.stats[state] += 1
-        (log.warning if state == "skipped" else log.error)(state, recording_id=row.id, reason=reason)
+        (log.warning if state == "skipped" else log.error)(
+            state, recording_id=row.id, attempt=row.attempts + 1, reason=reason
+        )
 
     async def _retry_later(self, row: Row, reason: str, kind: str) -> None:
         reason = redact(reason)

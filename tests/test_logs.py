@@ -1,0 +1,39 @@
+"""The redaction processor: the last step before rendering, so no secret reaches a log line."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+
+from archiver.logs import configure_logging, redact, register_secret
+
+
+def test_redact_removes_credentials_from_urls_headers_and_known_values():
+    register_secret("vb_0123456789abcdef0123456789abcdef")
+    text = (
+        "GET https://api.voipbin.net/v1.0/recordings?page_size=100&accesskey=vb_0123456789abcdef0123456789abcdef"
+        " token=eyJhbGciOi.abc.def Authorization: Bearer eyJhbGciOi.abc.def"
+        " https://storage.googleapis.com/b/o?X-Goog-Signature=deadbeef&X-Goog-Expires=900"
+        ' {"password": "hunter2"} vb_0123456789abcdef0123456789abcdef'
+    )
+    out = redact(text)
+    for secret in ("vb_0123456789abcdef0123456789abcdef", "eyJhbGciOi", "deadbeef", "hunter2"):
+        assert secret not in out
+    assert "page_size=100" in out and "X-Goog-Expires=900" in out  # the rest stays readable
+
+
+def test_the_processor_redacts_every_field_and_exceptions():
+    register_secret("s3cr3t-token-value")
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    log = structlog.get_logger("t")
+    try:
+        raise RuntimeError("request to /x?token=s3cr3t-token-value failed")
+    except RuntimeError:
+        log.exception("boom", url="/y?accesskey=s3cr3t-token-value", nested={"h": ["Bearer s3cr3t-token-value"]})
+    line = stream.getvalue()
+    assert "s3cr3t-token-value" not in line
+    event = json.loads(line)
+    assert event["event"] == "boom" and "REDACTED" in event["url"] and "RuntimeError" in event["exception"]
