@@ -37,14 +37,16 @@ from .inspect import (
     hash_file,
     inspect_zip,
     parse_goog_hash,
+    write_all,
 )
 from .layout import EXTENSIONS, Layout, sidecar_path, temp_path
+from .model import expected_members
 from .state import Row
 
 log = structlog.get_logger("archiver.download")
 
-TRIES_PER_ATTEMPT = 3
-WRITE_BUFFER = 1 << 20  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
+TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
+WRITE_BUFFER = 1 << 20  # bodies up to this size are written in one go by the commit thread
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     try:
         fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
         try:
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -101,6 +103,9 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise LocalStorageError(f"cannot write {path.name}: {exc.strerror}") from None
+    except LocalStorageError:  # from write_all
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_temporaries(layout: Layout, row: Row) -> None:
@@ -221,7 +226,7 @@ class Downloader:
 
     def _check_ready(self, row: Row, kind: str, members: list[Member], ref_type: str) -> None:
         """Before the settle window, an empty or short answer means "not uploaded yet"."""
-        expected = 2 if ref_type == "call" else 1
+        expected = expected_members(ref_type)
         settled_at = (row.tm_end or row.tm_create or 0) + self.cfg.settle_window
         if time.time() >= settled_at:
             if (kind == "zip" and len(members) < expected) or not any(m.audio_bytes for m in members):
@@ -252,7 +257,7 @@ class Downloader:
                 "sha256": sha,
                 "server_hashes_checked": checked,
                 "members": [m.as_dict() for m in members],
-                "members_expected": 2 if ref_type == "call" else 1,
+                "members_expected": expected_members(ref_type),
                 "unpacked_to": f"{row.id}/" if kind == "zip" and self.cfg.unpack else None,
                 "archived_at": datetime.now(UTC).isoformat(),
                 "archiver": f"voipbin-archiver/{__version__}",
@@ -361,9 +366,7 @@ class _Body:
         try:
             fd = os.open(self.tmp, flags, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -401,7 +404,3 @@ def _check_wav_file(path: Path) -> None:
         while chunk := f.read(CHUNK):
             riff.feed(chunk)
     riff.finish()
-
-
-def sidecar_of(path: Path) -> dict[str, Any]:
-    return json.loads(sidecar_path(path).read_text())

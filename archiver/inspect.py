@@ -236,7 +236,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, extract_to: Pa
                 digest.update(chunk)
                 riff.feed(chunk)
                 if out_fd is not None:
-                    _write_all(out_fd, chunk)
+                    write_all(out_fd, chunk)
         if out_fd is not None:
             _fsync(out_fd)
     except zipfile.BadZipFile as exc:
@@ -254,7 +254,8 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, extract_to: Pa
     return Member(info.filename, size, digest.hexdigest(), riff.data_bytes, stored_as)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written; a failure is the archive's (LocalStorageError)."""
     view = memoryview(data)
     try:
         while view:

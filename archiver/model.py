@@ -69,6 +69,11 @@ def check_id(value: Any) -> str:
     return canonical
 
 
+def expected_members(reference_type: str) -> int:
+    """How many files a complete recording usually has: two legs for a call, one otherwise."""
+    return 2 if reference_type == "call" else 1
+
+
 @dataclass(frozen=True)
 class Recording:
     id: str
@@ -83,10 +88,6 @@ class Recording:
     def ended(self) -> bool:
         return self.status == "ended"
 
-    @property
-    def expected_members(self) -> int:
-        """How many files a complete recording usually has: two legs for a call, one otherwise."""
-        return 2 if self.reference_type == "call" else 1
 
 
 def parse_recording(raw: Any) -> Recording:
