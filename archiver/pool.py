@@ -1,9 +1,9 @@
 """The engine: walk the listing into SQLite, and a bounded pool of workers that polls and downloads.
 
 Data flows one way: paginator -> ``StateDB`` -> feeder -> bounded queue -> resolvers (poll,
-signed URL) -> bounded queue -> ``concurrency`` download workers -> ``Downloader``.  The feeder
-is the only reader of due work, and it never hands out a recording that is already in flight,
-so a recording never has two downloads at once.
+signed URL) -> bounded queue -> ``concurrency`` download workers -> ``Downloader`` -> a group
+commit in SQLite.  The feeder is the only reader of due work, and it never hands out a
+recording that is already in flight, so a recording never has two downloads at once.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class Engine:
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=cfg.workers.concurrency * 2)
         self.downloads: asyncio.Queue[_Job] = asyncio.Queue(maxsize=cfg.workers.concurrency)
         self.in_flight: set[str] = set()
+        self._recording: set[asyncio.Task[None]] = set()  # stored files whose commit is under way
+        self._recorders = asyncio.Semaphore(cfg.workers.concurrency * 2)
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
         self.result = RunResult()
@@ -208,6 +210,7 @@ class Engine:
         for w in busy:
             w.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
+        await asyncio.gather(*self._recording, return_exceptions=True)  # files already stored: record them
         # Every claimed row goes back to pending, including a batch the feeder claimed just as it
         # was cancelled; we are the only writer, and every task has stopped.
         await self.recover()
@@ -288,7 +291,8 @@ class Engine:
             self.wake.clear()
             now = time.time()
             free = self.queue.maxsize - self.queue.qsize()
-            if free > 0 and now >= self.paused_until:
+            # refill in batches, not row by row: one query and one commit serve many rows
+            if free >= max(1, self.queue.maxsize // 4) and now >= self.paused_until:
                 rows = await self.state.due(now, free, self.in_flight)
                 if rows:
                     await self.state.claim([r.id for r in rows if r.state == "pending"])
@@ -327,15 +331,31 @@ class Engine:
                 await self.downloads.put(job)
 
     async def _downloader(self) -> None:
-        """Stage 2: ``concurrency`` of these keep exactly that many transfers busy."""
+        """Stage 2: ``concurrency`` of these keep exactly that many transfers busy. Recording a
+        stored file in SQLite (a group commit) is handed to a task of its own, so the next
+        transfer starts at once; the row stays in flight until it is committed."""
         while True:
             job = await self.downloads.get()
             row = job.row
+            result = None
             try:
-                await self._guarded(row, self._download(job))
+                result = await self._guarded(row, self.downloader.archive(row, job.directory, job.url))
             finally:
                 self.downloads.task_done()
-                self._done(row)
+                if result is None:
+                    self._done(row)
+            if result is not None:
+                await self._recorders.acquire()
+                task = asyncio.create_task(self._record(row, result, job.started))
+                self._recording.add(task)
+                task.add_done_callback(self._recording.discard)
+
+    async def _record(self, row: Row, result: Archived, started: float) -> None:
+        try:
+            await self._guarded(row, self._archived(row, result, started))
+        finally:
+            self._recorders.release()
+            self._done(row)
 
     def _done(self, row: Row) -> None:
         self.in_flight.discard(row.id)
@@ -354,10 +374,6 @@ class Engine:
             await self._archived(row, adopted, started)
             return None
         return _Job(row, directory, await self.client.recordingfile_url(row.id), started)
-
-    async def _download(self, job: _Job) -> None:
-        result = await self.downloader.archive(job.row, job.directory, job.url)
-        await self._archived(job.row, result, job.started)
 
     async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
         """Run one stage for ``row``; every outcome but success is recorded here."""

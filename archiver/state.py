@@ -222,12 +222,11 @@ class StateDB:
             " ORDER BY next_attempt_at LIMIT ?",
             (now, limit + len(exclude)),
         )
-        out = [
+        picked = [r for r in rows if r["id"] not in exclude][:limit]  # parse only what is returned
+        return [
             Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
-            for r in rows
-            if r["id"] not in exclude
+            for r in picked
         ]
-        return out[:limit]
 
     async def next_due_time(self) -> float | None:
         rows = await self.db.execute_fetchall(

@@ -69,8 +69,8 @@ def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, float]:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
-            "rc": proc.returncode}
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "sys": usage.ru_stime,
+            "rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode}
 
 
 def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, **workers: float) -> Path:
