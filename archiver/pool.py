@@ -291,8 +291,10 @@ class Engine:
             self.wake.clear()
             now = time.time()
             free = self.queue.maxsize - self.queue.qsize()
-            # refill in batches, not row by row: one query and one commit serve many rows
-            if free >= max(1, self.queue.maxsize // 4) and now >= self.paused_until:
+            # refill in batches, not row by row: one query and one commit serve many rows; a
+            # queue still three-quarters full is refilled when a worker finishes (self.wake)
+            can_refill = free >= max(1, self.queue.maxsize // 4) and now >= self.paused_until
+            if can_refill:
                 rows = await self.state.due(now, free, self.in_flight)
                 if rows:
                     await self.state.claim([r.id for r in rows if r.state == "pending"])
@@ -301,7 +303,7 @@ class Engine:
                         self.queue.put_nowait(row)
                     continue
             timeout = 1.0
-            if free > 0 and now >= self.paused_until:
+            if can_refill:
                 next_due = await self.state.next_due_time()
                 if self.mode == "backfill" and self.walk_done and not self.in_flight:
                     if next_due is None or next_due > self.deadline:
