@@ -87,6 +87,7 @@ class WorkersConfig:
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
+    progress_interval: float = 10.0  # backfill off a terminal: a "progress" event this often; 0 = off
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ def build_config(
     logging_cfg = LoggingConfig(
         level=reader.choice("logging", "level", "info", ("debug", "info", "warning", "error")),
         format=reader.choice("logging", "format", "auto", ("auto", "json", "console")),
+        progress_interval=reader.number("logging", "progress_interval", 10.0, minimum=0),
     )
     metrics = MetricsConfig(listen=_check_listen(reader.text("metrics", "listen", "")))
     reader.reject_unknown()

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -87,6 +88,34 @@ def fsync_path(path: Path) -> None:
         raise LocalStorageError(f"cannot fsync {path.name}: {exc.strerror}") from None
 
 
+class DirectorySync:
+    """fsync of a directory after a rename into it, shared between threads: a caller waits for
+    an fsync that started after its own rename, and one fsync serves every caller that asked
+    while the previous one ran (group commit for directory entries)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._asked: dict[Path, int] = {}  # per directory: requests so far
+        self._synced: dict[Path, int] = {}  # per directory: requests covered by a finished fsync
+        self._running: set[Path] = set()
+
+    def sync(self, directory: Path) -> None:
+        with self._cond:
+            mine = self._asked[directory] = self._asked.get(directory, 0) + 1
+            while self._synced.get(directory, 0) < mine:
+                if directory in self._running:
+                    self._cond.wait()
+                    continue
+                self._running.add(directory)
+                covers = self._asked[directory]  # everyone who renamed before this fsync starts
+                self._cond.release()
+                try:
+                    fsync_path(directory)  # on failure the waiters wake and try for themselves
+                finally:
+                    self._cond.acquire()
+                    self._running.discard(directory)
+                    self._cond.notify_all()  # they run once this thread releases the lock
+                self._synced[directory] = max(self._synced.get(directory, 0), covers)
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
@@ -132,16 +161,30 @@ class Downloader:
         self.layout = Layout(cfg.directory, cfg.layout)
         self.limits = _limits(cfg)
         self._made_dirs: set[Path] = set()
+        self.dir_sync = DirectorySync()
+        self._empty_at_start: dict[Path, asyncio.Future[bool]] = {}
 
     def directory(self, row: Row) -> Path:
         return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "")
 
     async def adopt(self, row: Row, directory: Path) -> Archived | None:
         """A file already under the final name (a crash after the rename, before the database
-        commit) is re-verified and adopted, or removed; None when there is none."""
-        if not any((directory / f"{row.id}.{ext}").exists() for ext in EXTENSIONS):
-            return None  # the common case: two stat calls, no thread hop
+        commit; or an archive whose database was lost) is re-verified and adopted, or removed;
+        None when there is none."""
+        if await asyncio.shield(self._started_empty(directory)):  # shared: a cancel must not reach it
+            return None  # the common case: no stat per recording, no thread hop
         return await asyncio.to_thread(self._adopt_existing, row, directory)
+
+    def _started_empty(self, directory: Path) -> asyncio.Future[bool]:
+        """Whether ``directory`` was missing or empty when this process first looked at it.
+        If so, every file in it is this process's own, already recorded (or to be replaced by
+        the same verified bytes), and there is nothing to adopt. One listing per directory,
+        shared by concurrent callers; a stat per recording on the event loop could wait on the
+        directory's lock while other threads create files in it."""
+        known = self._empty_at_start.get(directory)
+        if known is None:
+            known = self._empty_at_start[directory] = asyncio.ensure_future(asyncio.to_thread(_is_empty, directory))
+        return known
 
     async def archive(self, row: Row, directory: Path, url: str | None = None) -> Archived:
         """Download (from ``url`` if already resolved), verify and store ``row`` in ``directory``
@@ -273,7 +316,7 @@ class Downloader:
                 fsync_path(unpack_tmp)
                 os.replace(unpack_tmp, target)
             os.replace(tmp, final)
-            fsync_path(directory)
+            self.dir_sync.sync(directory)
         except OSError as exc:
             raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
         return Archived(rel, digest.size, sha, checked, len(members))
@@ -382,6 +425,17 @@ class _StaleUrl(Exception):
 
 def _opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o640)
+
+
+def _is_empty(directory: Path) -> bool:
+    """True if ``directory`` is missing or has no entries (an unreadable one is not empty)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # let the per-file check find out what is wrong
 
 
 def _fresh_dir(path: Path) -> None:

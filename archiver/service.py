@@ -85,7 +85,8 @@ async def _supervise(
     await engine.ready.wait()
     notifier.send("READY=1")
     watchdog = watchdog_interval()
-    tick = min(watchdog or 2.0, 2.0)
+    every = engine.cfg.logging.progress_interval
+    tick = min(watchdog or 2.0, 2.0, every or 2.0)
     started = time.monotonic()
     last_progress = 0.0
     live = ProgressLine(sys.stderr) if progress else None
@@ -103,7 +104,7 @@ async def _supervise(
             elapsed = time.monotonic() - started
             if live is not None:
                 live.show(_progress_text(summary, engine, elapsed))
-            elif mode == "backfill" and elapsed - last_progress >= 10:
+            elif mode == "backfill" and every and elapsed - last_progress >= every:
                 last_progress = elapsed
                 log.info("progress", **_progress_fields(summary, engine, elapsed))
             await asyncio.sleep(tick)

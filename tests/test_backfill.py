@@ -55,6 +55,21 @@ async def test_happy_path_costs_two_requests_per_recording(tmp_path, make_sim):
     assert sim.stats["list"] == 3  # 100 + 20 + the empty page after the short last page
 
 
+async def test_a_lost_database_is_rebuilt_from_the_archive_without_downloading(tmp_path, make_sim):
+    sim = await make_sim(recordings=30, audio_bytes=4000)
+    cfg = write_config(tmp_path, sim)
+    assert (await run_cli("--config", str(cfg), "backfill", "--wait", "5")).rc == 0
+    downloads = sim.stats["storage_requests"]
+    for name in ("state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    assert sim.stats["storage_requests"] == downloads, "files already in the archive are re-verified, not fetched"
+    assert result.err.count('"existing_file_adopted"') == 30
+    assert [r[1] for r in db_rows(tmp_path / "state.sqlite3")] == ["archived"] * 30
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+
+
 async def test_unpack_extracts_verified_members(tmp_path, make_sim):
     sim = await make_sim(recordings=20, audio_bytes=4000)
     cfg = write_config(tmp_path, sim, archive={"unpack": True})

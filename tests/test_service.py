@@ -129,6 +129,26 @@ async def test_backfill_logs_progress_and_status_prints_a_table(tmp_path, make_s
     assert "archived" in table.out and "10" in table.out and "oldest pending" in table.out
 
 
+async def test_backfill_off_a_terminal_logs_progress_events(tmp_path, make_sim):
+    # 40 recordings x 2 requests x 50 ms over 2 workers: about 2 s, several 0.3 s intervals
+    sim = await make_sim(recordings=40, audio_bytes=2000, latency=0.05)
+    cfg = write_config(tmp_path, sim, workers={"concurrency": 2}, logging={"progress_interval": 0.3})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "1")
+    assert result.rc == 0, result
+    events = [json.loads(line) for line in result.err.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress, result
+    assert all({"pages", "known", "archived", "waiting", "failed", "mb_per_s", "eta_s"} <= set(e) for e in progress)
+    archived = [e["archived"] for e in progress]
+    assert archived == sorted(archived) and archived[-1] <= 40
+
+    (tmp_path / "quiet").mkdir()
+    cfg = write_config(tmp_path / "quiet", sim, workers={"concurrency": 2}, logging={"progress_interval": 0})
+    quiet = await run_cli("--config", str(cfg), "backfill", "--wait", "1")
+    assert quiet.rc == 0, quiet
+    assert '"progress"' not in quiet.err
+
+
 async def test_backfill_on_a_terminal_shows_a_live_progress_line(tmp_path, make_sim):
     import os
     import pty
