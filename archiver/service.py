@@ -86,7 +86,7 @@ async def _supervise(
     notifier.send("READY=1")
     watchdog = watchdog_interval()
     every = engine.cfg.logging.progress_interval
-    tick = min(watchdog or 2.0, 2.0, every or 2.0)
+    tick = max(0.1, min(watchdog or 2.0, 2.0, every or 2.0))
     started = time.monotonic()
     last_progress = 0.0
     live = ProgressLine(sys.stderr) if progress else None

@@ -120,10 +120,12 @@ def throughput(args: argparse.Namespace, mode: str) -> list[str]:
     """Ours and aria2c, alternating, ``--repeat`` times each against one simulator; medians.
 
     Every run writes into a fresh directory, and nothing is deleted until all runs are done:
-    on this machine's ext4 (no journal), creating files within ~10 s of deleting thousands
-    makes each new inode cost a scan of the recently freed ones (``recently_deleted`` in
-    perf). Measured: a backfill right after deleting the previous run's 6,000 files took a
-    median 10.3 s against 8.4 s without (kernel CPU 7.1 s against 4.5 s).
+    on an ext4 without a journal (this development machine's root), an inode freed less than
+    60 s ago (360 s while its inode table block is dirty) is skipped when a new one is
+    allocated, so creating files soon after deleting thousands costs a scan of the freed ones
+    per file (``recently_deleted`` in ``perf``). Measured: a backfill right after deleting
+    the previous run's 6,000 files took a median 10.3 s against 8.4 s without (kernel CPU
+    7.1 s against 4.5 s). Do not run it right after the test suite or another benchmark.
     """
     n, lat, c = args.recordings, args.latency, args.concurrency
     sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", mode)
