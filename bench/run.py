@@ -245,6 +245,8 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=100_000)
     p.add_argument("--workdir", default=None, help="where temporary archives go (default: system temp)")
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     runs = set(args.runs.split(","))
     if "throughput" in runs and not shutil.which("aria2c"):
         sys.exit("aria2c is needed for the reference run: apt-get install aria2")
