@@ -22,7 +22,7 @@ from .errors import ConfigError, StateLocked
 from .logs import configure_logging, redact
 from .pool import RunResult
 from .service import run_engine, status, verify
-from .state import STATES
+from .state import STATES, waiting_count
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 
@@ -105,7 +105,7 @@ def _exit_code(result: RunResult) -> int:
 def _print_summary(command: str, result: RunResult, counts: dict[str, int], requests: dict[str, int]) -> None:
     """The final summary table: what this run did, beside what the database holds now."""
     s = result.stats
-    waiting = counts["discovered"] + counts["pending"] + counts["downloading"]
+    waiting = waiting_count(counts)
     mb = s["bytes"] / 1e6
     seconds = float(s.get("seconds", 0) or 0)
     rows: list[tuple[str, object, object]] = [

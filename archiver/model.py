@@ -89,7 +89,6 @@ class Recording:
         return self.status == "ended"
 
 
-
 def parse_recording(raw: Any) -> Recording:
     """Validate one recording object from the API; raise ``InvalidRecording`` with a reason."""
     if not isinstance(raw, dict):

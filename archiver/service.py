@@ -20,7 +20,7 @@ from .layout import sidecar_path
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
-from .state import StateDB
+from .state import StateDB, waiting_count
 
 log = structlog.get_logger("archiver.service")
 
@@ -114,7 +114,7 @@ async def _supervise(
 
 
 def _status_text(summary: dict[str, Any], engine: Engine) -> str:
-    waiting = summary["discovered"] + summary["pending"] + summary["downloading"]
+    waiting = waiting_count(summary)
     cycle = engine.metrics.last_cycle_at
     when = time.strftime("%H:%M:%S", time.gmtime(cycle)) + " UTC" if cycle else "none yet"
     return (f"archived {summary['archived']}, waiting {waiting}, failed {summary['failed']}, "
@@ -123,7 +123,7 @@ def _status_text(summary: dict[str, Any], engine: Engine) -> str:
 
 def _progress_fields(summary: dict[str, Any], engine: Engine, elapsed: float) -> dict[str, Any]:
     stats = engine.result.stats
-    waiting = summary["discovered"] + summary["pending"] + summary["downloading"]
+    waiting = waiting_count(summary)
     rate = stats["archived"] / elapsed if elapsed > 0 else 0.0
     return {
         "pages": stats["pages"], "known": summary["total"], "archived": summary["archived"],

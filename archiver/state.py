@@ -30,7 +30,13 @@ from .errors import StateLocked
 from .model import Recording
 
 STATES = ("discovered", "pending", "downloading", "archived", "failed", "skipped")
-WAITING = ("discovered", "pending")
+WAITING = ("discovered", "pending", "downloading")  # not archived, failed or skipped yet
+
+
+def waiting_count(counts: dict[str, int]) -> int:
+    """Recordings still to be archived, from counts per state."""
+    return sum(counts[s] for s in WAITING)
+
 
 MIGRATIONS: list[str] = [
     """
