@@ -333,9 +333,9 @@ class Engine:
                 await self.downloads.put(job)
 
     async def _downloader(self) -> None:
-        """Stage 2: ``concurrency`` of these keep exactly that many transfers busy. Recording a
-        stored file in SQLite (a group commit) is handed to a task of its own, so the next
-        transfer starts at once; the row stays in flight until it is committed."""
+        """Stage 2: ``concurrency`` of these, so at most that many transfers run at once; each
+        verifies and stores its file before the next. Recording a stored file in SQLite (a group
+        commit) is handed to a task of its own; the row stays in flight until it is committed."""
         while True:
             job = await self.downloads.get()
             row = job.row
