@@ -423,11 +423,9 @@ class Engine:
         )
 
     async def _poll(self, row: Row) -> Row | None:
-        """``GET /recordings/{id}`` for a recording not ended yet; returns it claimed once ended."""
-        timeout = self.workers_cfg.pending_timeout
-        if row.tm_create is not None and time.time() > row.tm_create + timeout:
-            await self._finish(row, "failed", f"did not end within pending_timeout ({timeout:.0f} s)")
-            return None
+        """``GET /recordings/{id}`` for a recording not ended yet; returns it claimed once ended.
+        ``pending_timeout`` is judged on this answer, not the listing's: a recording the listing
+        showed as recording may have ended since."""
         raw = await self.client.get_recording(row.id)
         rec = parse_recording(raw)
         if rec.id != row.id:
@@ -438,6 +436,10 @@ class Engine:
         if not rec.ended:
             if rec.status not in KNOWN_STATUSES:
                 log.warning("unknown_status", recording_id=row.id, status=rec.status[:40])
+            timeout = self.workers_cfg.pending_timeout
+            if row.tm_create is not None and time.time() > row.tm_create + timeout:
+                await self._finish(row, "failed", f"did not end within pending_timeout ({timeout:.0f} s)")
+                return None
             delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
             await self.state.update(
                 row.id, raw=raw, status=rec.status, polls=row.polls + 1, next_attempt_at=time.time() + delay

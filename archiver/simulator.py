@@ -172,15 +172,22 @@ class Simulator:
                 duration=round(cfg.audio_bytes / 16000, 3),
             )
             self._add(rec)
-        ids = [rid for _, rid in self._order]
-        picks = self.rng.sample(ids, min(len(ids), cfg.pending + cfg.late_files + cfg.deleted))
-        for rid in picks[: cfg.pending]:
+        ids = [rid for _, rid in self._order]  # newest first
+        # a recording still in progress began recently: within 12 hours (the archiver gives up
+        # on one not ended a day after tm_create)
+        young = sum(1 for ts, _ in self._order if -ts > now.timestamp() - 12 * 3600)
+        recent = ids[: max(cfg.pending, young)]
+        pending = self.rng.sample(recent, min(len(recent), cfg.pending))
+        taken = set(pending)
+        rest = [rid for rid in ids if rid not in taken]
+        picks = self.rng.sample(rest, min(len(rest), cfg.late_files + cfg.deleted))
+        for rid in pending:
             self.recordings[rid].ends_at = self.started + cfg.end_after
             self.recordings[rid].files_at = self.started + cfg.end_after + cfg.files_after
-        for rid in picks[cfg.pending : cfg.pending + cfg.late_files]:
+        for rid in picks[: cfg.late_files]:
             self.recordings[rid].ends_at = self.started
             self.recordings[rid].files_at = self.started + cfg.files_after
-        for rid in picks[cfg.pending + cfg.late_files :]:
+        for rid in picks[cfg.late_files :]:
             self.recordings[rid].deleted_at = self.started - 60
 
     def _add(self, rec: SimRecording) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -88,6 +89,22 @@ async def test_pending_recording_times_out(tmp_path, make_sim):
     assert result.rc == 1, result
     rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
     assert rows[stuck][1] == "failed" and "pending_timeout" in rows[stuck][4]
+
+
+async def test_pending_timeout_is_judged_on_a_fresh_poll(tmp_path, make_sim):
+    """Past pending_timeout, a recording the listing showed as recording is polled once more:
+    it has ended since, so it is archived, not failed."""
+    sim = await make_sim(recordings=0, audio_bytes=4000)
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    # the first poll (within 4 s of now) finds it recording and not timed out; the next, 5 s
+    # later, is past the timeout and finds it ended
+    late = sim.add_recording(ends_in=4, raw_overrides={"tm_create": now})
+    cfg = write_config(tmp_path, sim, workers={"pending_timeout": 4, "poll_backoff_min": 5, "poll_backoff_max": 5})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "15")
+    assert result.rc == 0, result
+    rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
+    assert rows[late][1] == "archived", rows[late]
+    assert sim.stats["detail"] >= 2, sim.stats  # the second poll, after the timeout, found it ended
 
 
 async def test_unfinished_recordings_stay_pending_without_failing(tmp_path, make_sim):
