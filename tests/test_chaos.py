@@ -23,7 +23,8 @@ FAULTS = {
 
 
 async def test_chaos_kill9_with_faults(tmp_path, make_sim):
-    seed = int(os.environ.get("CHAOS_SEED") or time.time())  # a failure prints its seed: rerun with it
+    seed = int(os.environ.get("CHAOS_SEED") or time.time())
+    print(f"chaos seed={seed} (CHAOS_SEED={seed} reruns it)")  # pytest shows it with any failure
     rng = random.Random(seed)
     sim = await make_sim(recordings=1100, audio_bytes=3000, latency=0.002, faults=FAULTS, pending=10,
                          late_files=10, deleted=10, end_after=2.0, files_after=2.0, seed=seed)
@@ -52,7 +53,6 @@ async def test_chaos_kill9_with_faults(tmp_path, make_sim):
     if final.rc != 0:
         print(final.out, final.err[-6000:], sep="\n")  # shown by pytest with the failure
     assert final.rc == 0, f"seed {seed}: the final backfill exited {final.rc}"
-
     assert kills >= 3, f"seed {seed}: thresholds {thresholds}: the runs ended before they could be killed"
     assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
     verify = await run_cli("--config", str(cfg), "verify")
