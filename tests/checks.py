@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 from archiver.simulator import Simulator
@@ -32,6 +33,10 @@ def assert_archive_complete(sim: Simulator, root: Path, db: Path, unpack: bool =
         rec = sim.recordings[rec_id]
         if sim.cfg.mode == "zip" and rec.body_override is None:
             assert [m["name"] for m in meta["members"]] == sim.member_names(rec), f"{rec_id}: early ZIP kept"
+            with zipfile.ZipFile(path) as archive:
+                crcs = [f"{archive.getinfo(m['name']).CRC:08x}" for m in meta["members"]]
+            assert [m["crc32"] for m in meta["members"]] == crcs
+            assert all(("sha256" in m) == unpack for m in meta["members"]), "member SHA-256 only when unpacked"
         known |= {path, path.with_suffix(".json")}
         if unpack:
             for m in meta["members"]:
