@@ -151,9 +151,9 @@ class ZipLimits:
 
 @dataclass
 class Member:
-    """A recording file: a ZIP member, or the single WAV. ``sha256`` is computed for a file
-    stored on its own (a WAV, an unpacked member); a member kept inside its ZIP has its
-    verified ``crc32`` instead, and the ZIP's SHA-256 covers its bytes."""
+    """A recording file: a ZIP member, or the single WAV. Every ZIP member has its verified
+    ``crc32``; ``sha256`` is computed only for a file stored on its own (a WAV, an unpacked
+    member): the ZIP's SHA-256 covers the bytes of a member kept inside it."""
 
     name: str
     size: int
