@@ -89,6 +89,14 @@ class Row:
     tm_end: float | None
 
 
+_ROW_COLUMNS = "id, state, raw, attempts, polls, tm_create, tm_end"  # what _row() reads
+
+
+def _row(r: Any) -> Row:
+    """A ``Row`` from a result row selected with ``_ROW_COLUMNS``."""
+    return Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
+
+
 def _epoch(ts: Any) -> float | None:
     return ts.timestamp() if ts is not None else None
 
@@ -223,16 +231,13 @@ class StateDB:
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
         """Rows whose next attempt is due, oldest first, skipping those already in flight."""
         rows = await self.db.execute_fetchall(
-            "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings INDEXED BY recordings_due"
+            f"SELECT {_ROW_COLUMNS} FROM recordings INDEXED BY recordings_due"
             " WHERE state IN ('discovered', 'pending') AND next_attempt_at <= ?"
             " ORDER BY next_attempt_at LIMIT ?",
             (now, limit + len(exclude)),
         )
         picked = [r for r in rows if r["id"] not in exclude][:limit]  # parse only what is returned
-        return [
-            Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
-            for r in picked
-        ]
+        return [_row(r) for r in picked]
 
     async def next_due_time(self) -> float | None:
         rows = await self.db.execute_fetchall(
@@ -297,10 +302,8 @@ class StateDB:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so
         the caller can remove their temporary files."""
         rows = [
-            Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
-            for r in await self.db.execute_fetchall(
-                "SELECT id, state, raw, attempts, polls, tm_create, tm_end FROM recordings WHERE state='downloading'"
-            )
+            _row(r)
+            for r in await self.db.execute_fetchall(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state='downloading'")
         ]
         await self.db.execute("UPDATE recordings SET state='pending' WHERE state='downloading'")
         await self.db.commit()
