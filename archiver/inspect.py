@@ -10,7 +10,7 @@ import hashlib
 import os
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -161,7 +161,6 @@ class Member:
     audio_bytes: int
     stored_as: str | None = None
     crc32: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "size": self.size, "audio_bytes": self.audio_bytes}
