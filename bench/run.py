@@ -24,6 +24,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results.md"
@@ -62,16 +63,45 @@ class Sim:
         self.proc.wait(10)
 
 
-def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, float]:
-    """Run ``cmd``; wall seconds, CPU seconds and peak RSS (MB) of that process alone."""
+def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds, CPU seconds and peak RSS (MB) of that process alone, and its
+    RSS sampled twice a second (``rss_samples``: (seconds, MB)) to show whether it grows."""
+    samples: list[tuple[float, float]] = []
     with open(stderr_path, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, env=env())
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            rss = _rss_mb(proc.pid)
+            if rss is not None:
+                samples.append((time.perf_counter() - start, rss))
+            time.sleep(0.5)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "sys": usage.ru_stime,
-            "rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode}
+            "rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode, "rss_samples": samples}
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_by_quarter(run: dict[str, Any]) -> str:
+    """The highest RSS sampled in each quarter of a run's wall time, e.g. ``44/47/47/47 MB``:
+    flat after the first quarter means nothing grows with the recordings done."""
+    quarters = [0.0] * 4
+    for at, mb in run["rss_samples"]:
+        q = min(3, int(4 * at / run["wall"]))
+        quarters[q] = max(quarters[q], mb)
+    return "/".join(f"{mb:.0f}" for mb in quarters) + " MB"
 
 
 def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, **workers: float) -> Path:
@@ -86,7 +116,7 @@ def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, **work
     return cfg
 
 
-def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, float]:
+def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, Any]:
     cfg = write_config(work, sim, concurrency, rps)
     before = sim.stats()
     result = measured([sys.executable, "-m", "archiver", "--config", str(cfg), "backfill", "--wait", "0"],
@@ -101,7 +131,7 @@ def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, fl
     return result
 
 
-def aria2c(sim: Sim, work: Path, concurrency: int) -> dict[str, float]:
+def aria2c(sim: Sim, work: Path, concurrency: int) -> dict[str, Any]:
     urls = work / "urls.txt"
     urls.write_bytes(sim.get("/_sim/urls"))
     out = work / "aria2c"
@@ -122,8 +152,8 @@ def throughput(args: argparse.Namespace, mode: str, root: Path) -> list[str]:
     n, lat, c = args.recordings, args.latency, args.concurrency
     create_us = quiet_filesystem(root / f"probe-{mode}")
     sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", mode)
-    ours_runs: list[dict[str, float]] = []
-    ref_runs: list[dict[str, float]] = []
+    ours_runs: list[dict[str, Any]] = []
+    ref_runs: list[dict[str, Any]] = []
     try:
         for i in range(args.repeat):
             work = root / f"{mode}-ours-{i}"
@@ -179,7 +209,7 @@ def quiet_filesystem(probe: Path, limit_us: float = 100.0, patience: float = 420
     return cost
 
 
-def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median wall time (the upper median for an even count)."""
     return sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]
 
@@ -240,7 +270,8 @@ def scale(args: argparse.Namespace, root: Path) -> list[str]:
             sim.stop()
         rows.append(
             f"| scale | N={n} L=0 C={args.concurrency} tiny | {ours['wall']:.1f} s | {n / ours['wall']:.0f} rec/s |"
-            f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | peak RSS **{ours['rss_mb']:.0f} MB** |"
+            f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | peak RSS **{ours['rss_mb']:.0f} MB**"
+            f" (highest per quarter of the run: {rss_by_quarter(ours)}) |"
             f" status {status['wall']:.2f} s (process, incl. start-up) | no-op run cycle:"
             f" {cycle['requests']} req, {1000 * cycle['cpu_seconds']:.1f} ms CPU, {1000 * cycle['seconds']:.0f} ms |"
         )
