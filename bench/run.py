@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from datetime import UTC, datetime
@@ -65,20 +66,26 @@ class Sim:
 
 def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, Any]:
     """Run ``cmd``; wall seconds, CPU seconds and peak RSS (MB) of that process alone, and its
-    RSS sampled twice a second (``rss_samples``: (seconds, MB)) to show whether it grows."""
+    RSS sampled twice a second by a thread (``rss_samples``: (seconds, MB)) to show whether it
+    grows. The wait itself blocks in ``wait4``, so the wall time is not rounded to the sampling."""
     samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample(pid: int, start: float) -> None:
+        while not done.wait(0.5):
+            rss = _rss_mb(pid)
+            if rss is not None:
+                samples.append((time.perf_counter() - start, rss))
+
     with open(stderr_path, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, env=env())
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            rss = _rss_mb(proc.pid)
-            if rss is not None:
-                samples.append((time.perf_counter() - start, rss))
-            time.sleep(0.5)
+        sampler = threading.Thread(target=sample, args=(proc.pid, start), daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "sys": usage.ru_stime,
             "rss_mb": usage.ru_maxrss / 1024, "rc": proc.returncode, "rss_samples": samples}
