@@ -104,11 +104,11 @@ def _rss_mb(pid: int) -> float | None:
 def rss_by_quarter(run: dict[str, Any]) -> str:
     """The highest RSS sampled in each quarter of a run's wall time, e.g. ``44/47/47/47 MB``:
     flat after the first quarter means nothing grows with the recordings done."""
-    quarters = [0.0] * 4
+    quarters: list[float | None] = [None] * 4
     for at, mb in run["rss_samples"]:
         q = min(3, int(4 * at / run["wall"]))
-        quarters[q] = max(quarters[q], mb)
-    return "/".join(f"{mb:.0f}" for mb in quarters) + " MB"
+        quarters[q] = max(quarters[q] or 0.0, mb)
+    return "/".join("-" if mb is None else f"{mb:.0f}" for mb in quarters) + " MB"  # "-": a run too short
 
 
 def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, **workers: float) -> Path:
