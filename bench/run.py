@@ -196,8 +196,7 @@ def quiet_filesystem(probe: Path, limit_us: float = 60.0, patience: float = 420.
     allocated, so creating files soon after deleting thousands (the test suite, an earlier
     benchmark) costs a scan of the freed ones per file: 200-330 µs a create instead of about
     20 µs (``recently_deleted`` in ``perf``). Measured: a backfill right after deleting 6,000
-    files took 10.3 s against 8.4 s. Quiet, the probe measures 20-51 µs; a run that started at
-    85 µs (the limit was 100 µs then) reached 68 % of the latency bound.
+    files took 10.3 s against 8.4 s. Quiet, the probe measures 20-51 µs.
     Nothing here deletes a file until every run is done, for the same reason."""
     probe.mkdir()
     deadline = time.monotonic() + patience
