@@ -72,6 +72,7 @@ class StateConfig:
 @dataclass(frozen=True)
 class WorkersConfig:
     concurrency: int = 8
+    store_processes: int = 2
     poll_interval: float = 60.0
     pending_timeout: float = 86400.0
     poll_backoff_min: float = 5.0
@@ -161,6 +162,7 @@ def build_config(
     state = StateConfig(database=reader.path("state", "database", StateConfig.database))
     workers = WorkersConfig(
         concurrency=reader.whole("workers", "concurrency", 8, minimum=1, maximum=256),
+        store_processes=reader.whole("workers", "store_processes", 2, minimum=1, maximum=32),
         poll_interval=reader.number("workers", "poll_interval", 60.0, minimum=0.01),
         pending_timeout=reader.number("workers", "pending_timeout", 86400.0, minimum=0),
         poll_backoff_min=reader.number("workers", "poll_backoff_min", 5.0, minimum=0.01),

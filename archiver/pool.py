@@ -22,7 +22,7 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
-from .download import Archived, Downloader, remove_temporaries
+from .download import Downloader
 from .errors import (
     AuthRefused,
     InvalidRecording,
@@ -38,6 +38,8 @@ from .metrics import Metrics
 from .model import KNOWN_STATUSES, parse_recording
 from .paginate import walk_pages
 from .state import Row, StateDB
+from .store import Archived, remove_temporaries
+from .storepool import StorePool
 
 log = structlog.get_logger("archiver.pool")
 T = TypeVar("T")
@@ -73,7 +75,8 @@ class Engine:
         self.cfg = cfg
         self.client = client
         self.state = state
-        self.downloader = Downloader(client, cfg.archive)
+        self.store_pool = StorePool(cfg.archive, cfg.workers.store_processes, state.lock_fds())
+        self.downloader = Downloader(client, cfg.archive, self.store_pool)
         self.workers_cfg = cfg.workers
         # due rows -> resolvers -> (row, signed URL) -> download workers; both queues bounded
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=cfg.workers.concurrency * 2)
@@ -97,7 +100,8 @@ class Engine:
         """Start-up: rows a crash left ``downloading`` become ``pending``, temporaries go."""
         rows = await self.state.recover()
         for row in rows:
-            await asyncio.to_thread(remove_temporaries, self.downloader.layout, row)
+            ref_type = row.raw.get("reference_type", "") or ""
+            await asyncio.to_thread(remove_temporaries, self.downloader.layout, row.id, row.tm_create, ref_type)
         if rows:
             log.info("recovered", rows=len(rows), reason="interrupted downloads reset to pending")
 
@@ -211,6 +215,7 @@ class Engine:
             w.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
         await asyncio.gather(*self._recording, return_exceptions=True)  # files already stored: record them
+        await self.store_pool.close()  # after its last answer, no helper touches the archive
         # Every claimed row goes back to pending, including a batch the feeder claimed just as it
         # was cancelled; we are the only writer, and every task has stopped.
         await self.recover()

@@ -146,6 +146,10 @@ class StateDB:
                 raise
         return state
 
+    def lock_fds(self) -> tuple[int, ...]:
+        """The lock's descriptor, for helper processes to hold (see ``storeproc``)."""
+        return () if self._lock_fd is None else (self._lock_fd,)
+
     async def close(self) -> None:
         await self.db.close()
         if self._lock_fd is not None:

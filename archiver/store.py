@@ -1,0 +1,268 @@
+"""Verify and store a downloaded body: the half of a download that touches the disk.
+
+It runs in the store helper processes (``storeproc``), never on the event loop, and imports
+nothing of the network side. A file visible under its final name is complete and verified: the
+body is in a temporary file in the destination directory; it is fsynced, checked (length, every
+``x-goog-hash``, ZIP member CRCs and sizes, RIFF structure), its sidecar is written (temporary
+name, fsync, rename) and only then is it renamed. The caller fsyncs the directory afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import __version__
+from .config import ArchiveConfig
+from .errors import LocalStorageError, NotReady, VerificationError
+from .inspect import CHUNK, BodyDigest, Member, RiffChecker, ZipLimits, body_kind, inspect_zip, write_all
+from .layout import Layout, sidecar_path, temp_path
+from .model import expected_members
+
+
+@dataclass(frozen=True)
+class Archived:
+    rel_path: str
+    size: int
+    sha256: str
+    server_hashes: dict[str, str]
+    members: int
+    adopted: bool = False
+    incomplete: str = ""  # why a settled recording was kept with fewer files than expected
+
+
+@dataclass(frozen=True)
+class StoreJob:
+    """A streamed body to verify and store (plain data: it crosses to a helper process)."""
+
+    rec_id: str
+    raw: dict[str, Any]  # the recording's JSON, for the sidecar
+    tm_create: float | None
+    tm_end: float | None
+    directory: Path
+    tmp: Path  # the temporary file; holds the body's start when ``spilled``
+    tail: bytes  # the rest of the body (all of it unless spilled)
+    spilled: bool
+    expected_length: int | None  # Content-Length
+    hashes: dict[str, str]  # x-goog-hash
+
+    @property
+    def ref_type(self) -> str:
+        return str(self.raw.get("reference_type", "") or "")
+
+
+def limits(cfg: ArchiveConfig) -> ZipLimits:
+    return ZipLimits(cfg.max_members, cfg.max_member_bytes, cfg.max_total_bytes, cfg.max_ratio)
+
+
+def make_dirs(root: Path, directory: Path) -> None:
+    """Create ``directory`` (inside ``root``) level by level with mode 0750."""
+    try:
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        current = root
+        for part in directory.relative_to(root).parts:
+            current = current / part
+            current.mkdir(mode=0o750, exist_ok=True)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot create {directory}: {exc.strerror}") from None
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (Linux flushes the inode whatever the descriptor)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot fsync {path.name}: {exc.strerror}") from None
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, rename (no directory fsync)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise LocalStorageError(f"cannot write {path.name}: {exc.strerror}") from None
+    except LocalStorageError:  # from write_all
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_temporaries(layout: Layout, rec_id: str, tm_create: float | None, ref_type: str) -> None:
+    """Remove what an interrupted download of a recording may have left (start-up recovery)."""
+    try:
+        directory = layout.directory_for(rec_id, tm_create, ref_type)
+    except Exception:  # noqa: BLE001 - a row we cannot place has no temporaries either
+        return
+    for what in ("download", "unpack"):
+        tmp = temp_path(directory, rec_id, what)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    (directory / f".{rec_id}.json.partial").unlink(missing_ok=True)  # see write_file_atomic
+
+
+class Store:
+    """Verifies and stores bodies for one archive directory (one per helper process)."""
+
+    def __init__(self, cfg: ArchiveConfig) -> None:
+        self.cfg = cfg
+        self.layout = Layout(cfg.directory, cfg.layout)
+        self.limits = limits(cfg)
+
+    def store_batch(self, jobs: list[StoreJob]) -> list[Archived | Exception]:
+        """Store each job, then fsync each directory once for all the renames into it (group
+        commit); a job's result is an ``Archived`` only once its rename is durable."""
+        results: list[Archived | Exception] = []
+        for job in jobs:
+            try:
+                results.append(self.store(job))
+            except Exception as exc:  # noqa: BLE001 - handed back to that job's caller
+                results.append(exc)
+                remove_quietly(job.tmp, temp_path(job.directory, job.rec_id, "unpack"))
+        for directory in {job.directory for job, r in zip(jobs, results, strict=True) if isinstance(r, Archived)}:
+            try:
+                fsync_path(directory)
+            except LocalStorageError as exc:
+                results = [exc if job.directory == directory else r for job, r in zip(jobs, results, strict=True)]
+        return results
+
+    def store(self, job: StoreJob) -> Archived:
+        """Write the rest of the body, fsync, verify, write the sidecar, rename (no directory
+        fsync); raise an ``archiver.errors`` class otherwise."""
+        digest, source = self._finish(job)
+        if not digest.size:
+            raise NotReady("storage answered an empty body")
+        source.seek(0)
+        kind = body_kind(source.read(4))
+        source.seek(0)
+        unpack_tmp = temp_path(job.directory, job.rec_id, "unpack")
+        if kind == "wav":
+            riff = RiffChecker()
+            while chunk := source.read(CHUNK):
+                riff.feed(chunk)
+            riff.finish()
+            members = [Member(f"{job.rec_id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
+        else:
+            extract_to = None
+            if self.cfg.unpack:
+                _fresh_dir(unpack_tmp)
+                extract_to = unpack_tmp
+            members = inspect_zip(source, self.limits, extract_to)
+        source.close()
+        incomplete = self._check_ready(job, kind, members)
+        return self._commit(job, kind, digest, members, unpack_tmp, incomplete)
+
+    def _finish(self, job: StoreJob) -> tuple[BodyDigest, BinaryIO]:
+        """The whole body on disk and fsynced; its digest checked against the server's hashes.
+        Returns what the checks read: the bytes in memory unless the body spilled to disk."""
+        flags = os.O_WRONLY | (os.O_APPEND if job.spilled else os.O_CREAT | os.O_TRUNC)
+        try:
+            fd = os.open(job.tmp, flags, 0o640)
+            try:
+                write_all(fd, job.tail)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            digest = BodyDigest(md5="md5" in job.hashes)  # MD5 only when there is one to compare
+            source: BinaryIO
+            if job.spilled:
+                source = open(job.tmp, "rb")  # closed by store()
+                while chunk := source.read(CHUNK):
+                    digest.update(chunk)
+            else:
+                digest.update(job.tail)
+                source = io.BytesIO(job.tail)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
+        try:
+            digest.check(job.expected_length, job.hashes)
+        except VerificationError:
+            source.close()
+            raise
+        return digest, source
+
+    def _check_ready(self, job: StoreJob, kind: str, members: list[Member]) -> str:
+        """Before the settle window, an empty or short answer means "not uploaded yet"; after
+        it, what the server has is kept, and the reason it looks short is returned."""
+        expected = expected_members(job.ref_type)
+        settled_at = (job.tm_end or job.tm_create or 0) + self.cfg.settle_window
+        short = kind == "zip" and len(members) < expected
+        if time.time() >= settled_at:
+            if short or not any(m.audio_bytes for m in members):
+                return f"{len(members)} of {expected} expected files or no audio; settled, keeping what the server has"
+            return ""
+        if short:
+            raise NotReady(f"ZIP has {len(members)} of {expected} expected files (not uploaded yet)")
+        if kind == "wav" and not members[0].audio_bytes:
+            raise NotReady("WAV has no audio yet")
+        return ""
+
+    def _commit(
+        self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], unpack_tmp: Path, incomplete: str
+    ) -> Archived:
+        rel = self.layout.relative(job.rec_id, kind, job.tm_create, job.ref_type)
+        final = self.layout.path(rel)
+        sha = digest.sha256.hexdigest()
+        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
+        sidecar = {
+            "recording": job.raw,
+            "archive": {
+                "file": final.name,
+                "kind": kind,
+                "size": digest.size,
+                "sha256": sha,
+                "server_hashes_checked": checked,
+                "members": [m.as_dict() for m in members],
+                "members_expected": expected_members(job.ref_type),
+                "unpacked_to": f"{job.rec_id}/" if kind == "zip" and self.cfg.unpack else None,
+                "archived_at": datetime.now(UTC).isoformat(),
+                "archiver": f"voipbin-archiver/{__version__}",
+            },
+        }
+        try:
+            write_file_atomic(sidecar_path(final), json.dumps(sidecar, indent=2, sort_keys=True).encode())
+            if kind == "zip" and self.cfg.unpack:
+                target = job.directory / job.rec_id
+                if target.exists():
+                    shutil.rmtree(target)
+                os.chmod(unpack_tmp, 0o750)
+                fsync_path(unpack_tmp)
+                os.replace(unpack_tmp, target)
+            os.replace(job.tmp, final)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
+        return Archived(rel, digest.size, sha, checked, len(members), incomplete=incomplete)
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(mode=0o750)
+
+
+def remove_quietly(*paths: Path) -> None:
+    """Remove files or directory trees; missing ones are fine."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

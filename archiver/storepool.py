@@ -1,0 +1,131 @@
+"""The daemon's side of the store helper processes (``storeproc``): start, feed, reap.
+
+Why processes: hashing, ZIP checks, fsyncs and renames done in threads of the daemon's own
+process hand its GIL back and forth with the event loop dozens of times per recording; on a
+2-core machine that, not the disk or the CPU, limited a backfill to about 75 % of the latency
+bound (README, Benchmarks). A helper has its own interpreter, so the event loop only writes a
+request to a pipe and reads the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import structlog
+
+from .config import ArchiveConfig
+from .errors import TransientError
+from .store import Archived, StoreJob
+from .storeproc import LENGTH, frame
+
+log = structlog.get_logger("archiver.storepool")
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+class _Helper:
+    """One helper process and the requests it has not answered yet."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.waiting: dict[int, asyncio.Future[Archived]] = {}
+        self.reader: asyncio.Task[None] | None = None
+
+
+class StorePool:
+    """The daemon's side: ``await pool.store(job)`` in a helper; helpers start on first use
+    and a helper that dies is replaced on the next request (its requests fail as transient)."""
+
+    def __init__(self, cfg: ArchiveConfig, processes: int, hold_fds: tuple[int, ...] = ()) -> None:
+        self.cfg = cfg
+        self.processes = processes
+        self.hold_fds = hold_fds
+        self._helpers: list[_Helper] = []
+        self._next_id = 0
+        self._starting = asyncio.Lock()
+
+    async def store(self, job: StoreJob) -> Archived:
+        helper = await self._helper()
+        self._next_id += 1
+        request = self._next_id
+        future: asyncio.Future[Archived] = asyncio.get_running_loop().create_future()
+        helper.waiting[request] = future
+        try:
+            assert helper.proc.stdin is not None
+            helper.proc.stdin.write(frame((request, job)))
+            await helper.proc.stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            helper.waiting.pop(request, None)
+            raise TransientError(f"store helper unreachable: {type(exc).__name__}") from None
+        return await asyncio.shield(future)  # a cancelled caller must not lose the helper's answer
+
+    async def close(self) -> None:
+        """Let every helper finish what it has, then reap it (its CPU time counts as ours)."""
+        helpers, self._helpers = self._helpers, []
+        for helper in helpers:
+            if helper.proc.stdin is not None:
+                helper.proc.stdin.close()
+        for helper in helpers:
+            try:
+                await asyncio.wait_for(helper.proc.wait(), 30)
+            except TimeoutError:
+                helper.proc.kill()
+                await helper.proc.wait()
+            if helper.reader is not None:
+                await asyncio.gather(helper.reader, return_exceptions=True)
+
+    async def _helper(self) -> _Helper:
+        """The helper with the fewest unanswered requests, starting them as needed."""
+        async with self._starting:
+            self._helpers = [h for h in self._helpers if h.reader is not None and not h.reader.done()]
+            while len(self._helpers) < self.processes:
+                self._helpers.append(await self._start())
+        return min(self._helpers, key=lambda h: len(h.waiting))
+
+    async def _start(self) -> _Helper:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "archiver.storeproc",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, pass_fds=self.hold_fds,
+            )
+        except OSError as exc:
+            raise TransientError(f"cannot start a store helper: {exc.strerror}") from None
+        helper = _Helper(proc)
+        assert proc.stdin is not None
+        proc.stdin.write(frame(self.cfg))
+        helper.reader = asyncio.create_task(self._read(helper), name=f"store-helper-{proc.pid}")
+        return helper
+
+    async def _read(self, helper: _Helper) -> None:
+        stdout = helper.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                length = int.from_bytes(await stdout.readexactly(LENGTH), "big")
+                request, result = pickle.loads(await stdout.readexactly(length))
+                future = helper.waiting.pop(request, None)
+                if future is None or future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            code = await helper.proc.wait()
+            if helper.waiting:
+                log.error(
+                    "store_helper_exited", pid=helper.proc.pid, exit_code=code, requests_lost=len(helper.waiting),
+                    hint="the recordings are retried; a replacement helper starts on the next request",
+                )
+            for future in helper.waiting.values():
+                if not future.done():
+                    future.set_exception(TransientError(f"the store helper exited (code {code}) while storing"))
+            helper.waiting.clear()

@@ -1,0 +1,109 @@
+"""A store helper process: where downloaded bodies are verified and stored (``storepool`` runs them).
+
+The protocol is ours alone, over the helper's stdin and stdout: frames of a 4-byte big-endian
+length and a pickle. The first frame to a helper is the ``ArchiveConfig``; then each request is
+``(request id, StoreJob)`` and each answer ``(request id, Archived or exception)``. A helper
+answers the requests it has in hand together, after one directory fsync per directory.
+
+A helper ignores SIGINT and SIGTERM (a terminal's Ctrl-C or systemd's stop reach the whole
+process group): it exits when the daemon closes its stdin, or dies, so a store it has begun is
+finished. It also holds the state database's lock, so a restarted daemon cannot start while a
+helper of the old one is still storing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import select
+import signal
+import sys
+import traceback
+from typing import Any
+
+from .config import ArchiveConfig
+from .errors import ArchiverError
+from .inspect import write_all
+from .store import Archived, Store, StoreJob
+
+PIPE_SIZE = 1 << 20
+LENGTH = 4  # No asyncio or structlog here: each helper costs memory, so it imports little.
+
+
+def frame(obj: Any) -> bytes:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(payload).to_bytes(LENGTH, "big") + payload
+
+
+class _Frames:
+    """Frames from a file descriptor: blocks for the first, then takes only what has arrived."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+
+    def _one(self) -> bytes | None:
+        if len(self.buf) < LENGTH:
+            return None
+        end = LENGTH + int.from_bytes(self.buf[:LENGTH], "big")
+        if len(self.buf) < end:
+            return None
+        payload = bytes(self.buf[LENGTH:end])
+        del self.buf[:end]
+        return payload
+
+    def batch(self) -> list[bytes]:
+        """At least one frame, or [] at end of input."""
+        frames: list[bytes] = []
+        while True:
+            while (frame := self._one()) is not None:
+                frames.append(frame)
+            if frames and not select.select([self.fd], [], [], 0)[0]:
+                return frames
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                return frames
+            self.buf += chunk
+
+
+def main() -> None:
+    """The helper: store what the daemon sends until it closes our stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out = os.dup(1)
+    os.dup2(2, 1)  # a stray print must not corrupt the protocol
+    try:  # a recording's body in one write and one read, not 16 of the default 64 KiB
+        fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe works too: the limit is /proc/sys/fs/pipe-max-size
+    frames = _Frames(0)
+    first = frames.batch()
+    if not first:
+        return
+    cfg: ArchiveConfig = pickle.loads(first[0])
+    store = Store(cfg)
+    pending = first[1:]
+    while True:
+        requests: list[tuple[int, StoreJob]] = [pickle.loads(f) for f in pending or frames.batch()]
+        if not requests:
+            return
+        pending = []
+        results = store.store_batch([job for _, job in requests])
+        answer = b"".join(frame((request, _portable(r))) for (request, _), r in zip(requests, results, strict=True))
+        try:
+            write_all(out, answer)
+        except ArchiverError:  # the daemon is gone
+            return
+
+
+def _portable(result: Archived | Exception) -> Archived | Exception:
+    """An error the daemon knows how to handle, or an unexpected one it reports (with our trace)."""
+    if isinstance(result, (Archived, ArchiverError)):
+        return result
+    traceback.print_exception(result, file=sys.stderr)
+    return RuntimeError(f"in the store helper: {type(result).__name__}: {result}")
+
+
+if __name__ == "__main__":
+    main()
