@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+from pathlib import Path
 
 from tests.checks import assert_archive_complete
 from tests.conftest import cli_command, cli_env, run_cli, wait_until, write_config
@@ -21,6 +22,27 @@ def _archived(db) -> int:
         return 0
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the store helpers of a daemon)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone and not a zombie waiting to be reaped."""
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim):
     sim = await make_sim(recordings=300, latency=0.02, audio_bytes=30_000, pending=4, late_files=4,
                          end_after=1.0, files_after=1.0)
@@ -33,10 +55,13 @@ async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim):
         )
         try:
             await wait_until(lambda t=threshold: _archived(db) >= t, 60, f"{threshold} archived")
+            helpers = _children(proc.pid)
         finally:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
         assert proc.returncode == -signal.SIGKILL
+        assert helpers, "the store helpers were running"
+        await wait_until(lambda h=helpers: not any(_alive(p) for p in h), 10, "the orphaned helpers to exit")
     final = await run_cli("--config", str(cfg), "backfill", "--wait", "60")
     assert final.rc == 0, final
     assert_archive_complete(sim, tmp_path / "archive", db)
