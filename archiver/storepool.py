@@ -117,7 +117,10 @@ class StorePool:
                 else:
                     future.set_result(result)
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # it exited
+        except Exception:  # an answer we cannot read: this helper is not to be trusted
+            log.exception("store_helper_unreadable", pid=helper.proc.pid)
+            helper.proc.kill()
         finally:
             code = await helper.proc.wait()
             if helper.waiting:

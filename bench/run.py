@@ -66,18 +66,22 @@ class Sim:
 
 def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, Any]:
     """Run ``cmd``; wall seconds, CPU seconds (its own and its reaped children's: the store
-    helpers) and peak RSS (MB). The RSS of the process and its children together is sampled
-    twice a second by a thread (``rss_samples``: (seconds, MB)) to show whether it grows; the
-    peak is the larger of the highest sample and the process's own peak. The wait itself blocks
-    in ``wait4``, so the wall time is not rounded to the sampling."""
+    helpers) and peak memory. A thread samples, twice a second, the RSS of the process and its
+    children summed (``rss_samples``: (seconds, MB), to show whether it grows) and their PSS
+    summed (``pss_mb``: the peak; shared pages such as libpython's count once, not once per
+    process). ``rss_mb`` is the larger of the highest RSS sample and the process's own peak. The
+    wait itself blocks in ``wait4``, so the wall time is not rounded to the sampling."""
     samples: list[tuple[float, float]] = []
+    pss: list[float] = [0.0]
     done = threading.Event()
 
     def sample(pid: int, start: float) -> None:
         while not done.wait(0.5):
-            rss = _tree_rss_mb(pid)
-            if rss is not None:
-                samples.append((time.perf_counter() - start, rss))
+            pids = [pid, *_children(pid)]
+            rss = [_kb(p, "status", "VmRSS:") for p in pids]
+            if rss[0] is not None:
+                samples.append((time.perf_counter() - start, sum(r or 0 for r in rss) / 1024))
+                pss[0] = max(pss[0], sum(_kb(p, "smaps_rollup", "Pss:") or 0 for p in pids) / 1024)
 
     with open(stderr_path, "wb") as err:
         start = time.perf_counter()
@@ -90,27 +94,23 @@ def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, Any]:
         sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "sys": usage.ru_stime,
-            "rss_mb": max([usage.ru_maxrss / 1024] + [mb for _, mb in samples]), "rc": proc.returncode,
-            "rss_samples": samples}
+            "rss_mb": max([usage.ru_maxrss / 1024] + [mb for _, mb in samples]), "pss_mb": pss[0],
+            "rc": proc.returncode, "rss_samples": samples}
 
 
-def _tree_rss_mb(pid: int) -> float | None:
-    """RSS of ``pid`` and its children (the daemon and its store helpers), or None once gone."""
-    own = _rss_mb(pid)
-    if own is None:
-        return None
+def _children(pid: int) -> list[int]:
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        children = []
-    return own + sum(_rss_mb(int(child)) or 0.0 for child in children)
+        return []
 
 
-def _rss_mb(pid: int) -> float | None:
+def _kb(pid: int, name: str, field: str) -> int | None:
+    """A ``kB`` field of /proc/<pid>/<name>, or None once the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
     except OSError:
         pass
     return None
@@ -197,7 +197,8 @@ def throughput(args: argparse.Namespace, mode: str, root: Path) -> list[str]:
         f"| throughput ({mode}) | N={n} L={lat * 1000:.0f}ms C={c}, median of {args.repeat} ({walls} s) |"
         f" {ours['wall']:.2f} s | {n / ours['wall']:.0f} rec/s, {mb / ours['wall']:.1f} MB/s |"
         f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec ({ours['sys'] / ours['cpu']:.0%} kernel) |"
-        f" {ours['rss_mb']:.0f} MB (with helpers) | {per_rec:.3f} req/rec | aria2c {ref['wall']:.2f} s ({ref_walls} s;"
+        f" {ours['rss_mb']:.0f} MB (PSS {ours['pss_mb']:.0f}) | {per_rec:.3f} req/rec |"
+        f" aria2c {ref['wall']:.2f} s ({ref_walls} s;"
         f" {ref['files']} files): ours/aria2c = **{ours['wall'] / ref['wall']:.2f}**; latency bound {bound:.2f} s:"
         f" bound/ours = **{bound / ours['wall']:.0%}**; file create {create_us:.0f} µs |"
     ]
@@ -249,7 +250,8 @@ def rate_limited(args: argparse.Namespace, root: Path) -> list[str]:
     share = ours["http_429"] / max(1, ours["api_requests"])
     return [
         f"| rate-limited (16.7/s, burst 33) | N={n} L={lat * 1000:.0f}ms C={c} rps=16 | {ours['wall']:.2f} s |"
-        f" {n / ours['wall']:.1f} rec/s | {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | {ours['rss_mb']:.0f} MB |"
+        f" {n / ours['wall']:.1f} rec/s | {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec |"
+        f" {ours['rss_mb']:.0f} MB (PSS {ours['pss_mb']:.0f}) |"
         f" {ours['api_requests']} API req | rate bound {bound:.2f} s: bound/ours = **{bound / ours['wall']:.0%}**;"
         f" 429s: {ours['http_429']} ({share:.2%}) |"
     ]
@@ -292,8 +294,8 @@ def scale(args: argparse.Namespace, root: Path) -> list[str]:
             sim.stop()
         rows.append(
             f"| scale | N={n} L=0 C={args.concurrency} tiny | {ours['wall']:.1f} s | {n / ours['wall']:.0f} rec/s |"
-            f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | peak RSS **{ours['rss_mb']:.0f} MB** (daemon + store"
-            f" helpers; highest per quarter of the run: {rss_by_quarter(ours)}) |"
+            f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec | peak RSS **{ours['rss_mb']:.0f} MB** (PSS"
+            f" {ours['pss_mb']:.0f} MB; highest RSS per quarter of the run: {rss_by_quarter(ours)}) |"
             f" status {status['wall']:.2f} s (process, incl. start-up) | no-op run cycle:"
             f" {cycle['requests']} req, {1000 * cycle['cpu_seconds']:.1f} ms CPU, {1000 * cycle['seconds']:.0f} ms |"
         )
@@ -336,7 +338,8 @@ def main() -> None:
     header = (
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — {machine()}\n\n"
         f"`python bench/run.py {' '.join(sys.argv[1:])}`\n\n"
-        "| run | parameters | wall | throughput | CPU | peak RSS | requests | ratios |\n"
+        "| run | parameters | wall | throughput | CPU (with helpers) | peak RSS (daemon + helpers) | requests"
+        " | ratios |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )
     text = header + "\n".join(lines) + "\n"
