@@ -10,10 +10,9 @@ request to a pipe and reads the answer.
 from __future__ import annotations
 
 import asyncio
-import os
+import json
 import pickle
 import sys
-from pathlib import Path
 
 import structlog
 
@@ -24,7 +23,10 @@ from .storeproc import LENGTH, frame
 
 log = structlog.get_logger("archiver.storepool")
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+CLOSE_WAIT = 20.0  # seconds helpers get to finish on shutdown (systemd's TimeoutStopSec is 30 s)
+
+# the helper imports modules from where the daemon did (the same archiver, the same libraries)
+_BOOTSTRAP = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from archiver.storeproc import main; main()"
 
 
 class _Helper:
@@ -53,6 +55,7 @@ class StorePool:
         self._next_id += 1
         request = self._next_id
         future: asyncio.Future[Archived] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)  # the caller may have gone (shutdown): no "never retrieved"
         helper.waiting[request] = future
         try:
             assert helper.proc.stdin is not None
@@ -64,19 +67,20 @@ class StorePool:
         return await asyncio.shield(future)  # a cancelled caller must not lose the helper's answer
 
     async def close(self) -> None:
-        """Let every helper finish what it has, then reap it (its CPU time counts as ours)."""
+        """Let every helper finish what it has (for up to ``CLOSE_WAIT`` seconds), then reap it:
+        its CPU time then counts as ours."""
         helpers, self._helpers = self._helpers, []
         for helper in helpers:
             if helper.proc.stdin is not None:
                 helper.proc.stdin.close()
-        for helper in helpers:
-            try:
-                await asyncio.wait_for(helper.proc.wait(), 30)
-            except TimeoutError:
-                helper.proc.kill()
-                await helper.proc.wait()
-            if helper.reader is not None:
-                await asyncio.gather(helper.reader, return_exceptions=True)
+        readers = [h.reader for h in helpers if h.reader is not None]
+        if readers:
+            _, late = await asyncio.wait(readers, timeout=CLOSE_WAIT)  # a reader ends once its helper is reaped
+            for helper in helpers:
+                if helper.reader in late:
+                    log.error("store_helper_killed", pid=helper.proc.pid, reason=f"still busy after {CLOSE_WAIT} s")
+                    helper.proc.kill()
+            await asyncio.gather(*readers, return_exceptions=True)
 
     async def _helper(self) -> _Helper:
         """The helper with the fewest unanswered requests, starting them as needed."""
@@ -87,12 +91,10 @@ class StorePool:
         return min(self._helpers, key=lambda h: len(h.waiting))
 
     async def _start(self) -> _Helper:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "archiver.storeproc",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, pass_fds=self.hold_fds,
+                sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=self.hold_fds,
             )
         except OSError as exc:
             raise TransientError(f"cannot start a store helper: {exc.strerror}") from None
@@ -132,3 +134,8 @@ class StorePool:
                 if not future.done():
                     future.set_exception(TransientError(f"the store helper exited (code {code}) while storing"))
             helper.waiting.clear()
+
+
+def _retrieved(future: asyncio.Future[Archived]) -> None:
+    if not future.cancelled():
+        future.exception()

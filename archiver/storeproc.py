@@ -28,6 +28,7 @@ from .inspect import write_all
 from .store import Archived, Store, StoreJob
 
 PIPE_SIZE = 1 << 20
+_NONE = object()  # no whole frame yet
 LENGTH = 4  # No asyncio or structlog here: each helper costs memory, so it imports little.
 
 
@@ -43,27 +44,29 @@ class _Frames:
         self.fd = fd
         self.buf = bytearray()
 
-    def _one(self) -> bytes | None:
+    def _one(self) -> Any:
+        """The next whole frame, unpickled (read in place: no copy of a body), or ``_NONE``."""
         if len(self.buf) < LENGTH:
-            return None
+            return _NONE
         end = LENGTH + int.from_bytes(self.buf[:LENGTH], "big")
         if len(self.buf) < end:
-            return None
-        payload = bytes(self.buf[LENGTH:end])
+            return _NONE
+        with memoryview(self.buf) as view, view[LENGTH:end] as payload:
+            obj = pickle.loads(payload)
         del self.buf[:end]
-        return payload
+        return obj
 
-    def batch(self) -> list[bytes]:
-        """At least one frame, or [] at end of input."""
-        frames: list[bytes] = []
+    def batch(self) -> list[Any]:
+        """At least one frame's object, or [] at end of input."""
+        objs: list[Any] = []
         while True:
-            while (frame := self._one()) is not None:
-                frames.append(frame)
-            if frames and not select.select([self.fd], [], [], 0)[0]:
-                return frames
-            chunk = os.read(self.fd, 1 << 20)
+            while (obj := self._one()) is not _NONE:
+                objs.append(obj)
+            if objs and not select.select([self.fd], [], [], 0)[0]:
+                return objs
+            chunk = os.read(self.fd, PIPE_SIZE)
             if not chunk:
-                return frames
+                return objs
             self.buf += chunk
 
 
@@ -81,11 +84,11 @@ def main() -> None:
     first = frames.batch()
     if not first:
         return
-    cfg: ArchiveConfig = pickle.loads(first[0])
+    cfg: ArchiveConfig = first[0]
     store = Store(cfg)
     pending = first[1:]
     while True:
-        requests: list[tuple[int, StoreJob]] = [pickle.loads(f) for f in pending or frames.batch()]
+        requests: list[tuple[int, StoreJob]] = pending or frames.batch()
         if not requests:
             return
         pending = []
