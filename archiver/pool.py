@@ -1,9 +1,10 @@
 """The engine: walk the listing into SQLite, and a bounded pool of workers that polls and downloads.
 
 Data flows one way: paginator -> ``StateDB`` -> feeder -> bounded queue -> resolvers (poll,
-signed URL) -> bounded queue -> ``concurrency`` download workers -> ``Downloader`` -> a group
-commit in SQLite.  The feeder is the only reader of due work, and it never hands out a
-recording that is already in flight, so a recording never has two downloads at once.
+signed URL) -> bounded queue -> ``concurrency`` download workers -> ``Downloader`` (the stream)
+-> a store helper process (verify, fsync, rename; ``storepool``) -> a group commit in SQLite.
+The feeder is the only reader of due work, and it never hands out a recording that is already
+in flight, so a recording never has two downloads at once.
 """
 
 from __future__ import annotations

@@ -149,25 +149,24 @@ class Store:
         """Write the rest of the body, fsync, verify, write the sidecar, rename (no directory
         fsync); raise an ``archiver.errors`` class otherwise."""
         digest, source = self._finish(job)
-        if not digest.size:
-            raise NotReady("storage answered an empty body")
-        source.seek(0)
-        kind = body_kind(source.read(4))
-        source.seek(0)
         unpack_tmp = temp_path(job.directory, job.rec_id, "unpack")
-        if kind == "wav":
-            riff = RiffChecker()
-            while chunk := source.read(CHUNK):
-                riff.feed(chunk)
-            riff.finish()
-            members = [Member(f"{job.rec_id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
-        else:
-            extract_to = None
-            if self.cfg.unpack:
-                _fresh_dir(unpack_tmp)
-                extract_to = unpack_tmp
-            members = inspect_zip(source, self.limits, extract_to)
-        source.close()
+        with source:
+            if not digest.size:
+                raise NotReady("storage answered an empty body")
+            kind = body_kind(source.read(4))
+            source.seek(0)
+            if kind == "wav":
+                riff = RiffChecker()
+                while chunk := source.read(CHUNK):
+                    riff.feed(chunk)
+                riff.finish()
+                members = [Member(f"{job.rec_id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
+            else:
+                extract_to = None
+                if self.cfg.unpack:
+                    _fresh_dir(unpack_tmp)
+                    extract_to = unpack_tmp
+                members = inspect_zip(source, self.limits, extract_to)
         incomplete = self._check_ready(job, kind, members)
         return self._commit(job, kind, digest, members, unpack_tmp, incomplete)
 
@@ -188,6 +187,7 @@ class Store:
                 source = open(job.tmp, "rb")  # closed by store()
                 while chunk := source.read(CHUNK):
                     digest.update(chunk)
+                source.seek(0)
             else:
                 digest.update(job.tail)
                 source = io.BytesIO(job.tail)

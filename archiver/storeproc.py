@@ -76,7 +76,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = os.dup(1)
     os.dup2(2, 1)  # a stray print must not corrupt the protocol
-    try:  # a recording's body in one write and one read, not 16 of the default 64 KiB
+    try:  # a body of up to 1 MiB in one write and one read, not one per 64 KiB (the default)
         fcntl.fcntl(0, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except (OSError, AttributeError):  # AttributeError: not Linux
         pass  # a smaller pipe works too: the limit is /proc/sys/fs/pipe-max-size
