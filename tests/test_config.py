@@ -25,7 +25,7 @@ def test_example_config_documents_every_key_and_loads(tmp_path):
     cfg = _cfg(tmp_path, example, env={"VOIPBIN_ACCESSKEY": KEY})
     assert cfg.api.base_url == "https://api.voipbin.net/v1.0"
     assert cfg.api.accesskey == KEY and cfg.api.page_size == 100 and cfg.api.requests_per_second == 16
-    assert cfg.workers.concurrency == 8 and cfg.workers.poll_interval == 60
+    assert cfg.workers.concurrency == 8 and cfg.workers.poll_interval == 60 and cfg.workers.store_processes == 2
     assert cfg.archive.unpack is False and cfg.archive.settle_window == 3600
     assert cfg.api.login_url == "https://api.voipbin.net/auth/login"
     # every key the loader knows appears in the example (commented or not)
@@ -52,6 +52,8 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path):
         (f'[api]\naccesskey="{KEY}"\nbogus=1\n', "[api] unknown key 'bogus'"),
         (f'[api]\naccesskey="{KEY}"\n[nope]\nx=1\n', "unknown section"),
         (f'[api]\naccesskey="{KEY}"\n[workers]\nconcurrency=0\n', "[workers] concurrency"),
+        (f'[api]\naccesskey="{KEY}"\n[workers]\nstore_processes=0\n', "[workers] store_processes must be >= 1"),
+        (f'[api]\naccesskey="{KEY}"\n[workers]\nstore_processes=64\n', "[workers] store_processes must be <= 32"),
         (f'[api]\naccesskey="{KEY}"\n[archive]\nlayout="../{{id}}.{{ext}}"\n', "[archive] layout"),
         (f'[api]\naccesskey="{KEY}"\n[archive]\nlayout="{{year}}/{{name}}.{{ext}}"\n', "unknown field"),
         (f'[api]\naccesskey="{KEY}"\n[archive]\nunpack="yes"\n', "[archive] unpack must be true or false"),
