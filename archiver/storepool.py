@@ -49,9 +49,12 @@ class StorePool:
         self._helpers: list[_Helper] = []
         self._next_id = 0
         self._starting = asyncio.Lock()
+        self._closed = False
 
     async def store(self, job: StoreJob) -> Archived:
         helper = await self._helper()
+        if helper.reader is None or helper.reader.done():  # it died while another one started
+            raise TransientError("the store helper exited before it was asked")
         self._next_id += 1
         request = self._next_id
         future: asyncio.Future[Archived] = asyncio.get_running_loop().create_future()
@@ -69,6 +72,7 @@ class StorePool:
     async def close(self) -> None:
         """Let every helper finish what it has (for up to ``CLOSE_WAIT`` seconds), then reap it:
         its CPU time then counts as ours."""
+        self._closed = True
         helpers, self._helpers = self._helpers, []
         for helper in helpers:
             if helper.proc.stdin is not None:
@@ -85,6 +89,8 @@ class StorePool:
     async def _helper(self) -> _Helper:
         """The helper with the fewest unanswered requests, starting them as needed."""
         async with self._starting:
+            if self._closed:
+                raise TransientError("the store helpers are shut down")
             self._helpers = [h for h in self._helpers if h.reader is not None and not h.reader.done()]
             while len(self._helpers) < self.processes:
                 self._helpers.append(await self._start())

@@ -156,3 +156,12 @@ async def test_helpers_hold_the_state_lock_until_they_exit(tmp_path):
         await pool.close()
     second = await StateDB.open(db)
     await second.close()
+
+
+async def test_a_closed_pool_starts_no_helper(tmp_path):
+    pool = StorePool(_cfg(tmp_path), processes=1)
+    await pool.store(_job(tmp_path, 1))
+    await pool.close()
+    with pytest.raises(TransientError, match="shut down"):
+        await pool.store(_job(tmp_path, 2))
+    assert not pool._helpers
