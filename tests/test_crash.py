@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -79,9 +80,11 @@ async def test_sigterm_stops_cleanly_and_resumes(tmp_path, make_sim):
             *cli_command("--config", str(cfg), "run"), stdout=log_file, stderr=log_file, env=cli_env(),
         )
         await wait_until(lambda: _archived(db) >= 30, 60, "30 archived")
+        helpers = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 10)
     assert proc.returncode == 0, log_path.read_text()[-2000:]
+    assert helpers and not any(_alive(p) for p in helpers), "the daemon closed and reaped its helpers"
     con = sqlite3.connect(db)
     assert con.execute("SELECT count(*) FROM recordings WHERE state='downloading'").fetchone()[0] == 0
     con.close()
@@ -107,3 +110,26 @@ async def test_a_second_instance_refuses_to_start(tmp_path, make_sim):
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
     assert proc.returncode == 0
+
+
+async def test_store_helpers_killed_mid_backfill_are_replaced_and_nothing_is_lost(tmp_path, make_sim):
+    sim = await make_sim(recordings=600, latency=0.02, audio_bytes=30_000)
+    cfg = write_config(tmp_path, sim, workers={"concurrency": 4, "store_processes": 2})
+    db = tmp_path / "state.sqlite3"
+    log_path = tmp_path / "backfill.log"
+    with open(log_path, "wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            *cli_command("--config", str(cfg), "--log-format", "json", "backfill", "--wait", "30"),
+            stdout=log_file, stderr=log_file, env=cli_env(),
+        )
+        killed: list[int] = []
+        for threshold in (50, 150):
+            await wait_until(lambda t=threshold: _archived(db) >= t, 60, f"{threshold} archived")
+            helpers = [p for p in _children(proc.pid) if p not in killed]
+            assert helpers, "the store helpers were running"
+            for pid in helpers:
+                os.kill(pid, signal.SIGKILL)
+            killed += helpers
+        await asyncio.wait_for(proc.wait(), 120)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert_archive_complete(sim, tmp_path / "archive", db)  # replacements took over, nothing lost
