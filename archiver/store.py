@@ -142,7 +142,10 @@ class Store:
             try:
                 fsync_path(directory)
             except LocalStorageError as exc:
-                results = [exc if job.directory == directory else r for job, r in zip(jobs, results, strict=True)]
+                results = [
+                    exc if job.directory == directory and isinstance(r, Archived) else r
+                    for job, r in zip(jobs, results, strict=True)
+                ]
         return results
 
     def store(self, job: StoreJob) -> Archived:
