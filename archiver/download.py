@@ -32,6 +32,19 @@ TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attem
 WRITE_BUFFER = 1 << 20  # bodies up to this size go to the store helper whole, in memory
 
 
+def remove_temporaries(layout: Layout, row: Row) -> None:
+    """Remove what an interrupted download of ``row`` may have left (start-up recovery)."""
+    try:
+        directory = layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", ""))
+    except Exception:  # noqa: BLE001 - a row we cannot place has no temporaries either
+        return
+    remove_quietly(
+        temp_path(directory, row.id, "download"),
+        temp_path(directory, row.id, "unpack"),
+        directory / f".{row.id}.json.partial",  # see store.write_file_atomic
+    )
+
+
 class Downloader:
     """Archives one recording at a time; shared by all workers (it holds no per-call state)."""
 
@@ -173,7 +186,6 @@ class _Body:
         self.expected_length = expected_length
         self.hashes = hashes
         self.kind = ""
-        self.size = 0
         self._pending: list[bytes] = []
         self.buffered = 0
         self._file: Any = None
@@ -182,8 +194,7 @@ class _Body:
     def add(self, chunk: bytes) -> None:
         self._pending.append(chunk)
         self.buffered += len(chunk)
-        self.size += len(chunk)
-        if not self.kind and self.size >= 4:
+        if not self.kind and self.buffered >= 4:  # always before the first spill (at 1 MB)
             self.detect_kind()
 
     def detect_kind(self) -> None:

@@ -101,8 +101,7 @@ class Engine:
         """Start-up: rows a crash left ``downloading`` become ``pending``, temporaries go."""
         rows = await self.state.recover()
         for row in rows:
-            ref_type = row.raw.get("reference_type", "") or ""
-            await asyncio.to_thread(remove_temporaries, self.downloader.layout, row.id, row.tm_create, ref_type)
+            await asyncio.to_thread(remove_temporaries, self.downloader.layout, row)
         if rows:
             log.info("recovered", rows=len(rows), reason="interrupted downloads reset to pending")
 

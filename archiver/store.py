@@ -105,21 +105,6 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
         raise
 
 
-def remove_temporaries(layout: Layout, rec_id: str, tm_create: float | None, ref_type: str) -> None:
-    """Remove what an interrupted download of a recording may have left (start-up recovery)."""
-    try:
-        directory = layout.directory_for(rec_id, tm_create, ref_type)
-    except Exception:  # noqa: BLE001 - a row we cannot place has no temporaries either
-        return
-    for what in ("download", "unpack"):
-        tmp = temp_path(directory, rec_id, what)
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-    (directory / f".{rec_id}.json.partial").unlink(missing_ok=True)  # see write_file_atomic
-
-
 class Store:
     """Verifies and stores bodies for one archive directory (one per helper process)."""
 
