@@ -23,7 +23,7 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
-from .download import Downloader
+from .download import Downloader, remove_temporaries
 from .errors import (
     AuthRefused,
     InvalidRecording,
@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .model import KNOWN_STATUSES, parse_recording
 from .paginate import walk_pages
 from .state import Row, StateDB
-from .store import Archived, remove_temporaries
+from .store import Archived
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.pool")
