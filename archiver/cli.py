@@ -19,10 +19,11 @@ import structlog
 from . import __version__
 from .config import Config, build_config, default_config_path, load_config
 from .errors import ConfigError, StateLocked
+from .expiry import expiry_warning
 from .logs import configure_logging, redact
 from .pool import RunResult
 from .service import run_engine, status, verify
-from .state import STATES, waiting_count
+from .state import FLAGS, STATES, waiting_count
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 
@@ -110,6 +111,8 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
     seconds = float(s.get("seconds", 0) or 0)
     rows: list[tuple[str, object, object]] = [
         ("archived", s["archived"], counts["archived"]),
+        *[(f"  of which {flag}", s[f"archived_{flag}"], "") for flag in FLAGS if s[f"archived_{flag}"]],
+        ("no audio", s["no_audio"], counts["no_audio"]),
         ("skipped", s["skipped"], counts["skipped"]),
         ("failed", s["failed"], counts["failed"]),
         ("waiting", "-", waiting),
@@ -123,7 +126,15 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
     lines = [f"{command + ' summary':<24}{'this run':>12}{'database':>12}"]
     lines += [f"  {name:<22}{this!s:>12}{total!s:>12}".rstrip() for name, this, total in rows]
     if waiting:
-        lines.append(f"still waiting: {waiting} (not ended or files not uploaded yet; the next run continues)")
+        why = "not ended or files not uploaded yet"
+        if result.abandoned:
+            why = f"{result.abandoned} abandoned in flight when the run ended, the rest {why}"
+        lines.append(f"still waiting: {waiting} ({why}; the next run continues)")
+    if s["no_audio"]:
+        lines.append(
+            f"no audio: {s['no_audio']} recording(s) have no audio on the server and never will; their metadata "
+            "is kept (sidecar). Likely cause: the customer's 10 GB store on the server was full."
+        )
     if result.walk_error:
         lines.append(f"listing failed: {result.walk_error}")
     if result.fatal:
@@ -136,7 +147,8 @@ async def _status(cfg: Config, as_json: bool) -> int:
         info = await status(cfg)
     except FileNotFoundError:
         info = {**dict.fromkeys(STATES, 0), "total": 0, "oldest_pending": None, "last_error": None,
-                "last_cycle": None, "note": "no state database yet"}
+                "last_cycle": None, "archived_flagged": dict.fromkeys(FLAGS, 0), "flagged_recent": [],
+                "api_refused": None, "accesskey_expires": None, "note": "no state database yet"}
     if as_json:
         print(json.dumps(info, sort_keys=True))
         return EXIT_OK
@@ -161,6 +173,16 @@ def _status_table(info: dict[str, Any]) -> str:
     err = info.get("last_error")
     rows.append(f"last error: {err['id']} [{err['state']}] {err['error']}" if err else "last error: -")
     rows.append(f"last service cycle: {_when(info.get('last_cycle'))}")
+    flags = info.get("archived_flagged") or {}
+    rows.append("archived but imperfect: " + ", ".join(f"{flag} {flags.get(flag, 0)}" for flag in FLAGS))
+    for item in info.get("flagged_recent") or []:
+        rows.append(f"  {item['id']} [{item['flag'] or item['state']}] {item['flag_reason']}")
+    refused = info.get("api_refused")
+    if refused:
+        rows.append(f"API REFUSES US since {_when(refused.get('since'))}: {refused.get('message')}")
+    expires = info.get("accesskey_expires")
+    warning = expiry_warning(expires)
+    rows.append(f"access key expires: {_when(expires)}" + (f"  WARNING: {warning}" if warning else ""))
     return "\n".join(rows)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -28,13 +30,33 @@ from .errors import (
     TransientError,
 )
 from .logs import redact, register_secret
-from .model import check_id
+from .model import check_id, parse_timestamp
 from .ratelimit import TokenBucket
 
 log = structlog.get_logger("archiver.client")
 
 USER_AGENT = f"voipbin-archiver/{__version__}"
 MAX_429_WAITS = 30  # a 429 is the server asking us to wait, not a failure: allow many
+CUSTOMER_RATE = 16.7  # the server's budget per customer, requests/s, shared with the customer's other users
+RATE_WINDOW = 10.0  # seconds of our own requests looked at when a 429 arrives
+
+# What to tell the operator for each account-level refusal (HTTP 403); see shared/voipbin-api.md.
+ACCOUNT_REFUSALS = {
+    "ACCOUNT_FROZEN": (
+        "the VoIPbin account is frozen: every API request is refused. Nothing is lost and no recording "
+        "was marked failed. Ask VoIPbin to restore the account, then archive at once (run the backfill "
+        "again): a frozen account's recordings may not stay on the server for long"
+    ),
+    "DELETION_SCHEDULED": (
+        "the VoIPbin account is scheduled for deletion: every API request is refused, and the server's "
+        "recordings go with the account. Ask VoIPbin to cancel the deletion or restore access, then run "
+        "the backfill again right away; no recording was marked failed"
+    ),
+    "PERMISSION_DENIED": (
+        "the credential lacks the customer-admin or customer-manager permission that listing and "
+        "downloading recordings need: use an access key of a user with one of them"
+    ),
+}
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -43,6 +65,7 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
 
 
 def _retry_after(value: str | None) -> float:
+    """``Retry-After`` in seconds (1 when absent or unreadable; at most 300)."""
     try:
         return max(0.0, min(300.0, float(value))) if value else 1.0
     except ValueError:
@@ -59,22 +82,27 @@ class ApiClient:
         self._jwt = cfg.token
         self._login_lock = asyncio.Lock()
         self._concurrency = concurrency
+        self._sent: deque[float] = deque(maxlen=4096)  # when our recent API requests went out
+        self.budget_shared = False  # a 429 came while we were under the customer's rate: others use it too
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=cfg.timeout, sock_read=cfg.timeout)
+        self._files_timeout = aiohttp.ClientTimeout(
+            total=None, connect=cfg.timeout, sock_read=cfg.recordingfiles_timeout
+        )
         self._api: aiohttp.ClientSession | None = None
         self._storage: aiohttp.ClientSession | None = None
         for secret in cfg.secrets():
             register_secret(secret)
 
     async def __aenter__(self) -> ApiClient:
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.cfg.timeout, sock_read=self.cfg.timeout)
         limit = self._concurrency * 2 + 4
         self._api = aiohttp.ClientSession(
-            timeout=timeout,
+            timeout=self._timeout,
             connector=aiohttp.TCPConnector(limit=limit),
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
         )
         self._storage = aiohttp.ClientSession(
-            timeout=timeout,
+            timeout=self._timeout,
             connector=aiohttp.TCPConnector(limit=limit),
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT},
@@ -98,22 +126,48 @@ class ApiClient:
         return {}, {}
 
     async def login(self) -> None:
-        """``POST /auth/login`` with username/password; a refusal is ``AuthRefused``."""
+        """``POST /auth/login`` with username/password. A ``4xx`` other than ``429`` is a refused
+        credential (``AuthRefused``); ``429``, ``5xx`` and network faults are retried with
+        backoff (``Retry-After`` honoured) and end in ``TransientError``, never ``AuthRefused``."""
         assert self._api is not None
-        self.stats["requests"] += 1
-        self.stats["login"] += 1
-        await self.bucket.acquire()
-        try:
-            async with self._api.post(
-                self.cfg.login_url,
-                json={"username": self.cfg.username, "password": self.cfg.password},
-                allow_redirects=False,
-            ) as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    raise AuthRefused(f"login refused: HTTP {resp.status}")
-        except aiohttp.ClientError as exc:
-            raise TransientError(f"login failed: {redact(str(exc))}") from None
+        failures = 0
+        waits_429 = 0
+        while True:
+            self.stats["requests"] += 1
+            self.stats["login"] += 1
+            await self.bucket.acquire()
+            try:
+                async with self._api.post(
+                    self.cfg.login_url,
+                    json={"username": self.cfg.username, "password": self.cfg.password},
+                    allow_redirects=False,
+                ) as resp:
+                    body = await resp.read()
+                    status, retry_after = resp.status, resp.headers.get("Retry-After")
+                    request_id = _request_id(resp.headers, _error_info(body))
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                status, retry_after, request_id = 0, None, ""
+                problem = f"{type(exc).__name__}: {redact(str(exc))}"
+            else:
+                problem = f"HTTP {status} request_id={request_id}"
+            if status == 200:
+                break
+            if status == 429:
+                waits_429 += 1
+                delay = _retry_after(retry_after)
+                log.warning("login_rate_limited", retry_after=delay, request_id=request_id)
+                if waits_429 > MAX_429_WAITS:
+                    raise TransientError(f"login rate limited {waits_429} times in a row")
+                await asyncio.sleep(delay)
+                continue
+            if 400 <= status < 500:
+                raise AuthRefused(f"login refused: {problem} (check username and password)", status=status)
+            failures += 1
+            if failures > self.cfg.max_retries:
+                raise TransientError(f"login failed: {problem}")
+            delay = backoff_delay(failures - 1, self.cfg.retry_base, self.cfg.retry_max)
+            log.info("login_retry", reason=problem, attempt=failures, delay=round(delay, 3))
+            await asyncio.sleep(delay)
         try:
             token = json.loads(body)["token"]
         except (ValueError, KeyError, TypeError):
@@ -135,7 +189,10 @@ class ApiClient:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def _request(self, path: str, params: dict[str, str] | None = None, *, redirect: bool = False) -> Any:
+    async def _request(
+        self, path: str, params: dict[str, str] | None = None, *, redirect: bool = False,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> Any:
         """GET an API path with pacing and retries.
 
         Returns parsed JSON, or with ``redirect=True`` the ``Location`` of a 3xx.  Raises the
@@ -156,9 +213,12 @@ class ApiClient:
             query = {**(params or {}), **auth_params}
             await self.bucket.acquire()
             self.stats["requests"] += 1
+            self._sent.append(time.monotonic())
             reason = ""
             try:
-                async with self._api.get(url, params=query, headers=headers, allow_redirects=False) as resp:
+                async with self._api.get(
+                    url, params=query, headers=headers, allow_redirects=False, timeout=timeout or self._timeout
+                ) as resp:
                     status = resp.status
                     body = await resp.read()
                     if redirect and status in (301, 302, 303, 307, 308):
@@ -174,27 +234,33 @@ class ApiClient:
                         except ValueError:
                             reason = "malformed_json"
                             raise _Retry(f"{path}: malformed JSON in HTTP {status} answer") from None
-                    err_reason, request_id = _error_info(body)
+                    err = _error_info(body)
+                    request_id = _request_id(resp.headers, err)
+                    detail = f"HTTP {status} {err.reason} request_id={request_id}".replace("  ", " ")
                     if status == 401:
                         if not relogged and await self._relogin(used_jwt):
                             relogged = True
                             continue
                         raise AuthRefused(
-                            f"the API refused the credential (HTTP 401 {err_reason}, request_id={request_id})"
+                            f"the API refused the credential ({detail}): check or renew it", err.reason, 401
                         )
+                    if status == 403:
+                        advice = ACCOUNT_REFUSALS.get(err.reason, "the API refuses this account's requests")
+                        raise AuthRefused(f"{advice} ({detail})", err.reason, 403)
                     if status == 429:
                         delay = _retry_after(resp.headers.get("Retry-After"))
                         self.bucket.pause(delay)
                         self.stats["http_429"] += 1
                         waits_429 += 1
-                        log.warning("rate_limited", path=path, retry_after=delay, request_id=request_id)
+                        self._note_429(err.limited_by)
+                        log.warning("rate_limited", path=path, retry_after=delay, limited_by=err.limited_by,
+                                    request_id=request_id)
                         if waits_429 > MAX_429_WAITS:
                             raise TransientError(f"{path}: rate limited {waits_429} times in a row")
                         continue
-                    detail = f"HTTP {status} {err_reason} request_id={request_id}".strip()
                     if status in (404, 410):
                         raise RecordingGone(f"{path}: {detail}")
-                    if status in (400, 403):
+                    if status == 400:
                         raise RecordingRefused(f"{path}: {detail}")
                     reason = f"http_{status}"
                     raise _Retry(f"{path}: {detail}")
@@ -211,12 +277,52 @@ class ApiClient:
             log.info("request_retry", path=path, reason=reason, attempt=failures, delay=round(delay, 3))
             await asyncio.sleep(delay)
 
+    def _note_429(self, limited_by: str) -> None:
+        """A customer-limited 429 while we sent less than the customer's whole rate means
+        someone else of the customer is using the budget: say so once, clearly."""
+        self.stats[f"http_429_{limited_by or 'unknown'}"] += 1
+        if limited_by != "customer" or self.budget_shared or not self._sent:
+            return
+        now = time.monotonic()
+        window = min(RATE_WINDOW, now - self._sent[0]) or RATE_WINDOW
+        ours = sum(1 for t in self._sent if t > now - window)
+        if ours < CUSTOMER_RATE * window:
+            self.budget_shared = True
+            log.warning(
+                "rate_budget_shared", our_requests_per_second=round(ours / window, 1),
+                customer_budget=CUSTOMER_RATE,
+                hint="the customer's other integrations (dialers, CRMs, dashboards) use the same budget; "
+                     "lower [api] requests_per_second if they suffer, or raise it only when they are idle",
+            )
+
     async def list_recordings(self, page_token: str, page_size: int) -> Any:
         params = {"page_size": str(page_size)}
         if page_token:
             params["page_token"] = page_token
         self.stats["list"] += 1
         return await self._request("/recordings", params)
+
+    async def accesskey_expiry(self, max_pages: int = 20) -> float | None:
+        """When our access key expires (epoch), from ``GET /accesskeys``: the key whose
+        ``token_prefix`` our key starts with. None when the listing does not show it."""
+        token = ""
+        for _ in range(max_pages):
+            params = {"page_size": "100", **({"page_token": token} if token else {})}
+            body = await self._request("/accesskeys", params)
+            items = body.get("result") if isinstance(body, dict) else None
+            for item in items if isinstance(items, list) else []:
+                prefix = item.get("token_prefix") if isinstance(item, dict) else None
+                if isinstance(prefix, str) and len(prefix) >= 8 and self.cfg.accesskey.startswith(prefix):
+                    try:
+                        expires = parse_timestamp(item.get("tm_expire"))
+                    except ValueError:
+                        return None
+                    return expires.timestamp() if expires else None
+            next_token = body.get("next_page_token") if isinstance(body, dict) else None
+            if not items or not isinstance(next_token, str) or not next_token or next_token == token:
+                return None
+            token = next_token
+        return None
 
     async def get_recording(self, recording_id: str) -> Any:
         self.stats["detail"] += 1
@@ -225,7 +331,10 @@ class ApiClient:
     async def recordingfile_url(self, recording_id: str) -> str:
         """Ask for a fresh signed storage URL (the ``Location`` of the 307)."""
         self.stats["recordingfiles"] += 1
-        location = await self._request(f"/recordingfiles/{quote(check_id(recording_id))}", redirect=True)
+        # the server builds the ZIP while this request waits (up to its own 300 s)
+        location = await self._request(
+            f"/recordingfiles/{quote(check_id(recording_id))}", redirect=True, timeout=self._files_timeout
+        )
         parts = urlsplit(location)
         if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname)):
             raise InvalidRecording(f"storage redirect to a non-HTTPS URL refused ({parts.scheme}://{parts.hostname})")
@@ -245,10 +354,34 @@ class _Retry(Exception):
     """Internal: a retryable answer."""
 
 
-def _error_info(body: bytes) -> tuple[str, str]:
-    """(reason, request_id) from VoIPbin's error envelope; empty strings when absent."""
+@dataclass(frozen=True)
+class ErrorInfo:
+    """What VoIPbin's error envelope says; every field empty when the body is not one (an
+    empty or HTML answer of a proxy in front of the API)."""
+
+    reason: str = ""
+    request_id: str = ""
+    limited_by: str = ""
+
+
+def _error_info(body: bytes) -> ErrorInfo:
+    """``{"error": {"status": "NOT_FOUND", "reason": ..., "request_id": ..., "details": [...]}}``"""
     try:
-        err = json.loads(body).get("error", {})
-        return str(err.get("reason", ""))[:100], str(err.get("request_id", ""))[:100]
-    except (ValueError, AttributeError):
-        return "", ""
+        err = json.loads(body)["error"]
+        details = err.get("details")
+        first = details[0] if isinstance(details, list) and details and isinstance(details[0], dict) else {}
+        return ErrorInfo(
+            _short(err.get("reason")), _short(err.get("request_id")), _short(first.get("limited_by"))
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ErrorInfo()
+
+
+def _short(value: Any) -> str:
+    """A printable string of at most 100 characters from an untrusted field ("" for non-strings)."""
+    return "".join(c for c in value[:100] if c.isprintable()) if isinstance(value, str) else ""
+
+
+def _request_id(headers: Any, err: ErrorInfo) -> str:
+    """The server's id for this request: the ``X-Request-Id`` header, else the envelope's."""
+    return _short(headers.get("X-Request-Id", "")) or err.request_id

@@ -116,9 +116,9 @@ class Downloader:
         except BaseException:
             await asyncio.to_thread(remove_quietly, tmp, temp_path(directory, row.id, "unpack"))
             raise
-        if archived.incomplete:
-            log.warning(
-                "archived_incomplete", recording_id=row.id, members=archived.members, reason=archived.incomplete
+        if archived.flag:
+            (log.error if archived.flag == "damaged" else log.warning)(
+                f"archived_{archived.flag}", recording_id=row.id, members=archived.members, reason=archived.flag_reason
             )
         return archived
 
@@ -151,29 +151,52 @@ class Downloader:
 
     def _adopt_existing(self, row: Row, directory: Path) -> Archived | None:
         """A final file from an interrupted run (renamed, not yet recorded): re-verify it against
-        its sidecar and structure; keep it if it passes, remove it otherwise."""
+        its sidecar and structure; keep it if it passes, remove it otherwise. A ``no_audio``
+        sidecar (no body) is adopted as it is."""
         for ext in EXTENSIONS:
             final = directory / f"{row.id}.{ext}"
-            if not final.exists():
-                continue
             side = sidecar_path(final)
+            if not final.exists():
+                adopted = self._adopt_no_audio(row, side) if ext == EXTENSIONS[0] else None
+                if adopted is not None:
+                    return adopted
+                continue
             try:
                 meta = json.loads(side.read_text())["archive"]
                 size, sha = hash_file(final)
                 if size != meta["size"] or sha != meta["sha256"]:
                     raise VerificationError("differs from its sidecar")
-                if ext == "zip":
-                    inspect_zip(final, self.limits)
-                else:
-                    _check_wav_file(final)
+                if meta.get("flag") != "damaged":  # a damaged body was kept knowing it fails these
+                    if ext == "zip":
+                        inspect_zip(final, self.limits)
+                    else:
+                        _check_wav_file(final)
             except Exception as exc:  # noqa: BLE001 - any doubt means: do not trust it
                 log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
                 final.unlink(missing_ok=True)
                 continue
             rel = str(final.relative_to(self.layout.root))
             log.info("existing_file_adopted", recording_id=row.id, file=rel)
-            return Archived(rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True)
+            return Archived(
+                rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True,
+                flag=meta.get("flag") or "", flag_reason=meta.get("flag_reason") or "",
+            )
         return None
+
+    def _adopt_no_audio(self, row: Row, side: Path) -> Archived | None:
+        """The sidecar of a recording settled without audio (it has no body of its own)."""
+        try:
+            meta = json.loads(side.read_text())["archive"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(meta, dict) or meta.get("state") != "no_audio" or meta.get("file") is not None:
+            return None
+        rel = str(side.relative_to(self.layout.root))
+        log.info("existing_file_adopted", recording_id=row.id, file=rel, state="no_audio")
+        return Archived(
+            rel, int(meta.get("size", 0)), str(meta.get("sha256", "")), meta.get("server_hashes_checked", {}),
+            len(meta.get("members", [])), True, state="no_audio", flag_reason=meta.get("flag_reason") or "",
+        )
 
 
 class _Body:

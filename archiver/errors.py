@@ -3,11 +3,13 @@
 Each class maps to one outcome, so the worker pool can act on the type alone:
 
 * ``ConfigError``        -> exit 2 before any work starts.
-* ``AuthRefused``        -> the credential was refused: stop taking work (exit 3 / pause).
+* ``AuthRefused``        -> the credential (401) or the account (403: frozen, scheduled for
+  deletion, no permission) was refused, for every request alike: stop taking work (exit 3 /
+  pause), count nothing against any recording.
 * ``LocalStorageError``  -> our disk failed (ENOSPC, EACCES): the recording stays retryable,
   the process stops (backfill) or pauses (service).
 * ``RecordingGone``      -> 404: the recording was deleted; state ``skipped``.
-* ``RecordingRefused``   -> 403/400 for this recording; state ``failed``.
+* ``RecordingRefused``   -> 400 for this recording (a malformed id); state ``failed``.
 * ``InvalidRecording``   -> the server sent data we must not act on; state ``failed``.
 * ``NotReady``           -> files not uploaded yet; try later, not an error.
 * ``TransientError``     -> network/5xx/429 beyond the per-request retries; retry later.
@@ -26,7 +28,13 @@ class ConfigError(ArchiverError):
 
 
 class AuthRefused(ArchiverError):
-    """The API refused our credential (401) and logging in again did not help."""
+    """The API refused our credential (401, and logging in again did not help) or our account
+    (403). ``reason`` is the server's (``ACCOUNT_FROZEN``, ...) or ``HTTP_<status>``."""
+
+    def __init__(self, message: str, reason: str = "", status: int = 401) -> None:
+        super().__init__(message)
+        self.reason = reason or f"HTTP_{status}"
+        self.status = status
 
 
 class LocalStorageError(ArchiverError):
@@ -42,7 +50,7 @@ class RecordingGone(ArchiverError):
 
 
 class RecordingRefused(ArchiverError):
-    """The API refuses this recording (403 another customer's, 400 malformed id)."""
+    """The API refuses this recording (400: a malformed id)."""
 
 
 class InvalidRecording(ArchiverError):

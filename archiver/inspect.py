@@ -224,6 +224,16 @@ def inspect_zip(path: Path | BinaryIO, limits: ZipLimits, extract_to: Path | Non
         return [_read_member(archive, info, extract_to) for info in infos]
 
 
+def list_zip_members(source: BinaryIO) -> list[Member]:
+    """What a damaged ZIP's central directory declares (names, sizes, CRCs), unverified; an
+    empty list when even that cannot be read. Only for describing a kept damaged body."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            return [Member(i.filename[:200], i.file_size, None, 0, None, i.CRC) for i in archive.infolist()[:1000]]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return []
+
+
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, extract_to: Path | None) -> Member:
     riff = RiffChecker(f"member {info.filename[:80]!r}")
     # zipfile checks the CRC-32 once the member is read to its end; a SHA-256 of a member is

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .errors import ConfigError
-from .state import STATES
+from .state import FLAGS, STATES
 
 
 class Metrics:
@@ -22,6 +23,13 @@ class Metrics:
         self.bytes = Counter("voipbin_archiver_archived_bytes", "Bytes archived", registry=r)
         self.files = Counter("voipbin_archiver_archived_files", "Recording files (ZIP members) archived", registry=r)
         self.archived = Counter("voipbin_archiver_archived_recordings", "Recordings archived", registry=r)
+        self.no_audio = Counter(
+            "voipbin_archiver_no_audio_recordings", "Recordings settled with no audio on the server (sidecar only)",
+            registry=r,
+        )
+        self.flagged = Gauge(
+            "voipbin_archiver_archived_flagged", "Archived recordings kept imperfect, by flag", ["flag"], registry=r
+        )
         self.download_seconds = Histogram(
             "voipbin_archiver_download_seconds", "Time to download and verify one recording", registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
@@ -36,30 +44,48 @@ class Metrics:
         self.api_requests = Gauge("voipbin_archiver_api_requests", "HTTP requests sent (API and storage)", registry=r)
         self.http_429 = Gauge("voipbin_archiver_rate_limited_responses", "429 answers received", registry=r)
         self.credential_refused = Gauge(
-            "voipbin_archiver_credential_refused", "1 while the API refuses the credential", registry=r
+            "voipbin_archiver_credential_refused",
+            "1 while the API refuses the credential or the account (401 or 403), by the server's reason",
+            ["reason"], registry=r,
+        )
+        self.accesskey_expiry = Gauge(
+            "voipbin_archiver_accesskey_expiry_timestamp_seconds",
+            "When the access key expires (from GET /accesskeys); 0 while unknown", registry=r,
+        )
+        self.budget_shared = Gauge(
+            "voipbin_archiver_rate_budget_shared",
+            "1 once a 429 came while we were under the customer's rate: others use the budget too", registry=r,
         )
         self.last_cycle_at = 0.0
-        self.refused = False
+        self.refused = ""  # the server's reason while it refuses us, "" otherwise
         for state in STATES:
             self.recordings.labels(state)
+        for flag in FLAGS:
+            self.flagged.labels(flag)
 
-    def set_counts(self, counts: dict[str, int], oldest_tm_create: float | None) -> None:
+    def set_counts(self, summary: dict[str, Any], oldest_tm_create: float | None) -> None:
         for state in STATES:
-            self.recordings.labels(state).set(counts.get(state, 0))
+            self.recordings.labels(state).set(summary.get(state, 0))
+        for flag, n in summary.get("archived_flagged", {}).items():
+            self.flagged.labels(flag).set(n)
+        self.accesskey_expiry.set(summary.get("accesskey_expires") or 0)
         self.pending_age.set(max(0.0, time.time() - oldest_tm_create) if oldest_tm_create else 0)
 
     def cycle_succeeded(self) -> None:
         self.last_cycle_at = time.time()
         self.last_cycle.set(self.last_cycle_at)
-        self.set_refused(False)
+        self.set_refused("")
 
-    def set_refused(self, refused: bool) -> None:
-        self.refused = refused
-        self.credential_refused.set(1 if refused else 0)
+    def set_refused(self, reason: str) -> None:
+        if self.refused:
+            self.credential_refused.remove(self.refused)
+        self.refused = reason
+        if reason:
+            self.credential_refused.labels(reason).set(1)
 
     def healthy(self, poll_interval: float) -> tuple[bool, str]:
         if self.refused:
-            return False, "credential refused"
+            return False, f"the API refuses us: {self.refused}"
         if not self.last_cycle_at:
             return False, "no successful cycle yet"
         age = time.time() - self.last_cycle_at

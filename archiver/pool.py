@@ -10,6 +10,7 @@ in flight, so a recording never has two downloads at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections import Counter
@@ -65,8 +66,10 @@ class RunResult:
 
     stats: Counter[str] = field(default_factory=Counter)
     fatal: str = ""  # why the run stopped early, if it did
-    auth_refused: bool = False
+    auth_refused: bool = False  # the API refused the credential or the account (exit 3)
+    refusal: str = ""  # the server's reason for that refusal (ACCOUNT_FROZEN, ...)
     walk_error: str = ""
+    abandoned: int = 0  # in flight at the end (--wait over, or a stop), abandoned: still pending
 
 
 class Engine:
@@ -116,16 +119,16 @@ class Engine:
         try:
             try:
                 await self._walk(full=True, since=since, until=until)
-                self.metrics.cycle_succeeded()
+                await self._succeeded()
             except AuthRefused as exc:
-                self._fatal(str(exc), auth=True)
+                await self._refused(exc)
             except (TransientError, RecordingRefused, RecordingGone) as exc:
                 self.result.walk_error = redact(str(exc))
                 log.error("walk_failed", error=self.result.walk_error, hint="the next run resumes from the checkpoint")
             self.walk_done = True
             self.deadline = time.time() + wait
             self.wake.set()
-            await self._wait_first(feeder)
+            await self._wait_first(feeder, wait)
         finally:
             await self._shutdown(feeder, workers)
         return self.result
@@ -160,13 +163,13 @@ class Engine:
             full = await self._full_walk_due()
             new = await self._walk(full=full)
         except AuthRefused as exc:
-            self._trouble(str(exc), auth=True)
+            await self._refused(exc)
             return
         except (TransientError, RecordingRefused, RecordingGone) as exc:
             log.error("cycle_walk_failed", error=redact(str(exc)))
             return
         await self.state.set_meta("last_cycle", str(time.time()))
-        self.metrics.cycle_succeeded()
+        await self._succeeded()
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
             seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4),
@@ -186,10 +189,15 @@ class Engine:
             asyncio.create_task(self._downloader(), name=f"downloader-{i}") for i in range(n)
         ]
 
-    async def _wait_first(self, feeder: asyncio.Task[None]) -> None:
+    async def _wait_first(self, feeder: asyncio.Task[None], wait: float) -> None:
+        """Until the feeder has nothing left, a stop, or the backfill's ``--wait`` is over: then
+        the feeder stops once no due work is left to hand out (``_feed``), and whatever is still
+        in flight (a slow ZIP build, a dripping transfer) is abandoned by ``_shutdown``."""
         stopper = asyncio.create_task(self.stop.wait())
         await asyncio.wait({feeder, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        if self.in_flight and not self.stop.is_set():
+            log.info("wait_over", wait_seconds=wait, in_flight=len(self.in_flight), grace_seconds=SHUTDOWN_GRACE)
 
     async def _shutdown(self, feeder: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
         """Stop taking work; let in-flight downloads finish briefly, then abandon them cleanly."""
@@ -210,7 +218,7 @@ class Engine:
                     await asyncio.wait_for(self.wake.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
-        abandoned = len(self.in_flight)
+        abandoned = self.result.abandoned = len(self.in_flight)
         for w in busy:
             w.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
@@ -222,26 +230,46 @@ class Engine:
         if abandoned:
             log.info("shutdown_abandoned", recordings=abandoned, reason="will be downloaded on the next run")
 
-    def _fatal(self, reason: str, auth: bool = False) -> None:
+    async def _succeeded(self) -> None:
+        """A walk went through: the API accepts us again, if it had refused us."""
+        if self.metrics.refused:
+            log.info("api_accepts_again", was=self.metrics.refused)
+        self.metrics.cycle_succeeded()
+        if await self.state.get_meta("api_refused") is not None:
+            await self.state.delete_meta("api_refused")
+
+    async def _refused(self, exc: AuthRefused) -> None:
+        """The API refused the credential or the account, for every request alike: recorded
+        for ``status``, then the run stops (backfill) or pauses (service)."""
+        if self.metrics.refused != exc.reason:
+            self.metrics.set_refused(exc.reason)
+            record = {"reason": exc.reason, "http_status": exc.status, "message": redact(str(exc)),
+                      "since": time.time()}
+            await self.state.set_meta("api_refused", json.dumps(record))
+        self.result.refusal = exc.reason
+        self._fatal(str(exc), auth=True, event="account_refused" if exc.status == 403 else "credential_refused")
+
+    def _fatal(self, reason: str, auth: bool = False, event: str = "archive_unwritable") -> None:
         """Backfill: stop the run. Service: pause taking work and say so loudly."""
         if self.mode == "run":
-            self._trouble(reason, auth)
+            self._trouble(reason, auth, event)
             return
         if not self.result.fatal:
-            log.error("stopping", reason=redact(reason))
+            log.error("stopping", cause=event, reason=redact(reason))
         self.result.fatal = self.result.fatal or redact(reason)
         self.result.auth_refused = self.result.auth_refused or auth
         self.stop.set()
 
-    def _trouble(self, reason: str, auth: bool) -> None:
-        if auth:
-            self.metrics.set_refused(True)
-        self.paused_until = time.time() + max(PAUSE_ON_TROUBLE, self.workers_cfg.poll_interval)
+    def _trouble(self, reason: str, auth: bool, event: str) -> None:
+        pause = max(PAUSE_ON_TROUBLE, self.workers_cfg.poll_interval)
+        if time.time() < self.paused_until - pause / 2:
+            return  # already paused for this (many workers see the same refusal at once)
+        self.paused_until = time.time() + pause
         self.result.auth_refused = self.result.auth_refused or auth
         log.error(
-            "credential_refused" if auth else "archive_unwritable", reason=redact(reason),
-            paused_seconds=round(self.paused_until - time.time()),
-            hint="fix the credential" if auth else "free disk space or fix permissions",
+            event, reason=redact(reason),
+            paused_seconds=round(pause), hint="retrying slowly; nothing is counted against any recording"
+            if auth else "free disk space or fix permissions",
         )
 
     # ---- the walk ----------------------------------------------------------------------------
@@ -310,9 +338,11 @@ class Engine:
             timeout = 1.0
             if can_refill:
                 next_due = await self.state.next_due_time()
-                if self.mode == "backfill" and self.walk_done and not self.in_flight:
-                    if next_due is None or next_due > self.deadline:
+                if self.mode == "backfill" and self.walk_done:
+                    if not self.in_flight and (next_due is None or next_due > self.deadline):
                         return
+                    if now >= self.deadline:
+                        return  # --wait is over and nothing due is left: what is in flight gets the grace
                 if next_due is not None:
                     timeout = min(max(next_due - now, 0.01), 5.0)
             elif now < self.paused_until:
@@ -402,7 +432,10 @@ class Engine:
         except (AuthRefused, LocalStorageError) as exc:
             # not the recording's fault: no attempt counted, retryable as soon as we can work again
             await self.state.update(row.id, state=_waiting_state(row), next_attempt_at=time.time())
-            self._fatal(str(exc), auth=isinstance(exc, AuthRefused))
+            if isinstance(exc, AuthRefused):
+                await self._refused(exc)
+            else:
+                self._fatal(str(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not kill the worker or lose the row
@@ -414,17 +447,24 @@ class Engine:
         await self.state.mark_archived(
             row.id, result.rel_path, result.size, result.sha256,
             ",".join(f"{k}={v}" for k, v in result.server_hashes.items()), result.members,
+            result.state, result.flag, result.flag_reason,
         )
         seconds = time.monotonic() - started
-        self.result.stats["archived"] += 1
-        self.result.stats["bytes"] += result.size
-        self.metrics.archived.inc()
-        self.metrics.bytes.inc(result.size)
-        self.metrics.files.inc(result.members)
-        self.metrics.download_seconds.observe(seconds)
-        log.info(
-            "archived", recording_id=row.id, attempt=row.attempts + 1, bytes=result.size, members=result.members,
-            seconds=round(seconds, 3), path=result.rel_path, adopted=result.adopted,
+        self.result.stats[result.state] += 1
+        if result.flag:
+            self.result.stats[f"archived_{result.flag}"] += 1
+        if result.state == "no_audio":
+            self.metrics.no_audio.inc()
+        else:
+            self.result.stats["bytes"] += result.size
+            self.metrics.archived.inc()
+            self.metrics.bytes.inc(result.size)
+            self.metrics.files.inc(result.members)
+            self.metrics.download_seconds.observe(seconds)
+        (log.warning if result.state == "no_audio" else log.info)(
+            result.state, recording_id=row.id, attempt=row.attempts + 1, bytes=result.size, members=result.members,
+            seconds=round(seconds, 3), path=result.rel_path, adopted=result.adopted, flag=result.flag or None,
+            reason=result.flag_reason if result.state == "no_audio" else None,
         )
 
     async def _poll(self, row: Row) -> Row | None:

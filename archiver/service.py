@@ -15,6 +15,7 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
+from .expiry import expiry_warning, watch_accesskey
 from .inspect import hash_file
 from .layout import sidecar_path
 from .metrics import serve_metrics
@@ -56,6 +57,9 @@ async def run_engine(
                 metrics_runner = await serve_metrics(engine.metrics, cfg.metrics.listen, cfg.workers.poll_interval)
                 log.info("metrics_listening", listen=cfg.metrics.listen)
             supervisor = asyncio.create_task(_supervise(engine, state, client, notifier, mode, progress))
+            helpers = [supervisor]
+            if cfg.api.credential_kind == "accesskey":
+                helpers.append(asyncio.create_task(watch_accesskey(client, state, once=mode == "backfill")))
             started = time.monotonic()
             try:
                 if mode == "backfill":
@@ -64,8 +68,9 @@ async def run_engine(
                     result = await engine.serve()
             finally:
                 notifier.send("STOPPING=1")
-                supervisor.cancel()
-                await asyncio.gather(supervisor, return_exceptions=True)
+                for task in helpers:
+                    task.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
             counts = await state.counts()
             result.stats["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]
             log.info(f"{mode}_done", **dict(result.stats), **{f"total_{k}": v for k, v in counts.items()},
@@ -99,6 +104,7 @@ async def _supervise(
             engine.metrics.set_counts(summary, oldest["tm_create"] if oldest else None)
             engine.metrics.api_requests.set(client.stats["requests"])
             engine.metrics.http_429.set(client.stats["http_429"])
+            engine.metrics.budget_shared.set(1 if client.budget_shared else 0)
             text = _status_text(summary, engine)
             notifier.send(f"STATUS={text}")
             elapsed = time.monotonic() - started
@@ -114,11 +120,19 @@ async def _supervise(
 
 
 def _status_text(summary: dict[str, Any], engine: Engine) -> str:
+    """systemd's ``STATUS=``: what needs the operator first, then the counts."""
     waiting = waiting_count(summary)
     cycle = engine.metrics.last_cycle_at
     when = time.strftime("%H:%M:%S", time.gmtime(cycle)) + " UTC" if cycle else "none yet"
-    return (f"archived {summary['archived']}, waiting {waiting}, failed {summary['failed']}, "
-            f"skipped {summary['skipped']}; last cycle {when}")
+    alerts = []
+    if engine.metrics.refused:
+        alerts.append(f"PAUSED: the API refuses us ({engine.metrics.refused})")
+    key = expiry_warning(summary.get("accesskey_expires"))
+    if key:
+        alerts.append(key.upper()[:1] + key[1:])
+    counts = (f"archived {summary['archived']}, no audio {summary['no_audio']}, waiting {waiting}, "
+              f"failed {summary['failed']}, skipped {summary['skipped']}; last cycle {when}")
+    return "; ".join([*alerts, counts])
 
 
 def _progress_fields(summary: dict[str, Any], engine: Engine, elapsed: float) -> dict[str, Any]:
@@ -158,13 +172,15 @@ class ProgressLine:
 async def status(cfg: Config) -> dict[str, Any]:
     state = await StateDB.open(cfg.state.database, readonly=True)
     try:
-        return await state.summary()
+        return {**await state.summary(), "flagged_recent": await state.flagged()}
     finally:
         await state.close()
 
 
 def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
     """Problems with one archived recording's files (empty list: all good)."""
+    if row["state"] == "no_audio":
+        return _check_no_audio(root, row)
     problems: list[str] = []
     path = root / row["path"]
     try:
@@ -190,6 +206,17 @@ def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
             if msha != member.get("sha256") or msize != member.get("size"):
                 problems.append(f"{member_path.relative_to(root)}: unpacked member changed")
     return problems
+
+
+def _check_no_audio(root: Path, row: dict[str, Any]) -> list[str]:
+    """A recording without audio has only its sidecar, which must agree with the database."""
+    try:
+        meta = json.loads((root / row["path"]).read_text())["archive"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{row['path']}: sidecar of a recording without audio missing or unreadable ({exc})"]
+    if meta.get("state") != "no_audio" or meta.get("sha256") != row["sha256"] or meta.get("size") != row["size"]:
+        return [f"{row['path']}: sidecar disagrees with the database"]
+    return []
 
 
 async def verify(cfg: Config) -> tuple[int, list[str]]:

@@ -9,9 +9,19 @@ What it serves:
   ``GET /storage/{id}`` (the signed "storage" object, with ``x-goog-hash``).
 * ZIP bodies (today's server) or single WAVs (the tutorial's), both timestamp styles.
 * Recordings that end after a delay, whose files arrive late (empty ZIP, then one of two
-  members, then all), deleted ones; the per-customer rate limit (429 + ``Retry-After``).
+  members, then all), deleted ones; the per-customer rate limit (429 + ``Retry-After`` +
+  ``details: [{"limited_by": "customer"}]``), shared with a background consumer if asked.
+* Today's server as ``shared/voipbin-api.md`` describes it: the string-status error envelope
+  and ``X-Request-Id`` on every answer; unset timestamps omitted, ``owner_type`` ``""``; Go-style
+  ZIPs (deflate, data descriptors, zero DOS timestamps); a frozen account (403 on every
+  request, switchable while running); recordings whose files never arrive; a ZIP cached with a
+  member missing; slow ZIP builds (seconds before the 307); a login rate limit; access keys
+  with ``tm_expire`` listed by ``GET /accesskeys``.
 * Switchable faults with probabilities: 5xx, 503, resets, malformed JSON, truncated or
-  corrupted bodies, wrong hashes, expired signed URLs.
+  corrupted bodies, wrong hashes, expired signed URLs, HTML or empty error bodies of a proxy.
+
+Tests change the switches on the object (``sim.refusal = "ACCOUNT_FROZEN"``); a separate
+process does it with ``POST /_sim/control`` and a JSON object of the same names.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import bisect
+import contextvars
 import hashlib
 import hmac
 import io
@@ -29,7 +40,7 @@ import secrets
 import struct
 import time
 import uuid
-import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,7 +61,19 @@ FAULTS = (
     "storage_bad_hash",  # right body, wrong x-goog-hash
     "storage_expired",  # the signed URL is refused (403)
     "storage_stall",  # half the body, then silence for stall_seconds (a slow body / read timeout)
+    "proxy_html",  # a proxy in front of the API answers 502 with an HTML page
+    "proxy_empty",  # a proxy answers 504 with an empty body
+    "login_5xx",  # POST /auth/login answers 503
 )
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# what POST /_sim/control may switch while the simulator runs
+CONTROLS = ("refusal", "revoked", "background_rps", "accesskeys_denied", "login_429", "quirk")
+REFUSALS = ("ACCOUNT_FROZEN", "DELETION_SCHEDULED", "PERMISSION_DENIED")
+CUSTOMER_ID = "5e4a0680-804e-11ec-8477-2fea5968d85b"
+STATUS_CODES = {
+    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_SERVER_ERROR", 503: "SERVICE_UNAVAILABLE",
+}
 
 
 @dataclass
@@ -77,6 +100,18 @@ class SimConfig:
     signed_url_ttl: float = 86400.0
     stall_seconds: float = 5.0
     storage_base: str = ""  # redirect to this origin instead of ourselves (e.g. to test http refusal)
+    no_audio: int = 0  # ended recordings whose files never arrive (the store was full, the upload failed)
+    missing_member: int = 0  # calls whose cached ZIP lacks one leg, for good
+    slow_builds: int = 0  # recordings whose ZIP takes build_seconds to build before the 307
+    build_seconds: float = 5.0
+    build_timeout: float = 300.0  # the server's own limit: past it, 503 REQUEST_TIMEOUT
+    background_rps: float = 0.0  # "someone else" of the same customer, taking from the same bucket
+    refusal: str = ""  # "", or a 403 reason every API request gets (ACCOUNT_FROZEN, ...)
+    login_rate: float = 10.0  # /auth/* per IP
+    login_burst: int = 20
+    login_429: int = 0  # the first N logins answer 429
+    accesskey_ttl: float = 365 * 86400.0  # the access key expires this long after the start
+    accesskeys_denied: bool = False  # GET /accesskeys answers 403 PERMISSION_DENIED
 
 
 @dataclass
@@ -91,11 +126,15 @@ class SimRecording:
     deleted_at: float | None = None
     raw_overrides: dict[str, Any] = field(default_factory=dict)
     body_override: bytes | None = None
+    files_never: bool = False  # the upload failed: storage only ever has an empty ZIP
+    member_missing: bool = False  # the cached ZIP lacks its last member, for good
+    build_seconds: float = 0.0
 
 
-def _ts(value: datetime | None, style: str) -> str:
+def _ts(value: datetime | None, style: str) -> str | None:
+    """A timestamp in the server's style; ``None`` (omitted) for an unset one today."""
     if value is None:
-        return "9999-01-01 00:00:00.000000" if style == "tutorial" else ""
+        return "9999-01-01 00:00:00.000000" if style == "tutorial" else None
     if style == "tutorial":
         return value.strftime("%Y-%m-%d %H:%M:%S.%f")
     if style == "token":  # today's page token: always six fractional digits
@@ -118,15 +157,33 @@ def make_wav(audio: bytes, rate: int = 8000) -> bytes:
     return header + fmt + b"data" + struct.pack("<I", len(audio)) + audio
 
 
-def make_zip(members: list[tuple[str, bytes]]) -> bytes:
+def make_zip(members: list[tuple[str, bytes]], level: int = 1) -> bytes:
+    """A ZIP as Go's ``archive/zip`` writes it (the server's): deflate, flag bit 3 with the CRC
+    and sizes in a data descriptor after each member, zero DOS time and date, no extra fields."""
     if not members:
         return EMPTY_ZIP
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for name, data in members:
-            # a fixed timestamp keeps bodies byte-identical whenever they are rebuilt
-            zf.writestr(zipfile.ZipInfo(name, date_time=(2021, 1, 28, 9, 17, 0)), data, zipfile.ZIP_DEFLATED, 1)
-    return buf.getvalue()
+    out = io.BytesIO()
+    central = io.BytesIO()
+    for name, data in members:
+        encoded = name.encode("utf-8")
+        flags = 0x8 | (0x800 if not encoded.isascii() else 0)
+        packer = zlib.compressobj(level, zlib.DEFLATED, -15)
+        packed = packer.compress(data) + packer.flush()
+        crc = zlib.crc32(data)
+        offset = out.tell()
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, 8, 0, 0, 0, 0, 0, len(encoded), 0))
+        out.write(encoded)
+        out.write(packed)
+        out.write(struct.pack("<IIII", 0x08074B50, crc, len(packed), len(data)))
+        central.write(struct.pack(
+            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, flags, 8, 0, 0, crc, len(packed), len(data),
+            len(encoded), 0, 0, 0, 0, 0, offset,
+        ))
+        central.write(encoded)
+    directory, start = central.getvalue(), out.tell()
+    out.write(directory)
+    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), start, 0))
+    return out.getvalue()
 
 
 class Simulator:
@@ -144,6 +201,12 @@ class Simulator:
         self.credential_leaks = 0
         self.tokens: dict[str, float] = {}  # JWT -> expiry
         self.revoked = False
+        self.refusal = self.cfg.refusal  # a 403 reason for every API request, "" for none
+        self.background_rps = self.cfg.background_rps
+        self.accesskeys_denied = self.cfg.accesskeys_denied
+        self.login_429 = self.cfg.login_429
+        self.accesskey_expires = self.started + self.cfg.accesskey_ttl
+        self.api_times: list[float] = []  # when each API request arrived (monotonic), for pacing tests
         self.quirk = ""  # "repeat_token": pages repeat their token; "result_not_list": newest page is junk
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
         self.recordings: dict[str, SimRecording] = {}
@@ -152,6 +215,8 @@ class Simulator:
         self._sign_key = secrets.token_bytes(16)
         self._bucket_tokens = float(self.cfg.burst)
         self._bucket_at = time.monotonic()
+        self._login_tokens = float(self.cfg.login_burst)
+        self._login_at = time.monotonic()
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._generate()
@@ -180,15 +245,23 @@ class Simulator:
         pending = self.rng.sample(recent, min(len(recent), cfg.pending))
         taken = set(pending)
         rest = [rid for rid in ids if rid not in taken]
-        picks = self.rng.sample(rest, min(len(rest), cfg.late_files + cfg.deleted))
+        picks = self.rng.sample(rest, min(len(rest), cfg.late_files + cfg.deleted + cfg.no_audio))
+        taken |= set(picks)
+        calls = [rid for rid in ids if rid not in taken and self.recordings[rid].reference_type == "call"]
+        for rid in self.rng.sample(calls, min(len(calls), cfg.missing_member)):
+            self.recordings[rid].member_missing = True
+        for rid in self.rng.sample(ids, min(len(ids), cfg.slow_builds)):
+            self.recordings[rid].build_seconds = cfg.build_seconds
         for rid in pending:
             self.recordings[rid].ends_at = self.started + cfg.end_after
             self.recordings[rid].files_at = self.started + cfg.end_after + cfg.files_after
         for rid in picks[: cfg.late_files]:
             self.recordings[rid].ends_at = self.started
             self.recordings[rid].files_at = self.started + cfg.files_after
-        for rid in picks[cfg.late_files :]:
+        for rid in picks[cfg.late_files : cfg.late_files + cfg.deleted]:
             self.recordings[rid].deleted_at = self.started - 60
+        for rid in picks[cfg.late_files + cfg.deleted :]:
+            self.recordings[rid].files_never = True
 
     def _add(self, rec: SimRecording) -> None:
         self.recordings[rec.id] = rec
@@ -197,6 +270,7 @@ class Simulator:
     def add_recording(
         self, *, body: bytes | None = None, raw_overrides: dict[str, Any] | None = None,
         rec_id: str | None = None, reference_type: str = "call", ends_in: float | None = None,
+        files_never: bool = False, member_missing: bool = False, build_seconds: float = 0.0,
     ) -> str:
         """Add a recording (newest of all), optionally with a hand-made body or raw fields."""
         newest = max(
@@ -205,7 +279,8 @@ class Simulator:
         rec = SimRecording(
             id=rec_id or str(uuid.uuid4()), tm_create=newest + timedelta(microseconds=1013),
             reference_type=reference_type, reference_id=str(uuid.uuid4()), duration=1.0,
-            raw_overrides=raw_overrides or {}, body_override=body,
+            raw_overrides=raw_overrides or {}, body_override=body, files_never=files_never,
+            member_missing=member_missing, build_seconds=build_seconds,
         )
         if ends_in is not None:
             rec.ends_at = time.time() + ends_in
@@ -235,8 +310,8 @@ class Simulator:
         tm_end = self.tm_end(rec)
         raw: dict[str, Any] = {
             "id": rec.id,
-            "customer_id": "5e4a0680-804e-11ec-8477-2fea5968d85b",
-            "owner_type": "customer",
+            "customer_id": CUSTOMER_ID,
+            "owner_type": "customer" if style == "tutorial" else "",  # today always ""
             "owner_id": "00000000-0000-0000-0000-000000000000",
             "activeflow_id": "00000000-0000-0000-0000-000000000000",
             "reference_type": rec.reference_type,
@@ -250,16 +325,23 @@ class Simulator:
             "tm_update": _ts(tm_end or rec.tm_create, style),
             "tm_delete": _ts(datetime.fromtimestamp(rec.deleted_at, UTC) if rec.deleted_at else None, style),
         }
-        if style == "tutorial" and not ended:
-            raw["tm_end"] = "9999-01-01 00:00:00.000000"
+        raw = {k: v for k, v in raw.items() if v is not None}  # today's server omits unset times
         raw.update(rec.raw_overrides)
         return raw
 
     def member_names(self, rec: SimRecording) -> list[str]:
-        stamp = rec.tm_create.strftime("%Y-%m-%dT%H:%M:%S")
+        """The files a complete recording has, named as the call manager names them."""
+        stamp = rec.tm_create.strftime("%Y-%m-%dT%H:%M:%SZ")
         if rec.reference_type == "call":
             return [f"call_{rec.reference_id}_{stamp}_in.wav", f"call_{rec.reference_id}_{stamp}_out.wav"]
-        return [f"confbridge_{rec.reference_id}_{stamp}.wav"]
+        return [f"confbridge_{rec.reference_id}_{stamp}_in.wav"]
+
+    def stored_names(self, rec: SimRecording) -> list[str]:
+        """The files storage ever holds: fewer when an upload failed for good."""
+        names = self.member_names(rec)
+        if rec.files_never:
+            return []
+        return names[:-1] if rec.member_missing else names
 
     def audio(self, rec: SimRecording, name: str, size: int) -> bytes:
         return random.Random(f"{rec.id}/{name}").randbytes(size)
@@ -267,7 +349,7 @@ class Simulator:
     def variant(self, rec: SimRecording) -> str:
         """What storage holds now: "empty", "partial" (one member) or "full"."""
         now = time.time()
-        if not self.is_ended(rec) or now < rec.files_at - self.cfg.files_after / 2:
+        if rec.files_never or not self.is_ended(rec) or now < rec.files_at - self.cfg.files_after / 2:
             return "empty"
         if now < rec.files_at:
             return "partial"
@@ -285,7 +367,7 @@ class Simulator:
             size = self.cfg.audio_bytes if variant == "full" else 0
             data = make_wav(self.audio(rec, "wav", size))
         else:
-            names = self.member_names(rec)
+            names = self.stored_names(rec)
             names = {"empty": [], "partial": names[:1], "full": names}[variant]
             each = self.cfg.audio_bytes // max(1, len(self.member_names(rec)))
             data = make_zip([(n, make_wav(self.audio(rec, n, each))) for n in names])
@@ -297,10 +379,15 @@ class Simulator:
         return entry
 
     def expected_archives(self) -> dict[str, bytes]:
-        """Final bodies of every recording the archiver should end up with (ended, not deleted)."""
+        """Final bodies of every recording the archiver should archive (ended, not deleted, with audio)."""
         return {
-            r.id: self.body(r)[0] for r in self.recordings.values() if not self.is_deleted(r) and self.is_ended(r)
+            r.id: self.body(r)[0] for r in self.recordings.values()
+            if not self.is_deleted(r) and self.is_ended(r) and not r.files_never
         }
+
+    def expected_no_audio(self) -> set[str]:
+        """Recordings whose files never arrived: the archiver keeps only their metadata."""
+        return {r.id for r in self.recordings.values() if r.files_never and not self.is_deleted(r)}
 
     def storage_url(self, rec_id: str, variant: str, ttl: float | None = None) -> str:
         expires = int(time.time() + (self.cfg.signed_url_ttl if ttl is None else ttl))
@@ -321,13 +408,15 @@ class Simulator:
         return f"http://127.0.0.1:{self.port}/v1.0"
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._request_id])
         app.router.add_post("/auth/login", self.h_login)
         app.router.add_get("/v1.0/recordings", self.h_list)
         app.router.add_get("/v1.0/recordings/{id}", self.h_detail)
         app.router.add_get("/v1.0/recordingfiles/{id}", self.h_files)
+        app.router.add_get("/v1.0/accesskeys", self.h_accesskeys)
         app.router.add_get("/storage/{id}", self.h_storage)
         app.router.add_get("/_sim/stats", self.h_stats)
+        app.router.add_post("/_sim/control", self.h_control)
         app.router.add_get("/_sim/urls", self.h_urls)
         return app
 
@@ -347,32 +436,74 @@ class Simulator:
         p = self.faults.get(name, 0.0)
         return p > 0 and self.fault_rng.random() < p
 
-    @staticmethod
-    def _error(status: int, reason: str, message: str = "") -> web.Response:
-        body = {"error": {"status": status, "reason": reason, "message": message, "request_id": str(uuid.uuid4())}}
-        return web.json_response(body, status=status)
+    @web.middleware
+    async def _request_id(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every answer carries ``X-Request-Id``; an error body carries the same id."""
+        request_id = str(uuid.uuid4())
+        _REQUEST_ID.set(request_id)
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers["X-Request-Id"] = request_id
+            raise
+        if not resp.prepared:
+            resp.headers["X-Request-Id"] = request_id
+        return resp
 
-    def _rate_limited(self) -> web.Response | None:
+    @staticmethod
+    def _error(
+        request: web.Request, status: int, reason: str, message: str = "", details: list[Any] | None = None
+    ) -> web.Response:
+        """The error envelope of today's server: ``status`` is a string code, not the number."""
+        err: dict[str, Any] = {"status": STATUS_CODES.get(status, "UNKNOWN"), "reason": reason, "message": message,
+                               "request_id": _REQUEST_ID.get()}
+        if details is not None:
+            err["details"] = details
+        return web.json_response({"error": err}, status=status)
+
+    def _rate_limited(self, request: web.Request) -> web.Response | None:
+        """The customer's bucket (16.7/s, burst 33), shared with ``background_rps`` of others."""
         if not self.cfg.rate_limit:
             return None
         now = time.monotonic()
-        self._bucket_tokens = min(self.cfg.burst, self._bucket_tokens + (now - self._bucket_at) * self.cfg.rate)
+        elapsed = now - self._bucket_at
+        tokens = min(self.cfg.burst, self._bucket_tokens + elapsed * self.cfg.rate)
+        self._bucket_tokens = max(0.0, tokens - elapsed * self.background_rps)  # the others took theirs
         self._bucket_at = now
         if self._bucket_tokens >= 1:
             self._bucket_tokens -= 1
             return None
         self.stats["http_429"] += 1
-        retry = max(1, int((1 - self._bucket_tokens) / self.cfg.rate + 0.999))
-        resp = self._error(429, "RATE_LIMIT_EXCEEDED", "too many requests")
-        resp.headers["Retry-After"] = str(retry)
+        spare = max(0.1, self.cfg.rate - self.background_rps)
+        return self._too_many(request, (1 - self._bucket_tokens) / spare, "customer")
+
+    def _too_many(self, request: web.Request, wait: float, limited_by: str) -> web.Response:
+        resp = self._error(request, 429, "RATE_LIMIT_EXCEEDED", "too many requests", [{"limited_by": limited_by}])
+        resp.headers["Retry-After"] = str(max(1, int(wait + 0.999)))
         return resp
+
+    def _login_limited(self, request: web.Request) -> web.Response | None:
+        """``/auth/*`` has its own limit per IP (10/s, burst 20), and ``login_429`` refusals."""
+        if self.login_429 > 0:
+            self.login_429 -= 1
+            self.stats["login_429"] += 1
+            return self._too_many(request, 1, "ip")
+        now = time.monotonic()
+        rate = self.cfg.login_rate
+        self._login_tokens = min(self.cfg.login_burst, self._login_tokens + (now - self._login_at) * rate)
+        self._login_at = now
+        if self._login_tokens >= 1:
+            self._login_tokens -= 1
+            return None
+        self.stats["login_429"] += 1
+        return self._too_many(request, (1 - self._login_tokens) / rate, "ip")
 
     def _authorized(self, request: web.Request) -> bool:
         if self.revoked:
             return False
         key = request.query.get("accesskey") or request.cookies.get("accesskey")
         if key:
-            return hmac.compare_digest(key, self.accesskey)
+            return hmac.compare_digest(key, self.accesskey) and time.time() < self.accesskey_expires
         token = request.query.get("token") or request.cookies.get("token")
         auth = request.headers.get("Authorization", "")
         if not token and auth.lower().startswith("bearer "):
@@ -383,9 +514,17 @@ class Simulator:
         """Latency, rate limit, faults and auth shared by every API endpoint."""
         self.stats["api_requests"] += 1
         self.stats[endpoint] += 1
+        self.api_times.append(time.monotonic())
         if self.cfg.latency:
             await asyncio.sleep(self.cfg.latency)
-        limited = self._rate_limited()
+        if self._fault("proxy_html"):
+            self.stats["fault_proxy_html"] += 1
+            return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                content_type="text/html")
+        if self._fault("proxy_empty"):
+            self.stats["fault_proxy_empty"] += 1
+            return web.Response(status=504)
+        limited = self._rate_limited(request)
         if limited is not None:
             return limited
         if self._fault("api_reset"):
@@ -395,10 +534,13 @@ class Simulator:
             raise web.HTTPInternalServerError()  # never sent: the connection is gone
         if self._fault("api_500"):
             self.stats["fault_api_500"] += 1
-            return self._error(500, "INTERNAL_ERROR")
+            return self._error(request, 500, "INTERNAL_ERROR")
         if not self._authorized(request):
             self.stats["http_401"] += 1
-            return self._error(401, "UNAUTHORIZED", "invalid or expired credential")
+            return self._error(request, 401, "AUTHENTICATION_REQUIRED", "invalid or expired credential")
+        if self.refusal:  # about the account: every request alike
+            self.stats["http_403"] += 1
+            return self._error(request, 403, self.refusal, "the account cannot use the API")
         return None
 
     def _json(self, body: Any) -> web.Response:
@@ -410,9 +552,12 @@ class Simulator:
 
     async def h_login(self, request: web.Request) -> web.Response:
         self.stats["login"] += 1
-        limited = self._rate_limited()
+        limited = self._login_limited(request)
         if limited is not None:
             return limited
+        if self._fault("login_5xx"):
+            self.stats["fault_login_5xx"] += 1
+            return self._error(request, 503, "SERVICE_UNAVAILABLE")
         try:
             body = await request.json()
         except ValueError:
@@ -430,13 +575,13 @@ class Simulator:
         try:
             size = max(1, min(100, int(request.query.get("page_size", "100"))))
         except ValueError:
-            return self._error(400, "BAD_REQUEST", "page_size")
+            return self._error(request, 400, "INVALID_ARGUMENT", "page_size")
         token = request.query.get("page_token", "")
         start = 0
         if token:
             ts = _parse_token(token)
             if ts is None:
-                return self._error(400, "BAD_REQUEST", "page_token")
+                return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
             start = bisect.bisect_right(self._order, (-ts.timestamp(), "\uffff"))
         items: list[Any] = []
         i = start
@@ -463,33 +608,37 @@ class Simulator:
         gate = await self._api_gate(request, "detail")
         if gate is not None:
             return gate
-        rec = self._lookup(request.match_info["id"])
+        rec = self._lookup(request)
         if isinstance(rec, web.Response):
             return rec
         return self._json(self.recording_json(rec))
 
-    def _lookup(self, rec_id: str) -> SimRecording | web.Response:
+    def _lookup(self, request: web.Request) -> SimRecording | web.Response:
+        rec_id = request.match_info["id"]
         try:
             uuid.UUID(rec_id)
         except ValueError:
-            return self._error(400, "BAD_REQUEST", "malformed id")
+            return self._error(request, 400, "INVALID_ID", "malformed id")
         rec = self.recordings.get(rec_id)
         if rec is None or self.is_deleted(rec):
-            return self._error(404, "NOT_FOUND", "recording not found")
-        if rec.raw_overrides.get("customer_id") == "other":
-            return self._error(403, "FORBIDDEN", "not your recording")
+            return self._error(request, 404, "RESOURCE_NOT_FOUND", "recording not found")
         return rec
 
     async def h_files(self, request: web.Request) -> web.StreamResponse:
         gate = await self._api_gate(request, "recordingfiles")
         if gate is not None:
             return gate
-        rec = self._lookup(request.match_info["id"])
+        rec = self._lookup(request)
         if isinstance(rec, web.Response):
             return rec
         if self._fault("api_503"):
             self.stats["fault_api_503"] += 1
-            return self._error(503, "SERVICE_UNAVAILABLE", "cannot sign storage URL")
+            return self._error(request, 503, "SIGNING_NOT_CONFIGURED", "cannot sign storage URL")
+        if rec.build_seconds:  # the server builds the ZIP while the request waits
+            self.stats["slow_builds"] += 1
+            await asyncio.sleep(min(rec.build_seconds, self.cfg.build_timeout))
+            if rec.build_seconds > self.cfg.build_timeout:
+                return self._error(request, 503, "REQUEST_TIMEOUT", "building the archive took too long")
         ttl = -10 if self._fault("storage_expired") else None
         if ttl is not None:
             self.stats["fault_storage_expired"] += 1
@@ -549,6 +698,37 @@ class Simulator:
         await resp.write_eof()
         return resp
 
+    async def h_accesskeys(self, request: web.Request) -> web.StreamResponse:
+        """``GET /accesskeys``: the customer's keys, each with ``token_prefix`` and ``tm_expire``."""
+        gate = await self._api_gate(request, "accesskeys")
+        if gate is not None:
+            return gate
+        if self.accesskeys_denied:
+            return self._error(request, 403, "PERMISSION_DENIED", "needs the customer admin permission")
+        created = datetime.fromtimestamp(self.started, UTC) - timedelta(days=30)
+        keys = [(self.accesskey, datetime.fromtimestamp(self.accesskey_expires, UTC))]
+        keys += [("vb_" + random.Random(f"other{i}").randbytes(16).hex(), created + timedelta(days=400 + i))
+                 for i in range(2)]
+        result = [
+            {"id": str(uuid.UUID(int=random.Random(key).getrandbits(128), version=4)), "customer_id": CUSTOMER_ID,
+             "name": f"key {i}", "detail": "", "token_prefix": key[:11], "tm_expire": _ts(expire, "token"),
+             "tm_create": _ts(created, "token"), "tm_update": _ts(created, "token")}
+            for i, (key, expire) in enumerate(keys)
+        ]
+        return self._json({"result": result, "next_page_token": ""})
+
+    async def h_control(self, request: web.Request) -> web.Response:
+        """Switch ``CONTROLS`` while running: ``{"refusal": "ACCOUNT_FROZEN"}``."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.Response(status=400, text="a JSON object of switches\n")
+        if not isinstance(body, dict) or set(body) - set(CONTROLS):
+            return web.Response(status=400, text=f"known switches: {', '.join(CONTROLS)}\n")
+        for name, value in body.items():
+            setattr(self, name, value)
+        return web.json_response({name: getattr(self, name) for name in CONTROLS})
+
     async def h_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, "credential_leaks": self.credential_leaks,
                                   "storage_gets_total": sum(self.storage_gets.values())})
@@ -558,7 +738,7 @@ class Simulator:
         lines = [
             self.storage_url(r.id, "full")
             for r in self.recordings.values()
-            if not self.is_deleted(r) and self.is_ended(r)
+            if not self.is_deleted(r) and self.is_ended(r) and not r.files_never
         ]
         return web.Response(text="\n".join(lines) + "\n")
 
@@ -576,6 +756,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pending", type=int, default=0)
     parser.add_argument("--late-files", type=int, default=0)
     parser.add_argument("--deleted", type=int, default=0)
+    parser.add_argument("--no-audio", type=int, default=0, help="recordings whose files never arrive")
+    parser.add_argument("--missing-member", type=int, default=0, help="calls whose ZIP lacks a leg for good")
+    parser.add_argument("--slow-builds", type=int, default=0, help="recordings whose ZIP takes --build-seconds")
+    parser.add_argument("--build-seconds", type=float, default=5.0)
+    parser.add_argument("--background-rps", type=float, default=0.0,
+                        help="requests/s that someone else of the customer takes from the shared bucket")
+    parser.add_argument("--refusal", choices=REFUSALS, help="start with the account refused (403 on every request)")
+    parser.add_argument("--login-429", type=int, default=0, help="the first N logins answer 429")
+    parser.add_argument("--accesskey-ttl", type=float, default=365 * 86400.0, help="seconds until the key expires")
+    parser.add_argument("--accesskeys-denied", action="store_true", help="GET /accesskeys answers 403")
     parser.add_argument("--accesskey", default="")
     parser.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                         help=f"fault probability, repeatable; names: {', '.join(FAULTS)}")
@@ -591,6 +781,9 @@ def main(argv: list[str] | None = None) -> None:
         recordings=args.recordings, mode=args.mode, timestamps=args.timestamps, audio_bytes=args.audio_bytes,
         latency=args.latency, rate_limit=not args.no_rate_limit, pending=args.pending,
         late_files=args.late_files, deleted=args.deleted, accesskey=args.accesskey, faults=faults,
+        no_audio=args.no_audio, missing_member=args.missing_member, slow_builds=args.slow_builds,
+        build_seconds=args.build_seconds, background_rps=args.background_rps, refusal=args.refusal or "",
+        login_429=args.login_429, accesskey_ttl=args.accesskey_ttl, accesskeys_denied=args.accesskeys_denied,
     )
 
     async def serve() -> None:
@@ -598,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.precompute:
             sim.expected_archives()
         await sim.start(args.host, args.port)
-        print(f"simulator: {sim.base_url} accesskey={sim.accesskey}", flush=True)
+        print(f"simulator: {sim.base_url} accesskey={sim.accesskey} (switches: POST /_sim/control)", flush=True)
         await asyncio.Event().wait()
 
     try:

@@ -5,7 +5,9 @@ One row per recording with its full JSON and our state:
 ``discovered``  listed but not ``ended`` yet: polled with ``GET /recordings/{id}``
 ``pending``     ended: its download is due at ``next_attempt_at`` (also: files not uploaded yet)
 ``downloading`` claimed by a worker (reset to ``pending`` at start-up after a crash)
-``archived``    verified file renamed into place, sidecar written
+``archived``    verified file renamed into place, sidecar written; ``flag`` ``incomplete`` (fewer
+                files than expected) or ``damaged`` (broken structure, the server's only copy)
+``no_audio``    settled with no audio on the server, for good: only the sidecar is kept
 ``failed``      given up, ``last_error`` says why
 ``skipped``     deleted or otherwise gone, ``last_error`` says why
 
@@ -29,7 +31,9 @@ import aiosqlite
 from .errors import StateLocked
 from .model import Recording
 
-STATES = ("discovered", "pending", "downloading", "archived", "failed", "skipped")
+STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
+FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
+STORED = ("archived", "no_audio")  # states with files in the archive (``verify``)
 WAITING = ("discovered", "pending", "downloading")  # not archived, failed or skipped yet
 
 
@@ -72,6 +76,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX recordings_waiting_created ON recordings(tm_create)
         WHERE state IN ('discovered', 'pending', 'downloading');
     CREATE INDEX recordings_errors ON recordings(updated_at) WHERE last_error IS NOT NULL;
+    """,
+    # v3: what a settled recording lacks (flag, flag_reason), for status and for deletion from
+    # the server (only what is archived complete is ever deleted); the state ``no_audio``.
+    """
+    ALTER TABLE recordings ADD COLUMN flag TEXT;
+    ALTER TABLE recordings ADD COLUMN flag_reason TEXT;
+    CREATE INDEX recordings_flagged ON recordings(flag) WHERE flag IS NOT NULL;
     """,
 ]
 
@@ -230,6 +241,10 @@ class StateDB:
         await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", (key, value))
         await self.db.commit()
 
+    async def delete_meta(self, key: str) -> None:
+        await self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+        await self.db.commit()
+
     # ---- the worker pool ---------------------------------------------------------------------
 
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
@@ -271,13 +286,15 @@ class StateDB:
         await self.db.commit()
 
     async def mark_archived(
-        self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int
+        self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
+        state: str = "archived", flag: str = "", flag_reason: str = "",
     ) -> None:
-        """Record a verified file. Concurrent calls share one transaction (group commit); each
-        returns only once its own row is committed."""
+        """Record a stored recording (``archived`` or ``no_audio``). Concurrent calls share one
+        transaction (group commit); each returns only once its own row is committed."""
         now = time.time()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._archived_batch.append(((path, size, sha256, server_hashes, members, now, now, rec_id), future))
+        values = (state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None)
+        self._archived_batch.append(((*values, now, now, rec_id), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_archived())
         await asyncio.shield(future)
@@ -288,8 +305,8 @@ class StateDB:
             batch, self._archived_batch = self._archived_batch, []
             try:
                 await self.db.executemany(
-                    "UPDATE recordings SET state='archived', path=?, size=?, sha256=?, server_hashes=?,"
-                    " members=?, archived_at=?, last_error=NULL, updated_at=? WHERE id=?",
+                    "UPDATE recordings SET state=?, path=?, size=?, sha256=?, server_hashes=?, members=?,"
+                    " flag=?, flag_reason=?, archived_at=?, last_error=NULL, updated_at=? WHERE id=?",
                     [values for values, _ in batch],
                 )
                 await self.db.commit()
@@ -348,15 +365,35 @@ class StateDB:
             {"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3]} if rows else None
         )
         out["last_cycle"] = await self.get_meta("last_cycle")
+        flags = dict.fromkeys(FLAGS, 0)
+        for flag, n in await self.db.execute_fetchall(
+            "SELECT flag, count(*) FROM recordings INDEXED BY recordings_flagged WHERE flag IS NOT NULL GROUP BY flag"
+        ):
+            flags[str(flag)] = n
+        out["archived_flagged"] = flags
+        refused = await self.get_meta("api_refused")
+        out["api_refused"] = json.loads(refused) if refused else None
+        expires = await self.get_meta("accesskey_expires")
+        out["accesskey_expires"] = float(expires) if expires else None
         return out
 
+    async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
+        """The latest recordings kept imperfect or without audio, with why (``status``)."""
+        rows = await self.db.execute_fetchall(
+            "SELECT id, state, flag, flag_reason FROM recordings WHERE flag_reason IS NOT NULL"
+            " ORDER BY updated_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [dict(r) for r in rows]
+
     async def archived(self, batch: int = 1000) -> Any:
-        """Yield archived rows in batches (``verify``); never the whole table in memory."""
+        """Yield rows with files in the archive (``archived``, ``no_audio``) in batches
+        (``verify``); never the whole table in memory."""
         last = ""
         while True:
             rows = await self.db.execute_fetchall(
-                "SELECT id, path, size, sha256 FROM recordings WHERE state='archived' AND id > ?"
-                " ORDER BY id LIMIT ?",
+                "SELECT id, state, path, size, sha256 FROM recordings WHERE state IN ('archived', 'no_audio')"
+                " AND id > ? ORDER BY id LIMIT ?",
                 (last, batch),
             )
             if not rows:

@@ -5,6 +5,11 @@ nothing of the network side. A file visible under its final name is complete and
 body is in a temporary file in the destination directory; it is fsynced, checked (length, every
 ``x-goog-hash``, ZIP member CRCs and sizes, RIFF structure), its sidecar is written (temporary
 name, fsync, rename) and only then is it renamed. The caller fsyncs the directory afterwards.
+
+After the settle window, what the server has is the only copy there will ever be, so it is kept
+and described rather than retried: fewer files than expected (flag ``incomplete``), a body whose
+structure is broken although it matches every server hash (flag ``damaged``), or no audio at all
+(state ``no_audio``: only the sidecar is kept, as proof that the call was recorded).
 """
 
 from __future__ import annotations
@@ -22,20 +27,41 @@ from typing import Any, BinaryIO
 from . import __version__
 from .config import ArchiveConfig
 from .errors import LocalStorageError, NotReady, VerificationError
-from .inspect import CHUNK, BodyDigest, Member, RiffChecker, ZipLimits, body_kind, inspect_zip, write_all
+from .inspect import (
+    CHUNK,
+    BodyDigest,
+    Member,
+    RiffChecker,
+    ZipLimits,
+    body_kind,
+    inspect_zip,
+    list_zip_members,
+    write_all,
+)
 from .layout import Layout, sidecar_path, temp_path
 from .model import expected_members
+
+NO_AUDIO_CAUSE = (
+    "the server holds no audio for this recording and never will (it stores a recording's files once, "
+    "after the call ends). Likely cause: the customer's 10 GB store on the server was full when the call "
+    "ended, or that one upload failed"
+)
 
 
 @dataclass(frozen=True)
 class Archived:
+    """A stored recording: ``state`` ``archived`` (``rel_path`` is the body) or ``no_audio``
+    (``rel_path`` is the sidecar, the only file kept); ``flag`` marks a kept-but-imperfect body."""
+
     rel_path: str
     size: int
     sha256: str
     server_hashes: dict[str, str]
     members: int
     adopted: bool = False
-    incomplete: str = ""  # why a settled recording was kept with fewer files than expected
+    state: str = "archived"  # or "no_audio"
+    flag: str = ""  # "", "incomplete" (fewer files than expected) or "damaged" (broken structure)
+    flag_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,27 +162,49 @@ class Store:
     def store(self, job: StoreJob) -> Archived:
         """Write the rest of the body, fsync, verify, write the sidecar, rename (no directory
         fsync); raise an ``archiver.errors`` class otherwise."""
-        digest, source = self._finish(job)
+        digest, source = self._finish(job)  # the bytes are what storage holds (length, hashes)
         unpack_tmp = temp_path(job.directory, job.rec_id, "unpack")
+        settled = time.time() >= (job.tm_end or job.tm_create or 0) + self.cfg.settle_window
         with source:
             if not digest.size:
-                raise NotReady("storage answered an empty body")
+                if not settled:
+                    raise NotReady("storage answered an empty body")
+                return self._commit_no_audio(job, "empty", digest, [], "storage answered an empty body")
             kind = body_kind(source.read(4))
             source.seek(0)
-            if kind == "wav":
-                riff = RiffChecker()
-                while chunk := source.read(CHUNK):
-                    riff.feed(chunk)
-                riff.finish()
-                members = [Member(f"{job.rec_id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
-            else:
-                extract_to = None
-                if self.cfg.unpack:
-                    _fresh_dir(unpack_tmp)
-                    extract_to = unpack_tmp
-                members = inspect_zip(source, self.limits, extract_to)
-        incomplete = self._check_ready(job, kind, members)
-        return self._commit(job, kind, digest, members, unpack_tmp, incomplete)
+            try:
+                members = self._inspect(job, kind, digest, source, unpack_tmp)
+            except VerificationError as exc:
+                if not job.hashes:  # nothing says storage holds these bytes: a transfer fault, retry
+                    raise
+                if not settled:
+                    raise NotReady(f"{exc} (matches the server's hashes; not uploaded completely yet?)") from None
+                remove_quietly(unpack_tmp)
+                source.seek(0)
+                members = list_zip_members(source) if kind == "zip" else []
+                reason = f"{exc}; it matches every server hash, so it is the server's only copy: kept as served"
+                return self._commit(job, kind, digest, members, None, "damaged", reason)
+        flag, reason = self._check_ready(job, kind, members, settled)
+        if flag == "no_audio":
+            remove_quietly(unpack_tmp)
+            return self._commit_no_audio(job, kind, digest, members, reason)
+        return self._commit(job, kind, digest, members, unpack_tmp if self.cfg.unpack else None, flag, reason)
+
+    def _inspect(
+        self, job: StoreJob, kind: str, digest: BodyDigest, source: BinaryIO, unpack_tmp: Path
+    ) -> list[Member]:
+        """The structure checks: every ZIP member (CRC, size, WAV) or the single WAV."""
+        if kind == "wav":
+            riff = RiffChecker()
+            while chunk := source.read(CHUNK):
+                riff.feed(chunk)
+            riff.finish()
+            return [Member(f"{job.rec_id}.wav", digest.size, digest.sha256.hexdigest(), riff.data_bytes)]
+        extract_to = None
+        if self.cfg.unpack:
+            _fresh_dir(unpack_tmp)
+            extract_to = unpack_tmp
+        return inspect_zip(source, self.limits, extract_to)
 
     def _finish(self, job: StoreJob) -> tuple[BodyDigest, BinaryIO]:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
@@ -188,47 +236,77 @@ class Store:
             raise
         return digest, source
 
-    def _check_ready(self, job: StoreJob, kind: str, members: list[Member]) -> str:
+    def _check_ready(self, job: StoreJob, kind: str, members: list[Member], settled: bool) -> tuple[str, str]:
         """Before the settle window, an empty or short answer means "not uploaded yet"; after
-        it, what the server has is kept, and the reason it looks short is returned."""
+        it, what the server has is kept: (flag, reason) says how it falls short, if it does."""
         expected = expected_members(job.ref_type)
-        settled_at = (job.tm_end or job.tm_create or 0) + self.cfg.settle_window
         short = kind == "zip" and len(members) < expected
-        if time.time() >= settled_at:
-            if short or not any(m.audio_bytes for m in members):
-                return f"{len(members)} of {expected} expected files or no audio; settled, keeping what the server has"
-            return ""
+        silent = not any(m.audio_bytes for m in members)
+        if not settled:
+            if short:
+                raise NotReady(f"ZIP has {len(members)} of {expected} expected files (not uploaded yet)")
+            if silent:
+                raise NotReady(f"{kind.upper()} has no audio yet")
+            return "", ""
+        if silent:
+            return "no_audio", f"{len(members)} of {expected} expected files, none with audio"
         if short:
-            raise NotReady(f"ZIP has {len(members)} of {expected} expected files (not uploaded yet)")
-        if kind == "wav" and not members[0].audio_bytes:
-            raise NotReady("WAV has no audio yet")
-        return ""
+            return "incomplete", f"{len(members)} of {expected} expected files; settled, keeping what the server has"
+        return "", ""
+
+    def _sidecar(
+        self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], file: str | None,
+        state: str, flag: str, reason: str, unpacked: bool,
+    ) -> bytes:
+        meta = {
+            "file": file,
+            "kind": kind,
+            "state": state,
+            "flag": flag or None,
+            "flag_reason": reason or None,
+            "size": digest.size,
+            "sha256": digest.sha256.hexdigest(),
+            "server_hashes_checked": {k: job.hashes[k] for k in sorted(job.hashes)},
+            "members": [m.as_dict() for m in members],
+            "members_expected": expected_members(job.ref_type),
+            "unpacked_to": f"{job.rec_id}/" if unpacked else None,
+            "archived_at": datetime.now(UTC).isoformat(),
+            "archiver": f"voipbin-archiver/{__version__}",
+        }
+        return json.dumps({"recording": job.raw, "archive": meta}, indent=2, sort_keys=True).encode()
+
+    def _commit_no_audio(
+        self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], reason: str
+    ) -> Archived:
+        """No audio, for good: the sidecar alone is kept (the recording's metadata proves that
+        the call was recorded); the served body is described in it, not stored."""
+        rel = self.layout.relative(job.rec_id, "zip" if kind == "empty" else kind, job.tm_create, job.ref_type)
+        side = sidecar_path(self.layout.path(rel))
+        reason = f"{reason}: {NO_AUDIO_CAUSE}"
+        data = self._sidecar(job, kind, digest, members, None, "no_audio", "", reason, False)
+        try:
+            write_file_atomic(side, data)
+        finally:
+            remove_quietly(job.tmp)
+        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
+        return Archived(
+            str(side.relative_to(self.layout.root)), digest.size, digest.sha256.hexdigest(), checked, len(members),
+            state="no_audio", flag_reason=reason,
+        )
 
     def _commit(
-        self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], unpack_tmp: Path, incomplete: str
+        self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], unpack_tmp: Path | None,
+        flag: str, reason: str,
     ) -> Archived:
+        """Sidecar, then unpacked members (``unpack_tmp``, when unpacking), then the body: each
+        renamed into place only once written and fsynced."""
         rel = self.layout.relative(job.rec_id, kind, job.tm_create, job.ref_type)
         final = self.layout.path(rel)
-        sha = digest.sha256.hexdigest()
-        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
-        sidecar = {
-            "recording": job.raw,
-            "archive": {
-                "file": final.name,
-                "kind": kind,
-                "size": digest.size,
-                "sha256": sha,
-                "server_hashes_checked": checked,
-                "members": [m.as_dict() for m in members],
-                "members_expected": expected_members(job.ref_type),
-                "unpacked_to": f"{job.rec_id}/" if kind == "zip" and self.cfg.unpack else None,
-                "archived_at": datetime.now(UTC).isoformat(),
-                "archiver": f"voipbin-archiver/{__version__}",
-            },
-        }
+        unpack = kind == "zip" and unpack_tmp is not None
+        sidecar = self._sidecar(job, kind, digest, members, final.name, "archived", flag, reason, unpack)
         try:
-            write_file_atomic(sidecar_path(final), json.dumps(sidecar, indent=2, sort_keys=True).encode())
-            if kind == "zip" and self.cfg.unpack:
+            write_file_atomic(sidecar_path(final), sidecar)
+            if unpack and unpack_tmp is not None:
                 target = job.directory / job.rec_id
                 if target.exists():
                     shutil.rmtree(target)
@@ -238,7 +316,10 @@ class Store:
             os.replace(job.tmp, final)
         except OSError as exc:
             raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
-        return Archived(rel, digest.size, sha, checked, len(members), incomplete=incomplete)
+        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
+        return Archived(
+            rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason
+        )
 
 
 def _fresh_dir(path: Path) -> None:

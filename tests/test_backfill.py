@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tests.checks import assert_archive_complete
-from tests.conftest import archived_this_run, db_rows, run_cli, write_config
+from tests.conftest import archive_files, archived_this_run, db_rows, run_cli, write_config
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ async def test_unfinished_recordings_stay_pending_without_failing(tmp_path, make
     assert rows[later][1] == "discovered"
 
 
-async def test_settle_window_accepts_an_empty_zip_with_a_warning(tmp_path, make_sim):
+async def test_settled_empty_zip_is_no_audio_with_only_its_sidecar(tmp_path, make_sim):
     from archiver.simulator import EMPTY_ZIP
 
     sim = await make_sim(recordings=0)
@@ -128,9 +128,10 @@ async def test_settle_window_accepts_an_empty_zip_with_a_warning(tmp_path, make_
     cfg = write_config(tmp_path, sim, archive={"settle_window": 0})
     result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
     assert result.rc == 0, result
-    assert "archived_incomplete" in result.err
     row = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}[empty]
-    assert row[1] == "archived"
+    assert row[1] == "no_audio", row
+    files = archive_files(tmp_path / "archive")
+    assert [p.name for p in files] == [f"{empty}.json"], "the sidecar alone: an empty ZIP is no archive"
 
 
 @pytest.mark.parametrize("mode", ["zip", "wav"])

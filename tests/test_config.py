@@ -24,7 +24,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path):
     example = (REPO / "config.example.toml").read_text()
     cfg = _cfg(tmp_path, example, env={"VOIPBIN_ACCESSKEY": KEY})
     assert cfg.api.base_url == "https://api.voipbin.net/v1.0"
-    assert cfg.api.accesskey == KEY and cfg.api.page_size == 100 and cfg.api.requests_per_second == 16
+    assert cfg.api.accesskey == KEY and cfg.api.page_size == 100 and cfg.api.requests_per_second == 8
+    assert cfg.api.timeout == 60 and cfg.api.recordingfiles_timeout == 330 and cfg.api.burst == 8
     assert cfg.workers.concurrency == 8 and cfg.workers.poll_interval == 60 and cfg.workers.store_processes == 2
     assert cfg.archive.unpack is False and cfg.archive.settle_window == 3600
     assert cfg.api.login_url == "https://api.voipbin.net/auth/login"

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from archiver.layout import sanitize_member_name
-from archiver.simulator import make_wav, make_zip
+from archiver.simulator import make_wav
 from tests.conftest import archived_this_run, db_rows, run_cli, write_config
 
 
@@ -61,11 +61,9 @@ async def test_hostile_zips_fail_the_recording_and_write_nothing_outside(tmp_pat
     [
         (None, {"format": "../../x"}, None, None),  # rejected in the listing
         (None, {"format": "wav/.."}, None, None),
-        (None, {"customer_id": "other"}, "failed", "403"),
         (b"MZ\x90\x00 not audio at all", {}, "failed", "neither a ZIP nor a WAV"),
-        (make_zip([("a.wav", b"RIFF\x10\x00\x00\x00WAVEjunk"), ("b.wav", WAV)]), {}, "failed", "RIFF size"),
     ],
-    ids=["format-traversal", "format-dotdot", "forbidden", "not-audio", "broken-riff"],
+    ids=["format-traversal", "format-dotdot", "not-audio"],
 )
 async def test_bad_recordings_are_isolated(tmp_path, make_sim, body, overrides, state, reason):
     sim = await make_sim(recordings=3, audio_bytes=4000)

@@ -104,7 +104,7 @@ async def test_metrics_and_healthz_over_http(tmp_path, make_sim):
                     await asyncio.sleep(0.05)
 
             body = await asyncio.wait_for(until_unhealthy(), 20)
-            assert "credential refused" in body
+            assert "the API refuses us" in body
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 10)
