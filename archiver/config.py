@@ -84,6 +84,7 @@ class WorkersConfig:
     retry_backoff_max: float = 3600.0
     full_rewalk_interval: float = 86400.0
     overlap: int = 10
+    trouble_pause: float = 60.0  # service: pause after a refused credential/account or an unwritable archive
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ def build_config(
         retry_backoff_max=reader.number("workers", "retry_backoff_max", 3600.0, minimum=0),
         full_rewalk_interval=reader.number("workers", "full_rewalk_interval", 86400.0, minimum=0),
         overlap=reader.whole("workers", "overlap", 10, minimum=0),
+        trouble_pause=reader.number("workers", "trouble_pause", WorkersConfig.trouble_pause, minimum=0.1),
     )
     logging_cfg = LoggingConfig(
         level=reader.choice("logging", "level", "info", ("debug", "info", "warning", "error")),

@@ -47,7 +47,6 @@ log = structlog.get_logger("archiver.pool")
 T = TypeVar("T")
 
 SHUTDOWN_GRACE = 6.0  # seconds in-flight downloads get to finish on SIGTERM before they are abandoned
-PAUSE_ON_TROUBLE = 60.0  # service: how long to stop taking work after a refused credential or full disk
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ class Engine:
         self.stop.set()
 
     def _trouble(self, reason: str, auth: bool, event: str) -> None:
-        pause = max(PAUSE_ON_TROUBLE, self.workers_cfg.poll_interval)
+        pause = self.workers_cfg.trouble_pause
         if time.time() < self.paused_until - pause / 2:
             return  # already paused for this (many workers see the same refusal at once)
         self.paused_until = time.time() + pause

@@ -421,7 +421,8 @@ class Simulator:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> Simulator:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # a test ends with handlers still asleep in a slow build or a stall: do not wait 60 s for them
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

@@ -1,0 +1,161 @@
+"""The simulator's answers against the JSON shapes in shared/voipbin-api.md, so it cannot drift
+from what VoIPbin's server does (every field and type the notes name)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from archiver.model import KNOWN_STATUSES, parse_timestamp
+
+NOTES = Path(__file__).resolve().parent.parent.parent / "shared" / "voipbin-api.md"
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+# field -> the type the notes give it; the timestamps are RFC 3339 when set, omitted when unset
+RECORDING_FIELDS = {
+    "id": str, "customer_id": str, "owner_type": str, "owner_id": str, "activeflow_id": str,
+    "reference_type": str, "reference_id": str, "status": str, "format": str, "on_end_flow_id": str,
+    "tm_start": str, "tm_end": str, "tm_create": str, "tm_update": str, "tm_delete": str,
+}
+OPTIONAL = {"tm_end", "tm_delete", "tm_start", "tm_update"}
+ACCESSKEY_FIELDS = {"id", "customer_id", "name", "detail", "token_prefix", "tm_expire", "tm_create", "tm_update"}
+MEMBER_NAME = re.compile(
+    r"(call_{u}_{t}_(in|out)|confbridge_{u}_{t}_in)\.wav".format(u=UUID.pattern, t=r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+)
+
+
+def test_the_notes_name_the_fields_the_contract_checks():
+    if not NOTES.exists():
+        pytest.skip(f"{NOTES} is not beside this checkout")
+    text = NOTES.read_text()
+    block = text.split("## A recording", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert set(json.loads(block)) == set(RECORDING_FIELDS), "the notes changed: update the simulator and this test"
+    for needle in ('"status": "NOT_FOUND"', "X-Request-Id", "limited_by", "token_prefix", "tm_expire",
+                   "data descriptors", "zero DOS timestamps", "ACCOUNT_FROZEN"):
+        assert needle in text, needle
+
+
+def _check_recording(rec: dict) -> None:
+    assert set(rec) <= set(RECORDING_FIELDS), f"fields the notes do not name: {set(rec) - set(RECORDING_FIELDS)}"
+    assert set(RECORDING_FIELDS) - OPTIONAL <= set(rec)
+    for name, kind in RECORDING_FIELDS.items():
+        if name in rec:
+            assert isinstance(rec[name], kind), (name, rec[name])
+    assert UUID.fullmatch(rec["id"]) and UUID.fullmatch(rec["reference_id"])
+    assert rec["owner_type"] in ("customer", "agent", "")
+    assert rec["reference_type"] in ("call", "confbridge") and rec["status"] in KNOWN_STATUSES
+    assert rec["format"] == "wav"
+    for name in ("tm_start", "tm_end", "tm_create", "tm_update", "tm_delete"):
+        if name in rec:
+            assert RFC3339.fullmatch(rec[name]), (name, rec[name])  # unset ones are omitted, not "" or null
+            assert parse_timestamp(rec[name]) is not None
+    assert ("tm_end" in rec) == (rec["status"] == "ended")
+
+
+async def _get(http: aiohttp.ClientSession, url: str, **params: str) -> tuple[int, Any, bytes]:
+    async with http.get(url, params=params, allow_redirects=False) as resp:
+        return resp.status, resp.headers.copy(), await resp.read()  # case-insensitive, as HTTP is
+
+
+def _check_error(status: int, headers: Any, body: bytes, code: str, reason: str) -> None:
+    err = json.loads(body)["error"]
+    assert set(err) >= {"status", "reason", "message", "request_id"}
+    assert err["status"] == code and isinstance(err["status"], str), "status is a string code, not the number"
+    assert err["reason"] == reason and isinstance(err["message"], str)
+    assert headers["X-Request-Id"] == err["request_id"] and UUID.fullmatch(err["request_id"])
+
+
+async def test_answers_have_the_shapes_of_the_notes(make_sim):
+    sim = await make_sim(recordings=14, audio_bytes=4000, pending=1, end_after=3600)
+    key = {"accesskey": sim.accesskey}
+    async with aiohttp.ClientSession() as http:
+        status, headers, body = await _get(http, sim.base_url + "/recordings", page_size="100", **key)
+        assert status == 200 and UUID.fullmatch(headers["X-Request-Id"])
+        page = json.loads(body)
+        assert set(page) == {"result", "next_page_token"} and isinstance(page["next_page_token"], str)
+        assert len(page["result"]) == 14
+        for rec in page["result"]:
+            _check_recording(rec)
+        assert {r["reference_type"] for r in page["result"]} == {"call", "confbridge"}
+        assert any(r["status"] != "ended" for r in page["result"]), "a recording still being recorded"
+
+        one = page["result"][0]
+        status, _, body = await _get(http, f"{sim.base_url}/recordings/{one['id']}", **key)
+        assert status == 200 and json.loads(body) == one, "the detail is the object alone, not wrapped"
+
+        _check_error(*await _get(http, sim.base_url + "/recordings/00000000-0000-4000-8000-000000000000", **key),
+                     "NOT_FOUND", "RESOURCE_NOT_FOUND")
+        _check_error(*await _get(http, sim.base_url + "/recordings/nope", **key), "BAD_REQUEST", "INVALID_ID")
+        _check_error(*await _get(http, sim.base_url + "/recordings", accesskey="vb_wrong"),
+                     "UNAUTHORIZED", "AUTHENTICATION_REQUIRED")
+
+        status, _, body = await _get(http, sim.base_url + "/accesskeys", **key)
+        keys = json.loads(body)["result"]
+        assert status == 200 and all(set(k) == ACCESSKEY_FIELDS for k in keys), "never the token itself"
+        assert any(sim.accesskey.startswith(k["token_prefix"]) for k in keys)
+        assert all(RFC3339.fullmatch(k["tm_expire"]) for k in keys)
+
+        for rec in page["result"]:
+            status, headers, _ = await _get(http, f"{sim.base_url}/recordingfiles/{rec['id']}", **key)
+            assert status == 307, "redirects whatever the status: to what exists"
+            status, headers, body = await _get(http, headers["Location"])
+            assert status == 200 and int(headers["Content-Length"]) == len(body)
+            assert re.fullmatch(r"crc32c=[A-Za-z0-9+/=]+,md5=[A-Za-z0-9+/=]+", headers["x-goog-hash"])
+            _check_go_zip(body, rec)
+
+
+def _check_go_zip(body: bytes, rec: dict) -> None:
+    """Go's archive/zip: deflate, flag bit 3 with a data descriptor, zero DOS time and date."""
+    if rec["status"] != "ended":
+        assert body == b"PK\x05\x06" + b"\x00" * 18, "not ended: the files that exist, none yet"
+        return
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        infos = archive.infolist()
+        assert len(infos) == (2 if rec["reference_type"] == "call" else 1)
+        for info in infos:
+            assert MEMBER_NAME.fullmatch(info.filename), info.filename
+            assert info.compress_type == zipfile.ZIP_DEFLATED and info.flag_bits & 0x8
+            assert info.date_time == (1980, 0, 0, 0, 0, 0), "zero DOS timestamp"
+            local = body[info.header_offset : info.header_offset + 30]
+            assert struct.unpack("<I", local[14:18])[0] == 0, "CRC in the data descriptor, not the local header"
+            end = info.header_offset + 30 + len(info.filename.encode()) + info.compress_size
+            assert body[end : end + 4] == b"PK\x07\x08"
+            assert archive.read(info)[:4] == b"RIFF"
+
+
+async def test_faults_the_notes_describe(make_sim):
+    sim = await make_sim(recordings=3, rate_limit=True, rate=1.0, burst=1)
+    key = {"accesskey": sim.accesskey}
+    async with aiohttp.ClientSession() as http:
+        assert (await _get(http, sim.base_url + "/recordings", **key))[0] == 200
+        status, headers, body = await _get(http, sim.base_url + "/recordings", **key)
+        _check_error(status, headers, body, "TOO_MANY_REQUESTS", "RATE_LIMIT_EXCEEDED")
+        assert int(headers["Retry-After"]) >= 1
+        assert json.loads(body)["error"]["details"] == [{"limited_by": "customer"}]
+
+        sim.cfg.rate_limit = False
+        sim.refusal = "ACCOUNT_FROZEN"
+        for path in ("/recordings", f"/recordings/{next(iter(sim.recordings))}", "/accesskeys",
+                     f"/recordingfiles/{next(iter(sim.recordings))}"):
+            _check_error(*await _get(http, sim.base_url + path, **key), "FORBIDDEN", "ACCOUNT_FROZEN")
+        async with http.post(f"http://127.0.0.1:{sim.port}/_sim/control", json={"refusal": ""}) as resp:
+            assert resp.status == 200
+        assert (await _get(http, sim.base_url + "/recordings", **key))[0] == 200, "thawed while running"
+
+        login = f"http://127.0.0.1:{sim.port}/auth/login"
+        async with http.post(login, json={"username": sim.cfg.username, "password": sim.cfg.password}) as resp:
+            answer = await resp.json()
+            assert resp.status == 200 and set(answer) == {"username", "token"}
+        async with http.post(login, json={"username": sim.cfg.username, "password": "no"}) as resp:
+            assert resp.status == 400 and await resp.read() == b"", "a failed login is a bare 400"
+        sim.login_429 = 1
+        async with http.post(login, json={"username": sim.cfg.username, "password": sim.cfg.password}) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"]
