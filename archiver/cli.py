@@ -18,11 +18,11 @@ import structlog
 
 from . import __version__
 from .config import Config, build_config, default_config_path, load_config
-from .errors import ConfigError, StateLocked
+from .errors import AuthRefused, ConfigError, StateLocked
 from .expiry import expiry_warning
 from .logs import configure_logging, redact
 from .pool import RunResult
-from .service import run_engine, status, verify
+from .service import prune, run_engine, status, verify
 from .state import FLAGS, STATES, waiting_count
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
@@ -50,10 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--until", type=_date, help="only recordings created before this date (UTC)")
     b.add_argument("--wait", type=float, default=900.0, help="seconds to wait for unfinished recordings (900)")
     b.add_argument("--retry-failed", action="store_true", help="give failed recordings another set of attempts")
+    b.add_argument("--no-delete", action="store_true", help="delete nothing from the server in this run")
     sub.add_parser("run", help="the service: a cycle every poll_interval until SIGTERM")
     s = sub.add_parser("status", help="counts per state, oldest pending, last error")
     s.add_argument("--json", action="store_true", help="one JSON object")
     sub.add_parser("verify", help="re-hash every archived file against the database and its sidecar")
+    pr = sub.add_parser("prune", help="delete the server's copy of what is archived and due ([retention]), then exit")
+    pr.add_argument("--dry-run", action="store_true", help="only count what is due and the bytes it would free")
     d = sub.add_parser("demo", help="archive from the bundled simulator into ./demo-archive (no account needed)")
     d.add_argument("--recordings", type=int, default=60)
     d.add_argument("--directory", type=Path, default=Path("demo-archive"))
@@ -77,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_status(cfg, args.json))
         if args.command == "verify":
             return asyncio.run(_verify(cfg))
+        if args.command == "prune":
+            return asyncio.run(_prune(cfg, args.dry_run))
         if args.command == "backfill":
             if args.since and args.until and args.since >= args.until:
                 raise ConfigError("--since must be before --until")
-            run = run_engine(cfg, "backfill", args.since, args.until, args.wait, args.retry_failed, progress=live)
+            run = run_engine(cfg, "backfill", args.since, args.until, args.wait, args.retry_failed, progress=live,
+                             no_delete=args.no_delete)
         else:
             run = run_engine(cfg, "run")
         result, counts, requests = asyncio.run(run)
@@ -113,6 +119,8 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
         ("archived", s["archived"], counts["archived"]),
         *[(f"  of which {flag}", s[f"archived_{flag}"], "") for flag in FLAGS if s[f"archived_{flag}"]],
         ("no audio", s["no_audio"], counts["no_audio"]),
+        *([("deleted from server", s["server_deleted"], "")] if s["server_deleted"] else []),
+        *([("not deleted: re-verify", s["delete_refused"], "")] if s["delete_refused"] else []),
         ("skipped", s["skipped"], counts["skipped"]),
         ("failed", s["failed"], counts["failed"]),
         ("waiting", "-", waiting),
@@ -177,6 +185,18 @@ def _status_table(info: dict[str, Any]) -> str:
     rows.append("archived but imperfect: " + ", ".join(f"{flag} {flags.get(flag, 0)}" for flag in FLAGS))
     for item in info.get("flagged_recent") or []:
         rows.append(f"  {item['id']} [{item['flag'] or item['state']}] {item['flag_reason']}")
+    deletion = info.get("server_deletion") or {}
+    if deletion:
+        rows.append(
+            f"server deletion: {'on' if deletion.get('enabled') else 'off'}; deleted {deletion.get('deleted', 0)}, "
+            f"due now {deletion.get('due', 0)} ({deletion.get('due_bytes', 0) / 1e6:.1f} MB), "
+            f"interrupted {deletion.get('interrupted', 0)}"
+        )
+        store = deletion.get("server_store")
+        if store:
+            ratio = store["size"] / store["capacity"] if store.get("capacity") else 0
+            rows.append(f"server store: {store['size'] / 1e9:.2f} of {store['capacity'] / 1e9:.2f} GB "
+                        f"({100 * ratio:.0f}%, {store['count']} files; read {_when(store['at'])})")
     refused = info.get("api_refused")
     if refused:
         rows.append(f"API REFUSES US since {_when(refused.get('since'))}: {refused.get('message')}")
@@ -192,6 +212,26 @@ async def _verify(cfg: Config) -> int:
         print(f"BAD  {problem}")
     print(f"verified {checked} archived recordings: {len(problems)} problem(s)")
     return EXIT_FAILED if problems else EXIT_OK
+
+
+async def _prune(cfg: Config, dry_run: bool) -> int:
+    if not dry_run and not cfg.retention.delete_from_server:
+        raise ConfigError("[retention] delete_from_server is false: nothing is deleted from the server "
+                          "(set it to true to prune; `prune --dry-run` shows what would be)")
+    try:
+        result = await prune(cfg, dry_run)
+    except AuthRefused as exc:
+        print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_AUTH
+    if dry_run:
+        print(f"due for deletion from the server now: {result.due} recordings, {result.due_bytes / 1e6:.1f} MB "
+              f"(delete_after {cfg.retention.delete_after:.0f} s; nothing was deleted)")
+        return EXIT_OK
+    print(f"deleted from the server: {result.deleted} (already gone: {result.already_gone}); "
+          f"not deleted, failed re-verification: {result.refused}")
+    for error in result.errors:
+        print(f"error: {error}")
+    return EXIT_FAILED if result.refused or result.errors else EXIT_OK
 
 
 async def _demo(args: argparse.Namespace, live: bool) -> int:

@@ -191,12 +191,13 @@ class ApiClient:
 
     async def _request(
         self, path: str, params: dict[str, str] | None = None, *, redirect: bool = False,
-        timeout: aiohttp.ClientTimeout | None = None,
+        timeout: aiohttp.ClientTimeout | None = None, method: str = "GET",
     ) -> Any:
-        """GET an API path with pacing and retries.
+        """Send an API request (GET unless ``method``) with pacing and retries.
 
-        Returns parsed JSON, or with ``redirect=True`` the ``Location`` of a 3xx.  Raises the
-        error classes in ``archiver.errors``; transient faults are retried here first.
+        Returns parsed JSON (with ``method="DELETE"``: the ``X-Request-Id`` of the answer), or
+        with ``redirect=True`` the ``Location`` of a 3xx.  Raises the error classes in
+        ``archiver.errors``; transient faults are retried here first.
         """
         assert self._api is not None
         if not self._jwt and self.cfg.username and not self.cfg.accesskey:
@@ -216,8 +217,8 @@ class ApiClient:
             self._sent.append(time.monotonic())
             reason = ""
             try:
-                async with self._api.get(
-                    url, params=query, headers=headers, allow_redirects=False, timeout=timeout or self._timeout
+                async with self._api.request(
+                    method, url, params=query, headers=headers, allow_redirects=False, timeout=timeout or self._timeout
                 ) as resp:
                     status = resp.status
                     body = await resp.read()
@@ -227,6 +228,8 @@ class ApiClient:
                             raise TransientError(f"{path}: HTTP {status} without Location")
                         return urljoin(url, location)
                     if 200 <= status < 300:
+                        if method == "DELETE":
+                            return _request_id(resp.headers, ErrorInfo())
                         if redirect:
                             raise TransientError(f"{path}: expected a redirect to storage, got HTTP {status}")
                         try:
@@ -323,6 +326,20 @@ class ApiClient:
                 return None
             token = next_token
         return None
+
+    async def delete_recording(self, recording_id: str) -> tuple[int, str]:
+        """``DELETE /recordings/{id}`` (frees its files in the server's store): (HTTP status,
+        request id). ``404`` means it is already gone, which a retry after a crash expects."""
+        self.stats["delete"] += 1
+        try:
+            return 200, await self._request(f"/recordings/{quote(check_id(recording_id))}", method="DELETE")
+        except RecordingGone as exc:
+            request_id = str(exc).rpartition("request_id=")[2]
+            return 404, request_id
+
+    async def storage_account(self) -> Any:
+        """``GET /storage_account``: ``total_file_size`` and ``total_file_count`` of the customer."""
+        return await self._request("/storage_account")
 
     async def get_recording(self, recording_id: str) -> Any:
         self.stats["detail"] += 1

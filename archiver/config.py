@@ -88,6 +88,15 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    delete_from_server: bool = False  # opt in: deleting the server's copy is irreversible
+    delete_after: float = 604800.0  # seconds after archiving (7 days); 0 = as soon as it is safe
+    delete_incomplete: bool = False  # also delete recordings archived flagged incomplete or damaged
+    store_warn_ratio: float = 0.8
+    store_capacity: int = 10 * 1024**3  # the server's cap per customer (10 GB)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"
@@ -105,6 +114,7 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     state: StateConfig = field(default_factory=StateConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: Path | None = None
@@ -146,7 +156,7 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
 def build_config(
     data: dict[str, Any], base_dir: Path, env: dict[str, str], path: Path | None = None
 ) -> Config:
-    known = {"api", "archive", "state", "workers", "logging", "metrics"}
+    known = {"api", "archive", "state", "workers", "retention", "logging", "metrics"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section or key [{key}] (known: {', '.join(sorted(known))})")
@@ -177,6 +187,15 @@ def build_config(
         overlap=reader.whole("workers", "overlap", 10, minimum=0),
         trouble_pause=reader.number("workers", "trouble_pause", WorkersConfig.trouble_pause, minimum=0.1),
     )
+    retention = RetentionConfig(
+        delete_from_server=reader.flag("retention", "delete_from_server", RetentionConfig.delete_from_server),
+        delete_after=reader.number("retention", "delete_after", RetentionConfig.delete_after, minimum=0),
+        delete_incomplete=reader.flag("retention", "delete_incomplete", RetentionConfig.delete_incomplete),
+        store_warn_ratio=reader.number("retention", "store_warn_ratio", RetentionConfig.store_warn_ratio, minimum=0),
+        store_capacity=reader.whole("retention", "store_capacity", RetentionConfig.store_capacity, minimum=1),
+    )
+    if retention.store_warn_ratio > 1:
+        raise ConfigError(f"[retention] store_warn_ratio must be <= 1, got {retention.store_warn_ratio}")
     logging_cfg = LoggingConfig(
         level=reader.choice("logging", "level", "info", ("debug", "info", "warning", "error")),
         format=reader.choice("logging", "format", "auto", ("auto", "json", "console")),
@@ -188,7 +207,8 @@ def build_config(
     if path is not None and _holds_secret(data) and _world_readable(path):
         warnings.append(f"config_world_readable: {path} holds a credential; chmod 600 it or use accesskey_file")
     return Config(
-        api=api, archive=archive, state=state, workers=workers, logging=logging_cfg, metrics=metrics, path=path,
+        api=api, archive=archive, state=state, workers=workers, retention=retention, logging=logging_cfg,
+        metrics=metrics, path=path,
         warnings=tuple(warnings),
     )
 

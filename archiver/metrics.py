@@ -56,6 +56,20 @@ class Metrics:
             "voipbin_archiver_rate_budget_shared",
             "1 once a 429 came while we were under the customer's rate: others use the budget too", registry=r,
         )
+        self.server_storage = Gauge(
+            "voipbin_archiver_server_storage_bytes", "Bytes in the customer's store on the server", registry=r
+        )
+        self.server_capacity = Gauge(
+            "voipbin_archiver_server_storage_capacity_bytes", "The server's cap on the customer's store", registry=r
+        )
+        self.server_deletions = Counter(
+            "voipbin_archiver_server_deletions", "Server copies deleted after archiving (404s of retries included)",
+            registry=r,
+        )
+        self.deletion_refused = Counter(
+            "voipbin_archiver_server_deletions_refused",
+            "Deletions not done: the archive copy failed re-verification", registry=r,
+        )
         self.last_cycle_at = 0.0
         self.refused = ""  # the server's reason while it refuses us, "" otherwise
         for state in STATES:
@@ -70,6 +84,10 @@ class Metrics:
             self.flagged.labels(flag).set(n)
         self.accesskey_expiry.set(summary.get("accesskey_expires") or 0)
         self.pending_age.set(max(0.0, time.time() - oldest_tm_create) if oldest_tm_create else 0)
+
+    def set_store(self, size: int, capacity: int) -> None:
+        self.server_storage.set(size)
+        self.server_capacity.set(capacity)
 
     def cycle_succeeded(self) -> None:
         self.last_cycle_at = time.time()

@@ -39,6 +39,7 @@ from .logs import redact
 from .metrics import Metrics
 from .model import KNOWN_STATUSES, parse_recording
 from .paginate import walk_pages
+from .retention import Pruner, StoreUsage, read_store, store_hint
 from .state import Row, StateDB
 from .store import Archived
 from .storepool import StorePool
@@ -96,6 +97,10 @@ class Engine:
         self.deadline = float("inf")
         self.metrics = Metrics()
         self.ready = asyncio.Event()  # set once recovered and working (systemd READY=1)
+        self.pruner = Pruner(cfg, client, state) if cfg.retention.delete_from_server else None
+        self.no_delete = False  # backfill --no-delete: skip deletions for this run
+        self._pruning: asyncio.Task[None] | None = None
+        self.store_usage: StoreUsage | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -112,6 +117,7 @@ class Engine:
     ) -> RunResult:
         self.mode = "backfill"
         await self.recover()
+        await self._watch_store()
         workers = self._start_workers()
         feeder = asyncio.create_task(self._feed(), name="feeder")
         self.ready.set()
@@ -128,6 +134,10 @@ class Engine:
             self.deadline = time.time() + wait
             self.wake.set()
             await self._wait_first(feeder, wait)
+            if self.pruner is not None and not self.no_delete and not self.stop.is_set():
+                await self._prune()  # deletions due run after the downloads
+            if not self.stop.is_set():
+                await self._watch_store()
         finally:
             await self._shutdown(feeder, workers)
         return self.result
@@ -142,6 +152,10 @@ class Engine:
         try:
             while not self.stop.is_set():
                 await self.cycle()
+                if self.pruner is not None and time.time() >= self.paused_until and (
+                    self._pruning is None or self._pruning.done()
+                ):
+                    self._pruning = asyncio.create_task(self._prune(), name="pruner")
                 try:
                     await asyncio.wait_for(self.stop.wait(), self.workers_cfg.poll_interval)
                 except TimeoutError:
@@ -169,6 +183,7 @@ class Engine:
             return
         await self.state.set_meta("last_cycle", str(time.time()))
         await self._succeeded()
+        await self._watch_store()
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
             seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4),
@@ -202,7 +217,9 @@ class Engine:
         """Stop taking work; let in-flight downloads finish briefly, then abandon them cleanly."""
         self.stop.set()
         feeder.cancel()
-        await asyncio.gather(feeder, return_exceptions=True)
+        if self._pruning is not None:
+            self._pruning.cancel()  # an interrupted deletion keeps its intent: finished next time
+        await asyncio.gather(feeder, *([self._pruning] if self._pruning else []), return_exceptions=True)
         while not self.queue.empty():  # not started: back to the database as they were
             row = self.queue.get_nowait()
             self.in_flight.discard(row.id)
@@ -228,6 +245,41 @@ class Engine:
         await self.recover()
         if abandoned:
             log.info("shutdown_abandoned", recordings=abandoned, reason="will be downloaded on the next run")
+
+    async def _watch_store(self) -> None:
+        """How full the server's capped store is (``GET /storage_account``), for metrics and status."""
+        retention = self.cfg.retention
+        try:
+            usage = await read_store(self.client, self.state, retention.store_capacity, retention.store_warn_ratio)
+        except AuthRefused as exc:
+            await self._refused(exc)
+            return
+        if usage is not None:
+            self.store_usage = usage
+            self.metrics.set_store(usage.size, usage.capacity)
+
+    def store_near_full(self) -> bool:
+        usage = self.store_usage
+        return usage is not None and usage.ratio >= self.cfg.retention.store_warn_ratio
+
+    async def _prune(self) -> None:
+        """Delete the server's copy of what is due (``retention.Pruner``); it yields to downloads
+        by taking one token at a time from the shared bucket, one deletion after another."""
+        assert self.pruner is not None
+        try:
+            done = await self.pruner.run(self.stop)
+        except AuthRefused as exc:
+            await self._refused(exc)
+            return
+        except LocalStorageError as exc:
+            self._fatal(str(exc))
+            return
+        self.result.stats["server_deleted"] += done.deleted + done.already_gone
+        self.result.stats["delete_refused"] += done.refused
+        self.metrics.server_deletions.inc(done.deleted + done.already_gone)
+        self.metrics.deletion_refused.inc(done.refused)
+        if done.refused:
+            self.wake.set()  # what failed re-verification is pending again: download it
 
     async def _succeeded(self) -> None:
         """A walk went through: the API accepts us again, if it had refused us."""
@@ -340,8 +392,10 @@ class Engine:
                 if self.mode == "backfill" and self.walk_done:
                     if not self.in_flight and (next_due is None or next_due > self.deadline):
                         return
-                    if now >= self.deadline:
-                        return  # --wait is over and nothing due is left: what is in flight gets the grace
+                    if now >= self.deadline and self.queue.empty() and self.downloads.empty():
+                        # --wait is over and nothing due is left to start: what is still running
+                        # (a slow ZIP build, a dripping transfer) gets the shutdown grace
+                        return
                 if next_due is not None:
                     timeout = min(max(next_due - now, 0.01), 5.0)
             elif now < self.paused_until:
@@ -454,6 +508,9 @@ class Engine:
             self.result.stats[f"archived_{result.flag}"] += 1
         if result.state == "no_audio":
             self.metrics.no_audio.inc()
+            if self.store_near_full():
+                log.error("no_audio_store_full", recording_id=row.id, hint=store_hint(),
+                          server_store_percent=round(100 * self.store_usage.ratio, 1) if self.store_usage else None)
         else:
             self.result.stats["bytes"] += result.size
             self.metrics.archived.inc()

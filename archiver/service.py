@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -16,12 +14,12 @@ import structlog
 from .client import ApiClient
 from .config import Config
 from .expiry import expiry_warning, watch_accesskey
-from .inspect import hash_file
-from .layout import sidecar_path
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
+from .retention import Pruner, PruneResult, read_store
 from .state import StateDB, waiting_count
+from .verify import check_archived
 
 log = structlog.get_logger("archiver.service")
 
@@ -41,7 +39,7 @@ def _on_signals(engine: Engine, notifier: Notifier) -> None:
 
 async def run_engine(
     cfg: Config, mode: str, since: datetime | None = None, until: datetime | None = None, wait: float = 900.0,
-    retry_failed: bool = False, progress: bool = False,
+    retry_failed: bool = False, progress: bool = False, no_delete: bool = False,
 ) -> tuple[RunResult, dict[str, int], dict[str, int]]:
     """Run ``backfill`` or ``run``; returns (result, state counts, client request counts)."""
     state = await StateDB.open(cfg.state.database)
@@ -52,6 +50,7 @@ async def run_engine(
             log.info("retry_failed", recordings=await state.retry_failed())
         async with ApiClient(cfg.api, cfg.workers.concurrency) as client:
             engine = Engine(cfg, client, state)
+            engine.no_delete = no_delete
             _on_signals(engine, notifier)
             if cfg.metrics.listen:
                 metrics_runner = await serve_metrics(engine.metrics, cfg.metrics.listen, cfg.workers.poll_interval)
@@ -127,6 +126,9 @@ def _status_text(summary: dict[str, Any], engine: Engine) -> str:
     alerts = []
     if engine.metrics.refused:
         alerts.append(f"PAUSED: the API refuses us ({engine.metrics.refused})")
+    if engine.store_near_full() and engine.store_usage is not None:
+        alerts.append(f"SERVER STORE {100 * engine.store_usage.ratio:.0f}% FULL"
+                      + ("" if engine.pruner else ": new recordings will have no audio; see [retention]"))
     key = expiry_warning(summary.get("accesskey_expires"))
     if key:
         alerts.append(key.upper()[:1] + key[1:])
@@ -172,51 +174,32 @@ class ProgressLine:
 async def status(cfg: Config) -> dict[str, Any]:
     state = await StateDB.open(cfg.state.database, readonly=True)
     try:
-        return {**await state.summary(), "flagged_recent": await state.flagged()}
+        retention = cfg.retention
+        deletion = await state.deletion_summary(time.time() - retention.delete_after, retention.delete_incomplete)
+        deletion["enabled"] = retention.delete_from_server
+        return {**await state.summary(), "flagged_recent": await state.flagged(), "server_deletion": deletion}
     finally:
         await state.close()
 
 
-def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
-    """Problems with one archived recording's files (empty list: all good)."""
-    if row["state"] == "no_audio":
-        return _check_no_audio(root, row)
-    problems: list[str] = []
-    path = root / row["path"]
+async def prune(cfg: Config, dry_run: bool) -> PruneResult:
+    """``prune``: delete the server's copy of what is due now (``--dry-run``: count it) and exit."""
+    state = await StateDB.open(cfg.state.database)
     try:
-        size, sha = hash_file(path)
-    except OSError as exc:
-        return [f"{row['path']}: missing or unreadable ({exc.strerror})"]
-    if size != row["size"] or sha != row["sha256"]:
-        problems.append(f"{row['path']}: changed (size {size}, sha256 {sha[:16]}..., expected {row['sha256'][:16]}...)")
-    try:
-        meta = json.loads(sidecar_path(path).read_text())["archive"]
-    except (OSError, ValueError, KeyError) as exc:
-        return [*problems, f"{sidecar_path(path).name}: sidecar missing or unreadable ({exc})"]
-    if meta.get("sha256") != row["sha256"] or meta.get("size") != row["size"]:
-        problems.append(f"{sidecar_path(path).name}: sidecar disagrees with the database")
-    if meta.get("unpacked_to"):
-        for member in meta.get("members", []):
-            member_path = path.parent / row["id"] / member.get("stored_as", "")
-            try:
-                msize, msha = hash_file(member_path)
-            except OSError:
-                problems.append(f"{member_path.relative_to(root)}: unpacked member missing")
-                continue
-            if msha != member.get("sha256") or msize != member.get("size"):
-                problems.append(f"{member_path.relative_to(root)}: unpacked member changed")
-    return problems
-
-
-def _check_no_audio(root: Path, row: dict[str, Any]) -> list[str]:
-    """A recording without audio has only its sidecar, which must agree with the database."""
-    try:
-        meta = json.loads((root / row["path"]).read_text())["archive"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{row['path']}: sidecar of a recording without audio missing or unreadable ({exc})"]
-    if meta.get("state") != "no_audio" or meta.get("sha256") != row["sha256"] or meta.get("size") != row["size"]:
-        return [f"{row['path']}: sidecar disagrees with the database"]
-    return []
+        async with ApiClient(cfg.api, cfg.workers.concurrency) as client:
+            pruner = Pruner(cfg, client, state)
+            if dry_run:
+                return await pruner.dry_run()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await read_store(client, state, cfg.retention.store_capacity, cfg.retention.store_warn_ratio)
+            result = await pruner.run(stop)
+            await read_store(client, state, cfg.retention.store_capacity, cfg.retention.store_warn_ratio)
+            return result
+    finally:
+        await state.close()
 
 
 async def verify(cfg: Config) -> tuple[int, list[str]]:

@@ -16,7 +16,10 @@ What it serves:
   ZIPs (deflate, data descriptors, zero DOS timestamps); a frozen account (403 on every
   request, switchable while running); recordings whose files never arrive; a ZIP cached with a
   member missing; slow ZIP builds (seconds before the 307); a login rate limit; access keys
-  with ``tm_expire`` listed by ``GET /accesskeys``.
+  with ``tm_expire`` listed by ``GET /accesskeys``; ``DELETE /recordings/{id}`` (a soft delete
+  that frees the store), ``GET /storage_account`` and the store cap: a recording created while
+  the store is full never gets files. A ``DELETE`` of a recording nobody downloaded whole is
+  counted as a violation (``delete_violations``).
 * Switchable faults with probabilities: 5xx, 503, resets, malformed JSON, truncated or
   corrupted bodies, wrong hashes, expired signed URLs, HTML or empty error bodies of a proxy.
 
@@ -67,7 +70,7 @@ FAULTS = (
 )
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # what POST /_sim/control may switch while the simulator runs
-CONTROLS = ("refusal", "revoked", "background_rps", "accesskeys_denied", "login_429", "quirk")
+CONTROLS = ("refusal", "revoked", "background_rps", "accesskeys_denied", "login_429", "quirk", "delete_stall")
 REFUSALS = ("ACCOUNT_FROZEN", "DELETION_SCHEDULED", "PERMISSION_DENIED")
 CUSTOMER_ID = "5e4a0680-804e-11ec-8477-2fea5968d85b"
 STATUS_CODES = {
@@ -112,6 +115,8 @@ class SimConfig:
     login_429: int = 0  # the first N logins answer 429
     accesskey_ttl: float = 365 * 86400.0  # the access key expires this long after the start
     accesskeys_denied: bool = False  # GET /accesskeys answers 403 PERMISSION_DENIED
+    store_capacity: int = 0  # bytes of files the customer may keep (the server's is 10 GB); 0 = no cap
+    delete_stall: str = ""  # "before" or "after": DELETE hangs before (or after) it deletes
 
 
 @dataclass
@@ -126,7 +131,8 @@ class SimRecording:
     deleted_at: float | None = None
     raw_overrides: dict[str, Any] = field(default_factory=dict)
     body_override: bytes | None = None
-    files_never: bool = False  # the upload failed: storage only ever has an empty ZIP
+    files_never: bool = False  # the upload failed (or the store was full): storage only ever has an empty ZIP
+    deleted_via_api: bool = False  # deleted by a client's DELETE (after it archived the recording)
     member_missing: bool = False  # the cached ZIP lacks its last member, for good
     build_seconds: float = 0.0
 
@@ -207,6 +213,11 @@ class Simulator:
         self.login_429 = self.cfg.login_429
         self.accesskey_expires = self.started + self.cfg.accesskey_ttl
         self.api_times: list[float] = []  # when each API request arrived (monotonic), for pacing tests
+        self.delete_stall = self.cfg.delete_stall
+        self.deletes: Counter[str] = Counter()  # DELETEs that deleted (a later one answers 404)
+        self.delete_violations = 0  # DELETEs of a recording never downloaded whole
+        self.complete_downloads: Counter[str] = Counter()  # whole final bodies served, per recording
+        self.store_sizes: dict[str, int] = {}  # the files each recording keeps in the customer's store
         self.quirk = ""  # "repeat_token": pages repeat their token; "result_not_list": newest page is junk
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
         self.recordings: dict[str, SimRecording] = {}
@@ -262,6 +273,19 @@ class Simulator:
             self.recordings[rid].deleted_at = self.started - 60
         for rid in picks[cfg.late_files + cfg.deleted :]:
             self.recordings[rid].files_never = True
+        for _, rid in reversed(self._order):  # oldest first: the store fills up in time order
+            self._store_files(self.recordings[rid])
+
+    def _store_files(self, rec: SimRecording) -> None:
+        """The storage manager keeps a recording's files, or none if they would pass the cap."""
+        if rec.files_never or rec.deleted_at is not None:
+            return
+        size = len(self.body(rec)[0]) if self.cfg.store_capacity else 0
+        if self.cfg.store_capacity and sum(self.store_sizes.values()) + size > self.cfg.store_capacity:
+            rec.files_never = True  # stored with no audio at all, for good
+            self.stats["store_full"] += 1
+            return
+        self.store_sizes[rec.id] = size
 
     def _add(self, rec: SimRecording) -> None:
         self.recordings[rec.id] = rec
@@ -286,6 +310,7 @@ class Simulator:
             rec.ends_at = time.time() + ends_in
             rec.files_at = rec.ends_at
         self._add(rec)
+        self._store_files(rec)
         return rec.id
 
     def delete(self, rec_id: str, after: float = 0.0) -> None:
@@ -382,7 +407,7 @@ class Simulator:
         """Final bodies of every recording the archiver should archive (ended, not deleted, with audio)."""
         return {
             r.id: self.body(r)[0] for r in self.recordings.values()
-            if not self.is_deleted(r) and self.is_ended(r) and not r.files_never
+            if (r.deleted_via_api or not self.is_deleted(r)) and self.is_ended(r) and not r.files_never
         }
 
     def expected_no_audio(self) -> set[str]:
@@ -412,6 +437,8 @@ class Simulator:
         app.router.add_post("/auth/login", self.h_login)
         app.router.add_get("/v1.0/recordings", self.h_list)
         app.router.add_get("/v1.0/recordings/{id}", self.h_detail)
+        app.router.add_delete("/v1.0/recordings/{id}", self.h_delete)
+        app.router.add_get("/v1.0/storage_account", self.h_storage_account)
         app.router.add_get("/v1.0/recordingfiles/{id}", self.h_files)
         app.router.add_get("/v1.0/accesskeys", self.h_accesskeys)
         app.router.add_get("/storage/{id}", self.h_storage)
@@ -614,6 +641,37 @@ class Simulator:
             return rec
         return self._json(self.recording_json(rec))
 
+    async def h_delete(self, request: web.Request) -> web.StreamResponse:
+        """A soft delete: gone from the listing, 404 from then on, its files freed from the store."""
+        gate = await self._api_gate(request, "delete")
+        if gate is not None:
+            return gate
+        rec = self._lookup(request)
+        if isinstance(rec, web.Response):
+            return rec
+        if self.delete_stall == "before":
+            await asyncio.sleep(3600)
+        if self.complete_downloads[rec.id] == 0:
+            self.delete_violations += 1
+        self.deletes[rec.id] += 1
+        rec.deleted_at = time.time()
+        rec.deleted_via_api = True
+        self.store_sizes.pop(rec.id, None)
+        if self.delete_stall == "after":
+            await asyncio.sleep(3600)
+        return self._json(self.recording_json(rec))
+
+    async def h_storage_account(self, request: web.Request) -> web.StreamResponse:
+        gate = await self._api_gate(request, "storage_account")
+        if gate is not None:
+            return gate
+        created = _ts(datetime.fromtimestamp(self.started, UTC), "token")
+        return self._json({
+            "id": str(uuid.UUID(int=1, version=4)), "customer_id": CUSTOMER_ID,
+            "total_file_count": sum(1 for size in self.store_sizes.values() if size) * 2,
+            "total_file_size": sum(self.store_sizes.values()), "tm_create": created, "tm_update": created,
+        })
+
     def _lookup(self, request: web.Request) -> SimRecording | web.Response:
         rec_id = request.match_info["id"]
         try:
@@ -697,6 +755,8 @@ class Simulator:
             return resp
         await resp.write(data)
         await resp.write_eof()
+        if variant == "full" and data == self.body(rec, variant)[0]:
+            self.complete_downloads[rec_id] += 1
         return resp
 
     async def h_accesskeys(self, request: web.Request) -> web.StreamResponse:
@@ -732,6 +792,7 @@ class Simulator:
 
     async def h_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, "credential_leaks": self.credential_leaks,
+                                  "deletes": sum(self.deletes.values()), "delete_violations": self.delete_violations,
                                   "storage_gets_total": sum(self.storage_gets.values())})
 
     async def h_urls(self, request: web.Request) -> web.Response:
@@ -767,6 +828,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--login-429", type=int, default=0, help="the first N logins answer 429")
     parser.add_argument("--accesskey-ttl", type=float, default=365 * 86400.0, help="seconds until the key expires")
     parser.add_argument("--accesskeys-denied", action="store_true", help="GET /accesskeys answers 403")
+    parser.add_argument("--store-capacity", type=int, default=0,
+                        help="bytes of files the customer's store holds (the server's: 10737418240); 0 = no cap")
     parser.add_argument("--accesskey", default="")
     parser.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                         help=f"fault probability, repeatable; names: {', '.join(FAULTS)}")
@@ -785,6 +848,7 @@ def main(argv: list[str] | None = None) -> None:
         no_audio=args.no_audio, missing_member=args.missing_member, slow_builds=args.slow_builds,
         build_seconds=args.build_seconds, background_rps=args.background_rps, refusal=args.refusal or "",
         login_429=args.login_429, accesskey_ttl=args.accesskey_ttl, accesskeys_denied=args.accesskeys_denied,
+        store_capacity=args.store_capacity,
     )
 
     async def serve() -> None:
@@ -792,7 +856,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.precompute:
             sim.expected_archives()
         await sim.start(args.host, args.port)
-        print(f"simulator: {sim.base_url} accesskey={sim.accesskey} (switches: POST /_sim/control)", flush=True)
+        print(f"simulator: {sim.base_url} accesskey={sim.accesskey}", flush=True)  # bench/run.py reads this line
         await asyncio.Event().wait()
 
     try:

@@ -84,7 +84,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE recordings ADD COLUMN flag_reason TEXT;
     CREATE INDEX recordings_flagged ON recordings(flag) WHERE flag IS NOT NULL;
     """,
+    # v4: deleting the server's copy once the archive copy is safe (retention.py): the intent,
+    # recorded before the DELETE, and the deletion with the server's request id.
+    """
+    ALTER TABLE recordings ADD COLUMN delete_intent_at REAL;
+    ALTER TABLE recordings ADD COLUMN server_deleted_at REAL;
+    ALTER TABLE recordings ADD COLUMN delete_request_id TEXT;
+    CREATE INDEX recordings_deletable ON recordings(archived_at)
+        WHERE state = 'archived' AND server_deleted_at IS NULL;
+    CREATE INDEX recordings_delete_intents ON recordings(delete_intent_at)
+        WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL;
+    CREATE INDEX recordings_server_deleted ON recordings(server_deleted_at) WHERE server_deleted_at IS NOT NULL;
+    """,
 ]
+_DELETABLE = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
 
 
 @dataclass(frozen=True)
@@ -318,6 +331,61 @@ class StateDB:
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    # ---- deleting the server's copy (retention.py) --------------------------------------------
+
+    def _deletable_where(self, include_flagged: bool) -> str:
+        flags = "" if include_flagged else " AND flag IS NULL"
+        return f"state = 'archived' AND server_deleted_at IS NULL AND archived_at <= ?{flags}"
+
+    async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]:
+        """Recordings whose server copy may go: an interrupted deletion first, then those
+        archived (complete, unless ``include_flagged``) before ``before``, oldest first."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT {_DELETABLE} FROM recordings INDEXED BY recordings_delete_intents"
+            " WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL AND state = 'archived' LIMIT ?",
+            (limit,),
+        )
+        if len(rows) < limit:
+            rows += await self.db.execute_fetchall(
+                f"SELECT {_DELETABLE} FROM recordings INDEXED BY recordings_deletable"
+                f" WHERE {self._deletable_where(include_flagged)} AND delete_intent_at IS NULL"
+                " ORDER BY archived_at LIMIT ?",
+                (before, limit - len(rows)),
+            )
+        return [dict(r) for r in rows]
+
+    async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]:
+        """(count, bytes) of what ``deletable`` would hand out now."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT count(*), coalesce(sum(size), 0) FROM recordings INDEXED BY recordings_deletable"
+            f" WHERE {self._deletable_where(include_flagged)}",
+            (before,),
+        )
+        return rows[0][0], rows[0][1]
+
+    async def delete_intents(self) -> list[str]:
+        rows = await self.db.execute_fetchall(
+            "SELECT id FROM recordings INDEXED BY recordings_delete_intents"
+            " WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL"
+        )
+        return [r[0] for r in rows]
+
+    async def mark_server_deleted(self, rows: list[tuple[float, str, str]]) -> None:
+        """(deleted_at, request id, recording id) for each: one transaction."""
+        await self.db.executemany(
+            "UPDATE recordings SET server_deleted_at=?, delete_request_id=? WHERE id=?", rows
+        )
+        await self.db.commit()
+
+    async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]:
+        due, due_bytes = await self.deletable_totals(before, include_flagged)
+        deleted = (await self.db.execute_fetchall(
+            "SELECT count(*) FROM recordings INDEXED BY recordings_server_deleted WHERE server_deleted_at IS NOT NULL"
+        ))[0][0]
+        store = await self.get_meta("server_store")
+        return {"due": due, "due_bytes": due_bytes, "deleted": deleted,
+                "interrupted": len(await self.delete_intents()), "server_store": json.loads(store) if store else None}
 
     async def recover(self) -> list[Row]:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so

@@ -150,6 +150,10 @@ def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, An
     result["bytes"] = sum(p.stat().st_size for p in (work / "archive").rglob("*") if p.suffix in (".zip", ".wav"))
     if result["rc"] != 0:
         raise RuntimeError(f"backfill failed rc={result['rc']}: {(work / 'backfill.log').read_text()[-2000:]}")
+    expected = len(sim.get("/_sim/urls").splitlines())
+    stored = sum(1 for p in (work / "archive").rglob("*") if p.suffix in (".zip", ".wav"))
+    if stored != expected:  # a fast run that left recordings behind would be no figure at all
+        raise RuntimeError(f"backfill archived {stored} of {expected} recordings")
     return result
 
 

@@ -203,6 +203,15 @@ async def test_wait_bounds_the_backfill_with_a_request_that_hangs(tmp_path, make
     assert not [p for p in archive_files(tmp_path / "archive") if p.name.endswith(".partial")]
 
 
+async def test_wait_0_still_archives_a_whole_backlog_of_ready_recordings(tmp_path, make_sim):
+    """--wait ends waiting, not work that is due: a queue still full at the deadline is drained."""
+    sim = await make_sim(recordings=150, audio_bytes=1000, latency=0.005)
+    cfg = write_config(tmp_path, sim, workers={"concurrency": 2})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "0")
+    assert result.rc == 0, result
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+
+
 async def test_recordings_without_audio_get_their_own_state_and_keep_their_metadata(tmp_path, make_sim):
     sim = await make_sim(recordings=20, audio_bytes=2000, no_audio=3, missing_member=2)
     cfg = write_config(tmp_path, sim)
