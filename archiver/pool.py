@@ -274,6 +274,9 @@ class Engine:
         except LocalStorageError as exc:
             self._fatal(str(exc))
             return
+        except Exception:  # a bug must not go unseen in a background task; intents stay for next time
+            log.exception("prune_unexpected_error")
+            return
         self.result.stats["server_deleted"] += done.deleted + done.already_gone
         self.result.stats["delete_refused"] += done.refused
         self.metrics.server_deletions.inc(done.deleted + done.already_gone)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from archiver.simulator import SimConfig, Simulator
@@ -114,6 +115,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def http_get(http: Any, url: str) -> tuple[int, str]:
+    """(status, text) of a GET, (0, "") while nothing listens there yet."""
+    try:
+        async with http.get(url) as resp:
+            return resp.status, await resp.text()
+    except aiohttp.ClientError:
+        return 0, ""
 
 
 def archive_files(root: Path) -> list[Path]:

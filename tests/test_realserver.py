@@ -18,7 +18,7 @@ from archiver.config import ApiConfig
 from archiver.errors import AuthRefused, RecordingGone
 from archiver.simulator import make_wav
 from tests.checks import assert_archive_complete
-from tests.conftest import archive_files, cli_command, cli_env, db_rows, run_cli, write_config
+from tests.conftest import archive_files, cli_command, cli_env, db_rows, http_get, run_cli, write_config
 
 STATE_SQL = "SELECT id, state, attempts, flag, flag_reason FROM recordings"
 
@@ -91,11 +91,7 @@ async def test_the_service_pauses_on_a_frozen_account_shows_it_and_resumes_when_
     try:
         async with aiohttp.ClientSession() as http:
             async def get(path: str) -> tuple[int, str]:
-                try:
-                    async with http.get(base + path) as resp:
-                        return resp.status, await resp.text()
-                except aiohttp.ClientError:
-                    return 0, ""
+                return await http_get(http, base + path)
 
             seen: dict[str, str] = {}
 

@@ -10,7 +10,7 @@ import socket
 import aiohttp
 
 from archiver.notify import Notifier
-from tests.conftest import cli_command, cli_env, run_cli, wait_until, write_config
+from tests.conftest import cli_command, cli_env, http_get, run_cli, wait_until, write_config
 
 
 def _free_port() -> int:
@@ -75,11 +75,7 @@ async def test_metrics_and_healthz_over_http(tmp_path, make_sim):
     try:
         async with aiohttp.ClientSession() as http:
             async def get(path: str) -> tuple[int, str]:
-                try:
-                    async with http.get(base + path) as resp:
-                        return resp.status, await resp.text()
-                except aiohttp.ClientError:
-                    return 0, ""
+                return await http_get(http, base + path)
 
             state = {"metrics": ""}
 
