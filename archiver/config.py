@@ -6,7 +6,9 @@ Relative paths resolve against the directory of the config file.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import math
 import os
 import stat
 import string
@@ -231,9 +233,15 @@ def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfi
         ("accesskey", accesskey), ("token", token), ("username/password", username or password)
     ) if on]
     if not kinds:
+        names = [f"{kind}{suffix}" for kind in ("accesskey", "token", "password") for suffix in ("", "_file")]
+        typos = [
+            f"unknown key {key!r} (did you mean {close[0]}?)"
+            for key in reader.data.get("api", {})
+            if (close := difflib.get_close_matches(key, [*names, "username"], n=1, cutoff=0.75)) and key != close[0]
+        ]
         raise ConfigError(
             "[api] no credential: set accesskey (or accesskey_file, or env VOIPBIN_ACCESSKEY), "
-            "token (token_file, VOIPBIN_TOKEN) or username and password"
+            "token (token_file, VOIPBIN_TOKEN) or username and password" + "".join(f"; {t}" for t in typos)
         )
     if len(kinds) > 1:
         raise ConfigError(f"[api] exactly one credential kind is allowed, found: {', '.join(kinds)}")
@@ -361,6 +369,8 @@ class _Reader:
 
     def number(self, section: str, key: str, default: float, minimum: float | None = None) -> float:
         value = self._get(section, key, default, _is_number, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"[{section}] {key} must be a finite number, got {value}")
         self._within(section, key, value, minimum, None)
         return float(value)
 

@@ -61,6 +61,13 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path):
         ('[api]\nusername="u"\n', "username and password must be set together"),
         (f'[api]\naccesskey="{KEY}"\n[logging]\nlevel="loud"\n', "[logging] level"),
         ("[api\n", "not valid TOML"),
+        (f'[api]\nacesskey="{KEY}"\n', "unknown key 'acesskey' (did you mean accesskey?)"),
+        ('[api]\ntoken_fiel="/etc/key"\n', "unknown key 'token_fiel' (did you mean token_file?)"),
+        (f'[api]\naccesskey="{KEY}"\n[workers]\npoll_interval=inf\n', "[workers] poll_interval must be a finite"),
+        (f'[api]\naccesskey="{KEY}"\ntimeout=nan\n', "[api] timeout must be a finite number, got nan"),
+        (f'[api]\naccesskey="{KEY}"\nrequests_per_second=nan\n', "[api] requests_per_second must be a finite"),
+        (f'[api]\naccesskey="{KEY}"\n[retention]\ndelete_after=-inf\n', "[retention] delete_after must be"),
+        (f'[api]\naccesskey="{KEY}"\n[retention]\nstore_warn_ratio=2\n', "store_warn_ratio must be <= 1"),
     ],
 )
 def test_invalid_configs_name_the_key(tmp_path, text, message):
@@ -95,6 +102,11 @@ async def test_cli_config_errors_exit_2(tmp_path):
     assert result.rc == 2 and "no credential" in result.err
     usage = await run_cli("frobnicate")
     assert usage.rc == 2
+    nan = tmp_path / "nan.toml"
+    nan.write_text(f'[api]\naccesskey="{KEY}"\nrequests_per_second = nan\n')
+    result = await run_cli("--config", str(nan), "backfill")
+    assert result.rc == 2 and "requests_per_second must be a finite number" in result.err
+    assert "Traceback" not in result.err
 
 
 async def test_config_path_from_environment(tmp_path):
