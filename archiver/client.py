@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -39,6 +39,7 @@ USER_AGENT = f"voipbin-archiver/{__version__}"
 MAX_429_WAITS = 30  # a 429 is the server asking us to wait, not a failure: allow many
 CUSTOMER_RATE = 16.7  # the server's budget per customer, requests/s, shared with the customer's other users
 RATE_WINDOW = 10.0  # seconds of our own requests looked at when a 429 arrives
+CREDENTIAL_PARAMS = {"accesskey", "token"}  # never sent on to storage
 
 # What to tell the operator for each account-level refusal (HTTP 403); see shared/voipbin-api.md.
 ACCOUNT_REFUSALS = {
@@ -355,6 +356,22 @@ class ApiClient:
         parts = urlsplit(location)
         if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname)):
             raise InvalidRecording(f"storage redirect to a non-HTTPS URL refused ({parts.scheme}://{parts.hostname})")
+        return self._without_credentials(location)
+
+    def _without_credentials(self, location: str) -> str:
+        """The storage URL with our credential parameters removed (a careless proxy or server may
+        echo our query string into ``Location``); the rest is kept byte for byte, so a signature
+        still matches. Refused if a credential is still anywhere in it."""
+        parts = urlsplit(location)
+        pieces = parts.query.split("&") if parts.query else []
+        kept = [p for p in pieces if unquote(p.partition("=")[0]).lower() not in CREDENTIAL_PARAMS]
+        if len(kept) != len(pieces):
+            self.stats["redirect_credentials_stripped"] += 1
+            log.warning("redirect_credential_stripped", hint="the storage redirect carried our credential: removed")
+            location = urlunsplit((parts.scheme, parts.netloc, parts.path, "&".join(kept), parts.fragment))
+        secrets = [s for s in (self.cfg.accesskey, self._jwt, self.cfg.password) if s]
+        if parts.username or parts.password or any(s in unquote(location) for s in secrets):
+            raise InvalidRecording("storage redirect carries our credential outside its query: refused")
         return location
 
     @asynccontextmanager

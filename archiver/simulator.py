@@ -218,7 +218,9 @@ class Simulator:
         self.delete_violations = 0  # DELETEs of a recording never downloaded whole
         self.complete_downloads: Counter[str] = Counter()  # whole final bodies served, per recording
         self.store_sizes: dict[str, int] = {}  # the files each recording keeps in the customer's store
-        self.quirk = ""  # "repeat_token": pages repeat their token; "result_not_list": newest page is junk
+        # "repeat_token": pages repeat their token; "result_not_list": newest page is junk;
+        # "echo_query" / "key_in_path": the storage redirect carries our credential
+        self.quirk = ""
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
         self.recordings: dict[str, SimRecording] = {}
         self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
@@ -702,6 +704,10 @@ class Simulator:
         if ttl is not None:
             self.stats["fault_storage_expired"] += 1
         location = self.storage_url(rec.id, self.variant(rec), ttl)
+        if self.quirk == "echo_query":  # a careless proxy appends the request's query (our key!)
+            location += "&" + request.query_string
+        elif self.quirk == "key_in_path":
+            location = location.replace("/storage/", f"/storage/{self.accesskey}/../", 1)
         return web.Response(status=307, headers={"Location": location})
 
     async def h_storage(self, request: web.Request) -> web.StreamResponse:

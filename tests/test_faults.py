@@ -106,6 +106,29 @@ async def test_redirect_to_plain_http_elsewhere_is_refused(tmp_path, make_sim):
     assert all(r[1] == "failed" and "non-HTTPS" in r[4] for r in rows), rows
 
 
+async def test_a_redirect_that_echoes_our_query_never_takes_the_key_to_storage(tmp_path, make_sim):
+    sim = await make_sim(recordings=10, audio_bytes=2000)
+    sim.quirk = "echo_query"
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    assert sim.credential_leaks == 0, "storage saw our access key"
+    assert "redirect_credential_stripped" in result.err and sim.accesskey not in result.err
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+
+
+async def test_a_redirect_with_the_key_outside_its_query_is_refused(tmp_path, make_sim):
+    sim = await make_sim(recordings=2, audio_bytes=2000)
+    sim.quirk = "key_in_path"
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 1, result
+    assert sim.stats["storage_requests"] == 0, "nothing went to storage"
+    rows = db_rows(tmp_path / "state.sqlite3")
+    assert all(r[1] == "failed" and "carries our credential" in r[4] for r in rows), rows
+    assert sim.accesskey not in result.err + result.out
+
+
 def _mount_tmpfs(path, size: str) -> bool:
     path.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
