@@ -40,6 +40,7 @@ MAX_429_WAITS = 30  # a 429 is the server asking us to wait, not a failure: allo
 CUSTOMER_RATE = 16.7  # the server's budget per customer, requests/s, shared with the customer's other users
 RATE_WINDOW = 10.0  # seconds of our own requests looked at when a 429 arrives
 CREDENTIAL_PARAMS = {"accesskey", "token"}  # never sent on to storage
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # one API answer; a real page of 100 recordings is about 70 kB
 
 # What to tell the operator for each account-level refusal (HTTP 403); see shared/voipbin-api.md.
 ACCOUNT_REFUSALS = {
@@ -171,7 +172,7 @@ class ApiClient:
             await asyncio.sleep(delay)
         try:
             token = json.loads(body)["token"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise AuthRefused("login answered without a token") from None
         if not isinstance(token, str) or not token:
             raise AuthRefused("login answered an empty token")
@@ -222,7 +223,7 @@ class ApiClient:
                     method, url, params=query, headers=headers, allow_redirects=False, timeout=timeout or self._timeout
                 ) as resp:
                     status = resp.status
-                    body = await resp.read()
+                    body = await _read_bounded(resp, path)
                     if redirect and status in (301, 302, 303, 307, 308):
                         location = resp.headers.get("Location", "")
                         if not location:
@@ -235,7 +236,7 @@ class ApiClient:
                             raise TransientError(f"{path}: expected a redirect to storage, got HTTP {status}")
                         try:
                             return json.loads(body)
-                        except ValueError:
+                        except (ValueError, RecursionError):  # RecursionError: hostile nesting
                             reason = "malformed_json"
                             raise _Retry(f"{path}: malformed JSON in HTTP {status} answer") from None
                     err = _error_info(body)
@@ -388,6 +389,22 @@ class _Retry(Exception):
     """Internal: a retryable answer."""
 
 
+async def _read_bounded(resp: aiohttp.ClientResponse, path: str) -> bytes:
+    """The answer's body, refused (``InvalidRecording``) past ``MAX_ANSWER_BYTES``: a hostile
+    or broken server must not make us hold, parse and store hundreds of megabytes."""
+    if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+        raise InvalidRecording(f"{path}: answer of {resp.content_length} bytes, more than {MAX_ANSWER_BYTES}")
+    body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+    while len(body) <= MAX_ANSWER_BYTES and not resp.content.at_eof():
+        chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > MAX_ANSWER_BYTES:
+        raise InvalidRecording(f"{path}: answer longer than {MAX_ANSWER_BYTES} bytes")
+    return body
+
+
 @dataclass(frozen=True)
 class ErrorInfo:
     """What VoIPbin's error envelope says; every field empty when the body is not one (an
@@ -407,7 +424,7 @@ def _error_info(body: bytes) -> ErrorInfo:
         return ErrorInfo(
             _short(err.get("reason")), _short(err.get("request_id")), _short(first.get("limited_by"))
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return ErrorInfo()
 
 

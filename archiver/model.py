@@ -6,6 +6,7 @@ only the few fields the archiver acts on are checked here.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .errors import InvalidRecording
 KNOWN_STATUSES = ("initiating", "recording", "stopping", "ended")
 _FORMAT_RE = re.compile(r"^[a-z0-9]{1,10}$")
 _TUTORIAL_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(\.\d{1,9})?$")
+MAX_RECORDING_BYTES = 256 * 1024  # one recording's JSON; a real one is about 600 bytes
 _SENTINEL_YEAR = 9000  # older servers wrote "9999-01-01 00:00:00.000000" for "unset"
 
 
@@ -94,6 +96,9 @@ def parse_recording(raw: Any) -> Recording:
     if not isinstance(raw, dict):
         raise InvalidRecording(f"recording is not an object: {type(raw).__name__}")
     rec_id = check_id(raw.get("id"))
+    size = len(json.dumps(raw))  # it is kept whole: in SQLite, in the sidecar
+    if size > MAX_RECORDING_BYTES:
+        raise InvalidRecording(f"recording object of {size} bytes, more than {MAX_RECORDING_BYTES}")
     status = raw.get("status")
     if not isinstance(status, str):
         raise InvalidRecording("status missing or not a string")

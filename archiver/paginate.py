@@ -13,6 +13,8 @@ from .model import Recording, parse_recording
 
 log = structlog.get_logger("archiver.paginate")
 
+MAX_PAGE_ITEMS = 1000  # page_size is at most 100: a page ten times that is not a listing
+
 
 class Lister(Protocol):
     async def list_recordings(self, page_token: str, page_size: int) -> Any: ...
@@ -42,6 +44,9 @@ def parse_page(body: Any, token: str) -> Page:
     if not isinstance(items, list):
         log.error("page_result_not_a_list", result_type=type(items).__name__)
         # Nothing to store, but the token may still lead on: count it as a non-empty page.
+        return Page(token=token, next_token=next_token, raw_count=1)
+    if len(items) > MAX_PAGE_ITEMS:
+        log.error("page_too_large", items=len(items), limit=MAX_PAGE_ITEMS, hint="the page is skipped")
         return Page(token=token, next_token=next_token, raw_count=1)
     page = Page(token=token, next_token=next_token, raw_count=len(items))
     for item in items:

@@ -127,7 +127,7 @@ class Engine:
                 await self._succeeded()
             except AuthRefused as exc:
                 await self._refused(exc)
-            except (TransientError, RecordingRefused, RecordingGone) as exc:
+            except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
                 self.result.walk_error = redact(str(exc))
                 log.error("walk_failed", error=self.result.walk_error, hint="the next run resumes from the checkpoint")
             self.walk_done = True
@@ -178,7 +178,7 @@ class Engine:
         except AuthRefused as exc:
             await self._refused(exc)
             return
-        except (TransientError, RecordingRefused, RecordingGone) as exc:
+        except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
             log.error("cycle_walk_failed", error=redact(str(exc)))
             return
         await self.state.set_meta("last_cycle", str(time.time()))

@@ -222,6 +222,7 @@ class Simulator:
         # "echo_query" / "key_in_path": the storage redirect carries our credential
         self.quirk = ""
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
+        self.json_override = ""  # a hostile server: this text instead of every JSON answer
         self.recordings: dict[str, SimRecording] = {}
         self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
         self._body_cache: dict[tuple[str, str], tuple[bytes, str, str]] = {}
@@ -574,7 +575,7 @@ class Simulator:
         return None
 
     def _json(self, body: Any) -> web.Response:
-        text = json.dumps(body)
+        text = self.json_override or json.dumps(body)
         if self._fault("malformed_json"):
             self.stats["fault_malformed_json"] += 1
             text = text[: max(1, len(text) // 2)]

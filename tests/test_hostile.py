@@ -167,3 +167,50 @@ def test_member_names_are_sanitised():
         safe = sanitize_member_name(hostile)
         assert safe and "/" not in safe and "\\" not in safe and ".." not in safe and "\x00" not in safe
         assert not safe.startswith(".")
+
+
+async def test_oversized_answers_and_recordings_are_refused_with_a_clear_error(tmp_path, make_sim):
+    sim = await make_sim(recordings=12, audio_bytes=2000)
+    fat = sim.add_recording(raw_overrides={"notes": "x" * 300_000})  # one recording far beyond anything real
+    cfg = write_config(tmp_path, sim, api={"page_size": 5})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
+    assert result.rc == 0, result
+    assert "listing_item_rejected" in result.err and "more than 262144" in result.err
+    rows = {r[0]: r for r in db_rows(tmp_path / "state.sqlite3")}
+    assert fat not in rows and sum(1 for r in rows.values() if r[1] == "archived") == 12
+    assert max(p.stat().st_size for p in (tmp_path / "archive").rglob("*.json")) < 10_000
+
+
+async def test_an_answer_past_8_mib_stops_the_walk_cleanly(tmp_path, make_sim):
+    sim = await make_sim(recordings=3, audio_bytes=2000)
+    sim.add_recording(raw_overrides={"notes": "x" * (9 * 1024 * 1024)})
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 1, result
+    assert "listing failed" in result.out and "more than 8388608" in result.out
+    assert "Traceback" not in result.err
+
+
+async def test_a_page_of_100000_items_is_skipped(tmp_path, make_sim):
+    sim = await make_sim(recordings=15, audio_bytes=2000)
+    sim.extra_listing_items = [{"id": "x"}] * 100_000
+    cfg = write_config(tmp_path, sim, api={"page_size": 10})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "3")
+    assert result.rc == 0, result
+    assert "page_too_large" in result.err
+    assert archived_this_run(result.out) == 5, "the junk page is skipped, the walk goes on"
+
+
+async def test_hostile_nesting_is_malformed_json_not_a_crash(make_sim):
+    from archiver.client import ApiClient
+    from archiver.config import ApiConfig
+    from archiver.errors import TransientError
+
+    sim = await make_sim(recordings=1)
+    deep = "[" * 100_000 + "]" * 100_000
+    sim.json_override = deep
+    cfg = ApiConfig(base_url=sim.base_url, accesskey=sim.accesskey, requests_per_second=0, retry_base=0.01,
+                    max_retries=1)
+    async with ApiClient(cfg) as client:
+        with pytest.raises(TransientError, match="malformed JSON"):
+            await client.list_recordings("", 10)
