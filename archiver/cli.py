@@ -1,7 +1,8 @@
 """``voipbin-archiver``: the command line.
 
 Exit codes: 0 success, 1 some recordings failed (or the run could not finish),
-2 usage or configuration error, 3 the API refused the credential.
+2 usage or configuration error, 3 the API refused the credential or the account,
+4 a backfill interrupted by SIGTERM or SIGINT (it resumes where it stopped).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .pool import RunResult
 from .service import prune, run_engine, status, verify
 from .state import FLAGS, STATES, waiting_count
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
 
 def _date(text: str) -> datetime:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_code(result: RunResult) -> int:
     if result.auth_refused:
         return EXIT_AUTH
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     if result.fatal or result.walk_error or result.stats["failed"]:
         return EXIT_FAILED
     return EXIT_OK
@@ -135,7 +138,9 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
     lines += [f"  {name:<22}{this!s:>12}{total!s:>12}".rstrip() for name, this, total in rows]
     if waiting:
         why = "not ended or files not uploaded yet"
-        if result.abandoned:
+        if result.interrupted:
+            why = f"the run was stopped by {result.interrupted}"
+        elif result.abandoned:
             why = f"{result.abandoned} abandoned in flight when the run ended, the rest {why}"
         lines.append(f"still waiting: {waiting} ({why}; the next run continues)")
     if s["no_audio"]:
@@ -147,6 +152,8 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
         lines.append(f"listing failed: {result.walk_error}")
     if result.fatal:
         lines.append(f"stopped early: {result.fatal}")
+    if result.interrupted:
+        lines.append(f"interrupted by {result.interrupted}: the next run resumes where this one stopped")
     print("\n".join(lines), flush=True)
 
 

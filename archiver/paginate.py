@@ -9,11 +9,14 @@ from typing import Any, Protocol
 import structlog
 
 from .errors import InvalidRecording
-from .model import Recording, parse_recording
+from .model import Recording, parse_recording, parse_timestamp
 
 log = structlog.get_logger("archiver.paginate")
 
 MAX_PAGE_ITEMS = 1000  # page_size is at most 100: a page ten times that is not a listing
+# A walk longer than this is a server that loops: 20 million recordings at 100 per page, far more
+# than one customer's account holds (its store takes about 60,000 ten-second calls).
+MAX_WALK_PAGES = 200_000
 
 
 class Lister(Protocol):
@@ -62,13 +65,24 @@ async def walk_pages(client: Lister, page_size: int, start_token: str = "") -> A
     """Yield pages newest-first until an empty page, an empty token or a token seen before.
 
     The caller stores each page (and checkpoints ``page.next_token``) before asking for the
-    next one, so an interrupted walk resumes where it stopped.
+    next one, so an interrupted walk resumes where it stopped. A server that loops is stopped
+    with ``InvalidRecording`` (the checkpoint keeps its place): a page that repeats recordings of
+    the page before, page tokens that stop going back in time, or more than ``MAX_WALK_PAGES``.
+    Memory stays bounded: only the previous page's ids and token are kept.
     """
     token = start_token
-    seen: set[str] = {token}
-    while True:
+    previous_ids: set[str] = set()
+    previous_time = _token_time(token)
+    for pages in range(1, MAX_WALK_PAGES + 1):
         body = await client.list_recordings(token, page_size)
         page = parse_page(body, token)
+        ids = {r.id for r in page.recordings}
+        repeated = ids & previous_ids
+        if repeated:
+            raise InvalidRecording(
+                f"the listing loops: the page after token {token[:40]!r} repeats {len(repeated)} recording(s) "
+                "of the page before; walk stopped"
+            )
         yield page
         if page.raw_count == 0:
             log.debug("walk_end", reason="empty page")
@@ -76,8 +90,25 @@ async def walk_pages(client: Lister, page_size: int, start_token: str = "") -> A
         if not page.next_token:
             log.debug("walk_end", reason="no next token")
             return
-        if page.next_token in seen:
+        if page.next_token == token:
             log.warning("walk_end", reason="token repeated", token=page.next_token[:40])
             return
-        seen.add(page.next_token)
+        next_time = _token_time(page.next_token)
+        if previous_time is not None and next_time is not None and next_time >= previous_time:
+            raise InvalidRecording(
+                f"the listing loops: page tokens stopped going back in time ({token[:40]!r}, then "
+                f"{page.next_token[:40]!r}); walk stopped"
+            )
+        previous_ids, previous_time = ids, next_time or previous_time
         token = page.next_token
+        if pages % 1000 == 0:
+            log.info("walk_progress", pages=pages)
+    raise InvalidRecording(f"the listing goes on past {MAX_WALK_PAGES} pages: a server that loops; walk stopped")
+
+
+def _token_time(token: str) -> Any:
+    """The time a page token stands for (it is the last item's ``tm_create``), if it reads as one."""
+    try:
+        return parse_timestamp(token) if token else None
+    except ValueError:
+        return None

@@ -70,6 +70,7 @@ class RunResult:
     refusal: str = ""  # the server's reason for that refusal (ACCOUNT_FROZEN, ...)
     walk_error: str = ""
     abandoned: int = 0  # in flight at the end (--wait over, or a stop), abandoned: still pending
+    interrupted: str = ""  # the signal that stopped the run (SIGTERM, SIGINT), if one did
 
 
 class Engine:
@@ -123,8 +124,8 @@ class Engine:
         self.ready.set()
         try:
             try:
-                await self._walk(full=True, since=since, until=until)
-                await self._succeeded()
+                if await self._walk_unless_stopped(full=True, since=since, until=until) is not None:
+                    await self._succeeded()
             except AuthRefused as exc:
                 await self._refused(exc)
             except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
@@ -174,7 +175,9 @@ class Engine:
         before = self.client.stats["requests"]
         try:
             full = await self._full_walk_due()
-            new = await self._walk(full=full)
+            new = await self._walk_unless_stopped(full=full)
+            if new is None:
+                return  # stopped mid-walk: the checkpoint keeps its place
         except AuthRefused as exc:
             await self._refused(exc)
             return
@@ -328,6 +331,22 @@ class Engine:
 
     # ---- the walk ----------------------------------------------------------------------------
 
+    async def _walk_unless_stopped(
+        self, full: bool, since: datetime | None = None, until: datetime | None = None
+    ) -> int | None:
+        """``_walk``, abandoned at once when ``stop`` is set (SIGTERM must not wait for a slow
+        listing); None then. Each page is stored whole before the next is asked for."""
+        walk = asyncio.ensure_future(self._walk(full, since, until))
+        stopper = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({walk, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if walk.done():
+            return walk.result()
+        walk.cancel()
+        await asyncio.gather(walk, return_exceptions=True)
+        log.info("walk_interrupted", hint="the next run resumes from the checkpoint")
+        return None
+
     async def _walk(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int:
         """Store listed recordings. Full walks checkpoint each page; incremental ones stop at
         known recordings (after ``overlap`` of them). Returns how many were new."""
@@ -353,7 +372,8 @@ class Engine:
             if until is not None:
                 recs = [r for r in recs if r.tm_create is None or r.tm_create < until]
             token = "" if reached_since else page.next_token
-            new, known = await self.state.store_page(recs, name, token)
+            # shielded: a stop mid-walk must not cut a page's transaction in two
+            new, known = await asyncio.shield(self.state.store_page(recs, name, token))
             new_total += new
             self.result.stats["pages"] += 1
             self.result.stats["discovered"] += new

@@ -31,6 +31,7 @@ def _on_signals(engine: Engine, notifier: Notifier) -> None:
         if not engine.stop.is_set():
             log.info("signal", signal=signame, action="stopping: no new work, finishing in-flight downloads")
             notifier.send("STOPPING=1")
+            engine.result.interrupted = engine.result.interrupted or signame
         engine.stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -219,10 +219,12 @@ class Simulator:
         self.complete_downloads: Counter[str] = Counter()  # whole final bodies served, per recording
         self.store_sizes: dict[str, int] = {}  # the files each recording keeps in the customer's store
         # "repeat_token": pages repeat their token; "result_not_list": newest page is junk;
-        # "echo_query" / "key_in_path": the storage redirect carries our credential
+        # "echo_query" / "key_in_path": the storage redirect carries our credential;
+        # "endless": the newest page again and again under ever older tokens; "rising_token"
         self.quirk = ""
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
         self.json_override = ""  # a hostile server: this text instead of every JSON answer
+        self._rising_pages = 0  # pages served under the "rising_token" quirk
         self.recordings: dict[str, SimRecording] = {}
         self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
         self._body_cache: dict[tuple[str, str], tuple[bytes, str, str]] = {}
@@ -625,6 +627,17 @@ class Simulator:
         if items:
             last = self.recordings[items[-1]["id"]]
             next_token = _ts(last.tm_create, "tutorial" if self.cfg.timestamps == "tutorial" else "token")
+        if self.quirk == "endless" and token:  # the same page again, under an ever older token
+            first = self.recordings[self._order[0][1]]
+            items = [self.recording_json(self.recordings[rid]) for _, rid in self._order[:size]]
+            older = (_parse_token(token) or first.tm_create) - timedelta(seconds=1)
+            return self._json({"result": items, "next_page_token": _ts(older, "token")})
+        if self.quirk == "rising_token":  # each answer the next page, under tokens that go forward in time
+            self._rising_pages += 1
+            n = self._rising_pages
+            items = [self.recording_json(self.recordings[rid]) for _, rid in self._order[(n - 1) * size : n * size]]
+            next_token = _ts(datetime.now(UTC) + timedelta(days=n), "token")
+            return self._json({"result": items, "next_page_token": next_token})
         if self.quirk == "repeat_token" and items:
             next_token = _ts(self.recordings[items[-1]["id"]].tm_create, "tutorial")
             if token:

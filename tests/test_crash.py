@@ -6,8 +6,10 @@ import asyncio
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
+from archiver.pool import SHUTDOWN_GRACE
 from tests.checks import assert_archive_complete
 from tests.conftest import cli_command, cli_env, run_cli, wait_until, write_config
 
@@ -91,6 +93,35 @@ async def test_sigterm_stops_cleanly_and_resumes(tmp_path, make_sim):
     assert not list((tmp_path / "archive").rglob("*.partial"))
     final = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
     assert final.rc == 0, final
+    assert_archive_complete(sim, tmp_path / "archive", db)
+
+
+async def test_sigterm_during_a_slow_walk_stops_within_seconds_and_resumes_from_the_checkpoint(tmp_path, make_sim):
+    sim = await make_sim(recordings=3000, latency=0.3, audio_bytes=500)
+    cfg = write_config(tmp_path, sim, workers={"concurrency": 2})
+    db = tmp_path / "state.sqlite3"
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command("--config", str(cfg), "backfill"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, env=cli_env(),
+    )
+    await wait_until(lambda: sim.stats["list"] >= 4, 30, "the walk under way")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    stopped_in = time.monotonic() - started
+    assert stopped_in < 2 + SHUTDOWN_GRACE, f"took {stopped_in:.1f} s after SIGTERM"
+    assert proc.returncode == 4, out.decode()  # interrupted: not "finished"
+    assert "interrupted by SIGTERM" in out.decode()
+    listed_before = sim.stats["list"]
+    con = sqlite3.connect(db)
+    checkpoint = con.execute("SELECT token FROM walks").fetchone()
+    con.close()
+    assert checkpoint, "the walk's place is kept"
+    sim.cfg.latency = 0
+    final = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert final.rc == 0, final
+    resumed = sim.stats["list"] - listed_before  # a whole walk is 31 pages (30 and the empty one)
+    assert resumed <= 32 - listed_before < 31, "resumed from the checkpoint, not walked from the start"
     assert_archive_complete(sim, tmp_path / "archive", db)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from archiver.client import ApiClient
 from archiver.config import ApiConfig
 from archiver.paginate import walk_pages
@@ -87,3 +89,18 @@ async def test_backfill_resumes_at_the_checkpointed_page(make_sim, tmp_path):
     assert result.rc == 0, result
     assert sim.stats["list"] == 4, "pages 3..5 and the empty one; the first two are not asked again"
     assert archived_this_run(result.out) == 50
+
+
+@pytest.mark.parametrize(
+    ("quirk", "message"),
+    [("endless", "repeats 10 recording(s)"), ("rising_token", "stopped going back in time")],
+)
+async def test_a_listing_that_loops_is_stopped_with_a_clear_error(tmp_path, make_sim, quirk, message):
+    sim = await make_sim(recordings=30, audio_bytes=2000)
+    sim.quirk = quirk
+    cfg = write_config(tmp_path, sim, api={"page_size": 10})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 1, result
+    assert "listing failed" in result.out and message in result.out
+    assert sim.stats["list"] <= 4, "stopped at once, not after thousands of requests"
+    assert archived_this_run(result.out) >= 10, "what was listed before the loop is archived"
