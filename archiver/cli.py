@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +20,12 @@ import structlog
 
 from . import __version__
 from .config import Config, build_config, default_config_path, load_config
-from .errors import AuthRefused, ConfigError, StateLocked
+from .errors import AuthRefused, ConfigError, StateLocked, StateUnusable
 from .expiry import expiry_warning
 from .logs import configure_logging, redact
 from .pool import RunResult
 from .service import prune, run_engine, status, verify
-from .state import FLAGS, STATES, waiting_count
+from .state import FLAGS, STATES, unusable_message, waiting_count
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    cfg: Config | None = None
     try:
         live = args.command in ("backfill", "demo") and sys.stderr.isatty() and args.log_format != "json"
         if args.command == "demo":
@@ -94,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_summary(args.command, result, counts, requests)
         # the service stops only when asked to (SIGTERM/SIGINT): that is a clean exit
         return EXIT_OK if args.command == "run" else _exit_code(result)
-    except (ConfigError, StateLocked) as exc:
+    except (ConfigError, StateLocked, StateUnusable) as exc:
         print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.Error as exc:  # the database failed under a running command: no traceback, exit 2
+        database = cfg.state.database if cfg is not None else "the state database"
+        print(f"voipbin-archiver: error: {redact(unusable_message(Path(database), exc))}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as exc:
         print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)

@@ -45,6 +45,10 @@ class StateLocked(ArchiverError):
     """Another process holds the state database."""
 
 
+class StateUnusable(ArchiverError):
+    """The state database cannot be used (corrupt, not a database, read-only, newer schema)."""
+
+
 class RecordingGone(ArchiverError):
     """The API says the recording does not exist (deleted)."""
 

@@ -21,6 +21,7 @@ import asyncio
 import fcntl
 import json
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import aiosqlite
 
-from .errors import StateLocked
+from .errors import StateLocked, StateUnusable
 from .model import Recording
 
 STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
@@ -146,29 +147,45 @@ class StateDB:
 
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> StateDB:
+        """Open (and for a writer: lock, create, migrate and check) the database at ``path``.
+        Anything SQLite refuses becomes ``StateUnusable`` with what to do, the lock released."""
         lock_fd = None
-        if readonly:
-            if not path.exists():
-                raise FileNotFoundError(f"state database {path} does not exist yet")
-            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
-        else:
-            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-            lock_fd = _lock(path)
-            if not path.exists():
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            db = await aiosqlite.connect(path)
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=10000")
-        db.row_factory = aiosqlite.Row
-        state = cls(db, lock_fd)
-        if not readonly:
-            try:
+        db = None
+        try:
+            if readonly:
+                if not path.exists():
+                    raise FileNotFoundError(f"state database {path} does not exist yet")
+                db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+            else:
+                path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+                lock_fd = _lock(path)
+                if not path.exists():
+                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+                db = await aiosqlite.connect(path)
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=10000")
+            db.row_factory = aiosqlite.Row
+            state = cls(db, lock_fd)
+            if not readonly:
                 await state._migrate()
-            except BaseException:
-                await state.close()
-                raise
-        return state
+                # a writer reads every page once: a truncated or damaged file is found now, not mid-run
+                check = (await db.execute_fetchall("PRAGMA quick_check"))[0][0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(f"quick_check: {check}")
+                await db.execute("BEGIN IMMEDIATE")  # a read-only file or filesystem is found now too
+                await db.execute("ROLLBACK")
+            return state
+        except BaseException as exc:
+            if db is not None:
+                await db.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            if isinstance(exc, sqlite3.Error):
+                raise StateUnusable(unusable_message(path, exc)) from None
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                raise StateUnusable(unusable_message(path, f"{exc.strerror}: {exc.filename}")) from None
+            raise
 
     def lock_fds(self) -> tuple[int, ...]:
         """The lock's descriptor, for helper processes to hold (see ``storeproc``)."""
@@ -183,8 +200,9 @@ class StateDB:
     async def _migrate(self) -> None:
         version = (await self.db.execute_fetchall("PRAGMA user_version"))[0][0]
         if version > len(MIGRATIONS):
-            raise StateLocked(
-                f"state database schema v{version} is newer than this archiver knows (v{len(MIGRATIONS)})"
+            raise StateUnusable(
+                f"state database schema v{version} is newer than this archiver knows (v{len(MIGRATIONS)}): "
+                "upgrade voipbin-archiver"
             )
         for number in range(version, len(MIGRATIONS)):
             await self.db.executescript(
@@ -469,6 +487,15 @@ class StateDB:
             for r in rows:
                 yield dict(r)
             last = rows[-1]["id"]
+
+def unusable_message(path: Path, exc: BaseException | str) -> str:
+    """What is wrong with the state database and what the operator can do about it."""
+    return (
+        f"state database {path} cannot be used ({exc}). Restore it from a backup, or move it aside "
+        f"(mv {path} {path}.broken) and run `backfill`: the state is rebuilt from the archive's files "
+        "and sidecars without downloading them again. A read-only file or filesystem: make it writable."
+    )
+
 
 def _lock(path: Path) -> int:
     """Hold an exclusive lock on ``<db>.lock`` for the life of the process (one writer)."""

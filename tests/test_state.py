@@ -1,13 +1,20 @@
-"""The state database: migrations on start, refusal of a newer schema, one writer."""
+"""The state database: migrations on start, refusal of a newer schema, one writer, damage."""
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from archiver.errors import StateLocked
+from archiver.errors import StateLocked, StateUnusable
 from archiver.state import MIGRATIONS, StateDB
+from tests.checks import assert_archive_complete
+from tests.conftest import run_cli, write_config
 
 
 async def test_an_older_database_is_migrated_on_start(tmp_path):
@@ -36,7 +43,7 @@ async def test_a_newer_database_is_refused(tmp_path):
     con = sqlite3.connect(db)
     con.execute("PRAGMA user_version = 99")
     con.close()
-    with pytest.raises(StateLocked, match="newer than this archiver"):
+    with pytest.raises(StateUnusable, match="newer than this archiver"):
         await StateDB.open(db)
 
 
@@ -49,3 +56,72 @@ async def test_one_writer_per_database(tmp_path):
         await reader.close()
     finally:
         await first.close()
+
+
+async def _seeded_database(tmp_path, make_sim):
+    sim = await make_sim(recordings=300, audio_bytes=500)
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    return sim, cfg
+
+
+def _truncate(db: Path) -> None:
+    data = db.read_bytes()
+    db.write_bytes(data[: len(data) // 2])
+
+
+def _randomise(db: Path) -> None:
+    db.write_bytes(random.Random(7).randbytes(64 * 1024))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _randomise], ids=["truncated", "random"])
+async def test_a_corrupt_database_is_a_clear_exit_2_that_releases_the_lock(tmp_path, make_sim, damage):
+    _, cfg = await _seeded_database(tmp_path, make_sim)
+    db = tmp_path / "state.sqlite3"
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"state.sqlite3{suffix}").unlink(missing_ok=True)
+    damage(db)
+    for command in (["backfill", "--wait", "1"], ["backfill", "--wait", "1"], ["status"], ["verify"]):
+        result = await run_cli("--config", str(cfg), *command, timeout=30)
+        assert result.rc == 2, (command, result)
+        assert str(db) in result.err and "move it aside" in result.err, result.err
+        assert "Traceback" not in result.err and "in use" not in result.err, "the lock was released"
+
+
+async def test_a_database_moved_aside_is_rebuilt_from_the_archive(tmp_path, make_sim):
+    sim, cfg = await _seeded_database(tmp_path, make_sim)
+    db = tmp_path / "state.sqlite3"
+    _randomise(db)
+    db.rename(tmp_path / "state.sqlite3.broken")
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"state.sqlite3{suffix}").unlink(missing_ok=True)
+    fetched = sum(sim.storage_gets.values())
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    assert sum(sim.storage_gets.values()) == fetched, "rebuilt from files and sidecars, nothing fetched again"
+    assert_archive_complete(sim, tmp_path / "archive", db)
+
+
+async def test_a_read_only_database_is_a_clear_exit_2(tmp_path, make_sim):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a read-only filesystem")
+    sim = await make_sim(recordings=5, audio_bytes=500)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state_dir)]).returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        cfg = write_config(tmp_path, sim, state={"database": "state/state.sqlite3"})
+        assert (await run_cli("--config", str(cfg), "backfill", "--wait", "2")).rc == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(state_dir)], check=True)
+        result = await run_cli("--config", str(cfg), "backfill", "--wait", "1", timeout=30)
+        assert result.rc == 2, result
+        assert "state.sqlite3" in result.err and "read-only" in result.err.lower()
+        assert "Traceback" not in result.err
+        for command in ("status", "verify"):
+            other = await run_cli("--config", str(cfg), command)
+            assert other.rc in (0, 2) and "Traceback" not in other.err, other
+            assert other.rc == 0 or "state.sqlite3" in other.err
+    finally:
+        subprocess.run(["umount", "-l", str(state_dir)])
