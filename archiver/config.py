@@ -40,6 +40,8 @@ class ApiConfig:
     burst: int = 8
     timeout: float = 60.0
     recordingfiles_timeout: float = 330.0  # the server builds the ZIP while we wait, up to its own 300 s
+    min_transfer_rate: float = 1024.0  # bytes/s a storage transfer must keep up over transfer_rate_window
+    transfer_rate_window: float = 30.0
     max_retries: int = 5
     retry_base: float = 0.5
     retry_max: float = 30.0
@@ -267,6 +269,10 @@ def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfi
         timeout=reader.number("api", "timeout", ApiConfig.timeout, minimum=0.1),
         recordingfiles_timeout=reader.number(
             "api", "recordingfiles_timeout", ApiConfig.recordingfiles_timeout, minimum=0.1
+        ),
+        min_transfer_rate=reader.number("api", "min_transfer_rate", ApiConfig.min_transfer_rate, minimum=0),
+        transfer_rate_window=reader.number(
+            "api", "transfer_rate_window", ApiConfig.transfer_rate_window, minimum=0.1
         ),
         max_retries=reader.whole("api", "max_retries", 5, minimum=0, maximum=50),
         retry_base=reader.number("api", "retry_base", 0.5, minimum=0),

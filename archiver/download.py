@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +132,19 @@ class Downloader:
                     raise TransientError(f"storage answered HTTP {resp.status}")
                 hashes = parse_goog_hash(resp.headers.getall("x-goog-hash", []))
                 body = _Body(tmp, resp.content_length, hashes)
+                pace = TransferPace(self.client.cfg.min_transfer_rate, self.client.cfg.transfer_rate_window)
+                limit = asyncio.timeout(pace.deadline(resp.content_length))
                 try:
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        body.add(chunk)
-                        if body.buffered >= WRITE_BUFFER:
-                            await body.spill()
+                    async with limit:
+                        async for chunk in resp.content.iter_chunked(CHUNK):
+                            pace.feed(len(chunk))
+                            body.add(chunk)
+                            if body.buffered >= WRITE_BUFFER:
+                                await body.spill()
+                except TimeoutError:
+                    if limit.expired():  # ours, not the read timeout's
+                        raise TransientError(f"storage transfer past its deadline ({pace.describe()})") from None
+                    raise
                 finally:
                     await body.close()
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
@@ -239,6 +248,40 @@ class _Body:
         if self._file is not None:
             await self._file.close()
             self._file = None
+
+
+class TransferPace:
+    """A storage answer that drips bytes keeps a read timeout happy forever: a transfer must
+    move at least ``min_rate`` bytes/s over each ``window`` seconds, and finish within a
+    deadline derived from its size. ``min_rate`` 0 turns both off."""
+
+    def __init__(self, min_rate: float, window: float) -> None:
+        self.min_rate = min_rate
+        self.window = window
+        self._since = time.monotonic()
+        self._bytes = 0
+        self.total = 0
+
+    def deadline(self, length: int | None) -> float | None:
+        """Seconds the whole transfer may take: twice what ``min_rate`` needs, plus a window."""
+        if not self.min_rate or length is None:
+            return None
+        return self.window + 2 * length / self.min_rate
+
+    def feed(self, n: int) -> None:
+        self._bytes += n
+        self.total += n
+        now = time.monotonic()
+        elapsed = now - self._since
+        if self.min_rate and elapsed >= self.window:
+            if self._bytes / elapsed < self.min_rate:
+                raise TransientError(f"storage transfer too slow: {self.describe(now)}")
+            self._since, self._bytes = now, 0
+
+    def describe(self, now: float | None = None) -> str:
+        elapsed = max(1e-3, (now or time.monotonic()) - self._since)
+        return (f"{self._bytes / elapsed:.0f} B/s over the last {elapsed:.0f} s, {self.total} bytes in all; "
+                f"min_transfer_rate {self.min_rate:.0f} B/s")
 
 
 class _StaleUrl(Exception):

@@ -64,6 +64,7 @@ FAULTS = (
     "storage_bad_hash",  # right body, wrong x-goog-hash
     "storage_expired",  # the signed URL is refused (403)
     "storage_stall",  # half the body, then silence for stall_seconds (a slow body / read timeout)
+    "storage_drip",  # one byte every 0.2 s: never silent long enough for a read timeout
     "proxy_html",  # a proxy in front of the API answers 502 with an HTML page
     "proxy_empty",  # a proxy answers 504 with an empty body
     "login_5xx",  # POST /auth/login answers 503
@@ -765,6 +766,16 @@ class Simulator:
             await resp.write(data[: len(data) // 2])
             assert request.transport is not None
             request.transport.close()
+            return resp
+        if self._fault("storage_drip"):
+            self.stats["fault_storage_drip"] += 1
+            for i in range(len(data)):
+                try:
+                    await resp.write(data[i : i + 1])
+                except (ConnectionError, RuntimeError):
+                    return resp  # the client gave up
+                await asyncio.sleep(0.2)
+            await resp.write_eof()
             return resp
         if self._fault("storage_stall") and len(data) > 1:
             self.stats["fault_storage_stall"] += 1

@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -127,6 +128,22 @@ async def test_a_redirect_with_the_key_outside_its_query_is_refused(tmp_path, ma
     rows = db_rows(tmp_path / "state.sqlite3")
     assert all(r[1] == "failed" and "carries our credential" in r[4] for r in rows), rows
     assert sim.accesskey not in result.err + result.out
+
+
+async def test_a_dripping_storage_answer_cannot_hold_a_backfill(tmp_path, make_sim):
+    sim = await make_sim(recordings=3, audio_bytes=2000, faults={"storage_drip": 1.0})
+    cfg = write_config(tmp_path, sim, api={"min_transfer_rate": 1024, "transfer_rate_window": 2})
+    started = time.monotonic()
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5", timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.rc == 0, result  # nothing failed for good: they stay pending
+    assert elapsed < 5 + 6 + 6, f"{elapsed:.1f} s: the drip held the backfill"
+    assert "storage transfer too slow" in result.err
+    assert {r[1] for r in db_rows(tmp_path / "state.sqlite3")} == {"pending"}
+    sim.faults.clear()
+    final = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert final.rc == 0, final
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
 
 
 def _mount_tmpfs(path, size: str) -> bool:
