@@ -24,7 +24,7 @@ from .errors import LocalStorageError, NotReady, TransientError, VerificationErr
 from .inspect import CHUNK, RiffChecker, body_kind, hash_file, inspect_zip, parse_goog_hash
 from .layout import EXTENSIONS, Layout, sidecar_path, temp_path
 from .state import Row
-from .store import Archived, StoreJob, limits, make_dirs, remove_quietly
+from .store import Archived, StoreJob, create_exclusive, limits, make_dirs, remove_quietly
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.download")
@@ -165,6 +165,10 @@ class Downloader:
         for ext in EXTENSIONS:
             final = directory / f"{row.id}.{ext}"
             side = sidecar_path(final)
+            if final.is_symlink() or side.is_symlink():  # planted: never read or trust through a link
+                log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason="a symlink")
+                remove_quietly(final if final.is_symlink() else side)
+                continue
             if not final.exists():
                 adopted = self._adopt_no_audio(row, side) if ext == EXTENSIONS[0] else None
                 if adopted is not None:
@@ -289,7 +293,7 @@ class _StaleUrl(Exception):
 
 
 def _opener(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o640)
+    return create_exclusive(Path(path))
 
 
 def _is_empty(directory: Path) -> bool:

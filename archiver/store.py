@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,15 +90,36 @@ def limits(cfg: ArchiveConfig) -> ZipLimits:
 
 
 def make_dirs(root: Path, directory: Path) -> None:
-    """Create ``directory`` (inside ``root``) level by level with mode 0750."""
+    """Create ``directory`` (inside ``root``) level by level with mode 0750, refusing any level
+    that is a symlink or not a directory: a link planted inside the archive must not lead our
+    writes elsewhere. (``root`` itself is the operator's choice and may be a link.)"""
     try:
         root.mkdir(mode=0o750, parents=True, exist_ok=True)
         current = root
         for part in directory.relative_to(root).parts:
             current = current / part
-            current.mkdir(mode=0o750, exist_ok=True)
+            try:
+                current.mkdir(mode=0o750)
+            except FileExistsError:
+                pass
+            mode = os.lstat(current).st_mode
+            if not stat.S_ISDIR(mode):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
+                raise LocalStorageError(f"{current} is {kind}: refusing to write through it (it must be a directory)")
     except OSError as exc:
         raise LocalStorageError(f"cannot create {directory}: {exc.strerror}") from None
+
+
+def create_exclusive(path: Path, mode: int = 0o640) -> int:
+    """A new file at ``path`` for writing: whatever is there (a leftover, a planted symlink) is
+    removed first, never followed (``O_EXCL | O_NOFOLLOW``)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path)
+    return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, mode)
 
 
 def fsync_path(path: Path) -> None:
@@ -116,7 +138,7 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     """Write ``data`` to a temporary name beside ``path``, fsync, rename (no directory fsync)."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode)
+        fd = create_exclusive(tmp, mode)
         try:
             write_all(fd, data)
             os.fsync(fd)
@@ -209,9 +231,11 @@ class Store:
     def _finish(self, job: StoreJob) -> tuple[BodyDigest, BinaryIO]:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
         Returns what the checks read: the bytes in memory unless the body spilled to disk."""
-        flags = os.O_WRONLY | (os.O_APPEND if job.spilled else os.O_CREAT | os.O_TRUNC)
-        try:
-            fd = os.open(job.tmp, flags, 0o640)
+        try:  # a spilled body was created by ``create_exclusive`` in the daemon
+            if job.spilled:
+                fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            else:
+                fd = create_exclusive(job.tmp)
             try:
                 write_all(fd, job.tail)
                 os.fsync(fd)
@@ -308,8 +332,7 @@ class Store:
             write_file_atomic(sidecar_path(final), sidecar)
             if unpack and unpack_tmp is not None:
                 target = job.directory / job.rec_id
-                if target.exists():
-                    shutil.rmtree(target)
+                remove_quietly(target)
                 os.chmod(unpack_tmp, 0o750)
                 fsync_path(unpack_tmp)
                 os.replace(unpack_tmp, target)
@@ -323,15 +346,15 @@ class Store:
 
 
 def _fresh_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
+    remove_quietly(path)
     path.mkdir(mode=0o750)
 
 
 def remove_quietly(*paths: Path) -> None:
-    """Remove files or directory trees; missing ones are fine."""
+    """Remove files or directory trees; missing ones are fine. A symlink is removed itself,
+    never what it points to."""
     for path in paths:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ same check, so nothing is deleted that ``verify`` would call missing or changed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from .layout import sidecar_path
 
 def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
     """Problems with one archived recording's files (empty list: all good)."""
+    outside = _outside(root, row["path"])
+    if outside:
+        return [outside]
     if row["state"] == "no_audio":
         return _check_no_audio(root, row)
     problems: list[str] = []
@@ -54,3 +58,16 @@ def _check_no_audio(root: Path, row: dict[str, Any]) -> list[str]:
     if meta.get("state") != "no_audio" or meta.get("sha256") != row["sha256"] or meta.get("size") != row["size"]:
         return [f"{row['path']}: sidecar disagrees with the database"]
     return []
+
+
+def _outside(root: Path, rel: str) -> str:
+    """A problem if the file or a directory on its way is a symlink, or its real path leaves
+    the archive ("" when it is a plain file inside)."""
+    current = root
+    for part in Path(rel).parts:
+        current = current / part
+        if current.is_symlink():
+            return f"{rel}: {current.relative_to(root)} is a symlink (to {os.readlink(current)})"
+    if current.exists() and not Path(os.path.realpath(current)).is_relative_to(root):
+        return f"{rel}: its real path leaves the archive"
+    return ""

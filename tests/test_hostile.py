@@ -214,3 +214,57 @@ async def test_hostile_nesting_is_malformed_json_not_a_crash(make_sim):
     async with ApiClient(cfg) as client:
         with pytest.raises(TransientError, match="malformed JSON"):
             await client.list_recordings("", 10)
+
+
+def _day_dir(root, sim, rec_id: str):
+    when = sim.recordings[rec_id].tm_create
+    return root / f"{when:%Y}" / f"{when:%m}" / f"{when:%d}"
+
+
+async def test_a_directory_symlink_planted_in_the_archive_is_never_followed(tmp_path, make_sim):
+    sim = await make_sim(recordings=5, audio_bytes=2000)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    year = _day_dir(archive, sim, next(iter(sim.recordings))).parent.parent
+    year.symlink_to(elsewhere, target_is_directory=True)
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 1, result
+    assert "is a symlink: refusing to write through it" in result.out + result.err
+    assert not list(elsewhere.rglob("*")), "nothing written outside the archive"
+    assert not [r for r in db_rows(tmp_path / "state.sqlite3") if r[1] in ("archived", "failed")]
+
+
+async def test_a_symlink_planted_at_a_temporary_name_is_replaced_not_written_through(tmp_path, make_sim):
+    sim = await make_sim(recordings=3, audio_bytes=2000)
+    victim = next(iter(sim.recordings))
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    day = _day_dir(tmp_path / "archive", sim, victim)
+    day.mkdir(parents=True)
+    for name in (f".{victim}.download.partial", f".{victim}.json.partial"):
+        (day / name).symlink_to(target)
+    cfg = write_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "2")
+    assert result.rc == 0, result
+    assert target.read_text() == "keep me", "the link's target was written"
+    final = day / f"{victim}.zip"
+    assert final.is_file() and not final.is_symlink()
+    assert not [p for p in day.iterdir() if p.is_symlink()]
+    assert (await run_cli("--config", str(cfg), "verify")).rc == 0
+
+
+async def test_verify_reports_a_symlink_or_a_file_outside_the_archive(tmp_path, make_sim):
+    sim = await make_sim(recordings=3, audio_bytes=2000)
+    cfg = write_config(tmp_path, sim)
+    assert (await run_cli("--config", str(cfg), "backfill", "--wait", "2")).rc == 0
+    rows = [r for r in db_rows(tmp_path / "state.sqlite3") if r[1] == "archived"]
+    final = tmp_path / "archive" / rows[0][2]
+    copy = tmp_path / "copy.zip"
+    copy.write_bytes(final.read_bytes())  # identical bytes: only the link gives it away
+    final.unlink()
+    final.symlink_to(copy)
+    result = await run_cli("--config", str(cfg), "verify")
+    assert result.rc == 1 and "is a symlink" in result.out, result
