@@ -70,6 +70,10 @@ class Metrics:
             "voipbin_archiver_server_deletions_refused",
             "Deletions not done: the archive copy failed re-verification", registry=r,
         )
+        self.unwritable = Gauge(
+            "voipbin_archiver_unwritable",
+            "1 while the service is paused because the archive or the state database cannot be written", registry=r,
+        )
         self.last_cycle_at = 0.0
         self.refused = ""  # the server's reason while it refuses us, "" otherwise
         for state in STATES:

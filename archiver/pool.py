@@ -102,6 +102,7 @@ class Engine:
         self.no_delete = False  # backfill --no-delete: skip deletions for this run
         self._pruning: asyncio.Task[None] | None = None
         self.store_usage: StoreUsage | None = None
+        self.unwritable = ""  # why the archive or the state database cannot be written, while paused for it
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -128,6 +129,8 @@ class Engine:
                     await self._succeeded()
             except AuthRefused as exc:
                 await self._refused(exc)
+            except LocalStorageError as exc:
+                self._fatal(str(exc))
             except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
                 self.result.walk_error = redact(str(exc))
                 log.error("walk_failed", error=self.result.walk_error, hint="the next run resumes from the checkpoint")
@@ -174,19 +177,27 @@ class Engine:
         cpu = time.process_time()
         before = self.client.stats["requests"]
         try:
+            if self.unwritable:  # paused for a full disk: what was cut short goes back to pending
+                released = await self.state.release_downloading(self.in_flight)
+                log.info("writable_again", was=self.unwritable, released=released)
+                self.unwritable = ""
+                self.metrics.unwritable.set(0)
             full = await self._full_walk_due()
             new = await self._walk_unless_stopped(full=full)
             if new is None:
                 return  # stopped mid-walk: the checkpoint keeps its place
+            await self.state.set_meta("last_cycle", str(time.time()))
+            await self._succeeded()
+            await self._watch_store()
         except AuthRefused as exc:
             await self._refused(exc)
+            return
+        except LocalStorageError as exc:
+            self._fatal(str(exc))
             return
         except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
             log.error("cycle_walk_failed", error=redact(str(exc)))
             return
-        await self.state.set_meta("last_cycle", str(time.time()))
-        await self._succeeded()
-        await self._watch_store()
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
             seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4),
@@ -245,7 +256,10 @@ class Engine:
         await self.store_pool.close()  # after its last answer, no helper touches the archive
         # Every claimed row goes back to pending, including a batch the feeder claimed just as it
         # was cancelled; we are the only writer, and every task has stopped.
-        await self.recover()
+        try:
+            await self.recover()
+        except LocalStorageError as exc:
+            log.error("rows_left_downloading", reason=redact(str(exc)), hint="reset to pending on the next start")
         if abandoned:
             log.info("shutdown_abandoned", recordings=abandoned, reason="will be downloaded on the next run")
 
@@ -323,6 +337,9 @@ class Engine:
             return  # already paused for this (many workers see the same refusal at once)
         self.paused_until = time.time() + pause
         self.result.auth_refused = self.result.auth_refused or auth
+        if not auth:
+            self.unwritable = redact(reason)
+            self.metrics.unwritable.set(1)
         log.error(
             event, reason=redact(reason),
             paused_seconds=round(pause), hint="retrying slowly; nothing is counted against any recording"
@@ -393,40 +410,57 @@ class Engine:
     # ---- feeder and workers ------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        """Hand due recordings to the workers; in backfill, finish when nothing is left to wait for."""
+        """Hand due recordings to the workers; in backfill, finish when nothing is left to wait for.
+        A state database that cannot be written pauses the run; the feeder waits it out."""
         while not self.stop.is_set():
-            self.wake.clear()
-            now = time.time()
-            free = self.queue.maxsize - self.queue.qsize()
-            # refill in batches, not row by row: one query and one commit serve many rows; a
-            # queue still three-quarters full is refilled when a worker finishes (self.wake)
-            can_refill = free >= max(1, self.queue.maxsize // 4) and now >= self.paused_until
-            if can_refill:
-                rows = await self.state.due(now, free, self.in_flight)
-                if rows:
-                    await self.state.claim([r.id for r in rows if r.state == "pending"])
-                    for row in rows:
-                        self.in_flight.add(row.id)
-                        self.queue.put_nowait(row)
-                    continue
-            timeout = 1.0
-            if can_refill:
-                next_due = await self.state.next_due_time()
-                if self.mode == "backfill" and self.walk_done:
-                    if not self.in_flight and (next_due is None or next_due > self.deadline):
-                        return
-                    if now >= self.deadline and self.queue.empty() and self.downloads.empty():
-                        # --wait is over and nothing due is left to start: what is still running
-                        # (a slow ZIP build, a dripping transfer) gets the shutdown grace
-                        return
-                if next_due is not None:
-                    timeout = min(max(next_due - now, 0.01), 5.0)
-            elif now < self.paused_until:
-                timeout = min(self.paused_until - now, 5.0)
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                pass
+                if await self._feed_once():
+                    return
+            except LocalStorageError as exc:
+                self._fatal(str(exc))
+                await self._sleep_unless_stopped(max(0.1, self.paused_until - time.time()))
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _feed_once(self) -> bool:
+        """One round of the feeder; True when a backfill has nothing left to wait for."""
+        self.wake.clear()
+        now = time.time()
+        free = self.queue.maxsize - self.queue.qsize()
+        # refill in batches, not row by row: one query and one commit serve many rows; a
+        # queue still three-quarters full is refilled when a worker finishes (self.wake)
+        can_refill = free >= max(1, self.queue.maxsize // 4) and now >= self.paused_until
+        if can_refill:
+            rows = await self.state.due(now, free, self.in_flight)
+            if rows:
+                await self.state.claim([r.id for r in rows if r.state == "pending"])
+                for row in rows:
+                    self.in_flight.add(row.id)
+                    self.queue.put_nowait(row)
+                return False
+        timeout = 1.0
+        if can_refill:
+            next_due = await self.state.next_due_time()
+            if self.mode == "backfill" and self.walk_done:
+                if not self.in_flight and (next_due is None or next_due > self.deadline):
+                    return True
+                if now >= self.deadline and self.queue.empty() and self.downloads.empty():
+                    # --wait is over and nothing due is left to start: what is still running
+                    # (a slow ZIP build, a dripping transfer) gets the shutdown grace
+                    return True
+            if next_due is not None:
+                timeout = min(max(next_due - now, 0.01), 5.0)
+        elif now < self.paused_until:
+            timeout = min(self.paused_until - now, 5.0)
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        return False
 
     async def _resolver(self) -> None:
         """Stage 1: poll what has not ended, adopt what is already on disk, and fetch the signed
@@ -489,9 +523,26 @@ class Engine:
         return _Job(row, directory, await self.client.recordingfile_url(row.id), started)
 
     async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
-        """Run one stage for ``row``; every outcome but success is recorded here."""
+        """Run one stage for ``row``; every outcome but success is recorded here. Recording it
+        can fail too (the state database's disk is full): that pauses the run, and the worker
+        lives on; the row is released once the database can be written again."""
         try:
             return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every outcome is handled in _outcome
+            try:
+                await self._outcome(row, exc)
+            except LocalStorageError as unwritable:
+                self._fatal(str(unwritable))
+            except Exception:  # a bug must not kill the worker
+                log.exception("outcome_not_recorded", recording_id=row.id)
+        return None
+
+    async def _outcome(self, row: Row, error: Exception) -> None:
+        """What a failed stage means for the recording, recorded in SQLite."""
+        try:
+            raise error
         except NotReady as exc:
             delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
             await self.state.update(row.id, state="pending", polls=row.polls + 1, next_attempt_at=time.time() + delay)
@@ -507,17 +558,18 @@ class Engine:
             await self._retry_later(row, str(exc), kind)
         except (AuthRefused, LocalStorageError) as exc:
             # not the recording's fault: no attempt counted, retryable as soon as we can work again
-            await self.state.update(row.id, state=_waiting_state(row), next_attempt_at=time.time())
+            try:
+                await self.state.update(row.id, state=_waiting_state(row), next_attempt_at=time.time())
+            except LocalStorageError:
+                pass  # the database is what is full: release_downloading() frees the row later
             if isinstance(exc, AuthRefused):
                 await self._refused(exc)
             else:
                 self._fatal(str(exc))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # a bug must not kill the worker or lose the row
-            log.exception("unexpected_error", recording_id=row.id)
+            log.error("unexpected_error", recording_id=row.id, error=f"{type(exc).__name__}: {exc}",
+                      exc_info=exc)
             await self._retry_later(row, f"unexpected {type(exc).__name__}: {exc}", "unexpected")
-        return None
 
     async def _archived(self, row: Row, result: Archived, started: float) -> None:
         await self.state.mark_archived(

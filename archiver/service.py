@@ -127,6 +127,8 @@ def _status_text(summary: dict[str, Any], engine: Engine) -> str:
     alerts = []
     if engine.metrics.refused:
         alerts.append(f"PAUSED: the API refuses us ({engine.metrics.refused})")
+    if engine.unwritable:
+        alerts.append(f"PAUSED: cannot write ({engine.unwritable[:120]})")
     if engine.store_near_full() and engine.store_usage is not None:
         alerts.append(f"SERVER STORE {100 * engine.store_usage.ratio:.0f}% FULL"
                       + ("" if engine.pruner else ": new recordings will have no audio; see [retention]"))

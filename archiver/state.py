@@ -23,13 +23,15 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 
-from .errors import StateLocked, StateUnusable
+from .errors import LocalStorageError, StateLocked, StateUnusable
 from .model import Recording
 
 STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
@@ -101,6 +103,31 @@ MIGRATIONS: list[str] = [
 _DELETABLE = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _writes(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A write that SQLite could not make (a full disk, an I/O error: ``OperationalError``) is
+    rolled back and raised as ``LocalStorageError``, the class the engine pauses on, like a full
+    archive: the state is where it was, and the write is made again once there is room."""
+
+    @wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            state = args[0]
+            assert isinstance(state, StateDB)
+            try:
+                await state.db.rollback()
+            except sqlite3.Error:
+                pass
+            raise LocalStorageError(f"cannot write the state database {state.path}: {exc}") from None
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Row:
     """A recording as the worker pool needs it."""
@@ -139,8 +166,9 @@ class StateDB:
     open across an await would see rows that another task updates meanwhile on the same
     connection, and SQLite's answer is then undefined (a GROUP BY once returned a NULL state)."""
 
-    def __init__(self, db: aiosqlite.Connection, lock_fd: int | None) -> None:
+    def __init__(self, db: aiosqlite.Connection, lock_fd: int | None, path: Path) -> None:
         self.db = db
+        self.path = path
         self._lock_fd = lock_fd
         self._archived_batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -166,7 +194,7 @@ class StateDB:
                 await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA busy_timeout=10000")
             db.row_factory = aiosqlite.Row
-            state = cls(db, lock_fd)
+            state = cls(db, lock_fd, path)
             if not readonly:
                 await state._migrate()
                 # a writer reads every page once: a truncated or damaged file is found now, not mid-run
@@ -218,6 +246,7 @@ class StateDB:
         rows = await self.db.execute_fetchall(f"SELECT id FROM recordings WHERE id IN ({marks})", ids)
         return {r[0] for r in rows}
 
+    @_writes
     async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]:
         """Insert unknown recordings and checkpoint the walk, in one transaction. Returns (new,
         known). A known ``discovered`` row that the listing now shows ended or deleted moves on
@@ -260,6 +289,7 @@ class StateDB:
         rows = await self.db.execute_fetchall("SELECT token FROM walks WHERE name=?", (walk,))
         return rows[0][0] if rows else None
 
+    @_writes
     async def end_walk(self, walk: str) -> None:
         await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
         await self.set_meta(f"walk_done:{walk}", str(time.time()))
@@ -268,10 +298,12 @@ class StateDB:
         rows = await self.db.execute_fetchall("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else None
 
+    @_writes
     async def set_meta(self, key: str, value: str) -> None:
         await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", (key, value))
         await self.db.commit()
 
+    @_writes
     async def delete_meta(self, key: str) -> None:
         await self.db.execute("DELETE FROM meta WHERE key=?", (key,))
         await self.db.commit()
@@ -296,6 +328,7 @@ class StateDB:
         )
         return rows[0][0]
 
+    @_writes
     async def claim(self, ids: list[str]) -> None:
         """Mark ended recordings as being downloaded (one commit for the batch)."""
         if ids:
@@ -307,6 +340,7 @@ class StateDB:
             )
             await self.db.commit()
 
+    @_writes
     async def update(self, rec_id: str, **fields: Any) -> None:
         """Set columns of one row and commit; ``raw`` may be a dict."""
         if "raw" in fields and not isinstance(fields["raw"], str):
@@ -342,6 +376,12 @@ class StateDB:
                 )
                 await self.db.commit()
             except Exception as exc:  # noqa: BLE001 - handed to every waiter, who handles it
+                if isinstance(exc, sqlite3.OperationalError):
+                    try:
+                        await self.db.rollback()
+                    except sqlite3.Error:
+                        pass
+                    exc = LocalStorageError(f"cannot write the state database {self.path}: {exc}")
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -389,6 +429,7 @@ class StateDB:
         )
         return [r[0] for r in rows]
 
+    @_writes
     async def mark_server_deleted(self, rows: list[tuple[float, str, str]]) -> None:
         """(deleted_at, request id, recording id) for each: one transaction."""
         await self.db.executemany(
@@ -405,6 +446,18 @@ class StateDB:
         return {"due": due, "due_bytes": due_bytes, "deleted": deleted,
                 "interrupted": len(await self.delete_intents()), "server_store": json.loads(store) if store else None}
 
+    @_writes
+    async def release_downloading(self, in_flight: set[str]) -> int:
+        """Rows left ``downloading`` by work that ended while the database could not be written:
+        back to ``pending`` (those still in flight excepted)."""
+        rows = await self.db.execute_fetchall("SELECT id FROM recordings WHERE state='downloading'")
+        stale = [(r[0],) for r in rows if r[0] not in in_flight]
+        if stale:
+            await self.db.executemany("UPDATE recordings SET state='pending' WHERE id=? AND state='downloading'", stale)
+            await self.db.commit()
+        return len(stale)
+
+    @_writes
     async def recover(self) -> list[Row]:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so
         the caller can remove their temporary files."""
@@ -416,6 +469,7 @@ class StateDB:
         await self.db.commit()
         return rows
 
+    @_writes
     async def retry_failed(self) -> int:
         cur = await self.db.execute(
             "UPDATE recordings SET state='pending', attempts=0, next_attempt_at=? WHERE state='failed'",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -115,6 +116,13 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (for /metrics in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def http_get(http: Any, url: str) -> tuple[int, str]:

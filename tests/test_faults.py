@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
 import time
 
+import aiohttp
 import pytest
 
 from tests.checks import assert_archive_complete
-from tests.conftest import archive_files, archived_this_run, db_rows, run_cli, write_config
+from tests.conftest import (
+    archive_files,
+    archived_this_run,
+    cli_command,
+    cli_env,
+    db_rows,
+    free_port,
+    http_get,
+    run_cli,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -177,6 +191,73 @@ async def test_disk_full_stops_cleanly_and_stays_retryable(tmp_path, make_sim):
         assert_archive_complete(sim, archive, tmp_path / "state.sqlite3")
     finally:
         subprocess.run(["umount", str(archive)], check=False)
+
+
+async def test_a_full_disk_holding_database_and_archive_pauses_the_service_which_resumes_by_itself(
+    tmp_path, make_sim
+):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "900k"):
+        pytest.skip("needs root and tmpfs to make a small disk")
+    port = free_port()
+    log_path = tmp_path / "run.log"
+    try:
+        sim = await make_sim(recordings=60, audio_bytes=30_000)
+        cfg = write_config(tmp_path, sim, archive={"directory": "disk/archive"},
+                           state={"database": "disk/state.sqlite3"}, metrics={"listen": f"127.0.0.1:{port}"},
+                           workers={"concurrency": 4, "trouble_pause": 0.5, "poll_interval": 0.3})
+        db = disk / "state.sqlite3"
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
+                                                        stdout=log_file, stderr=log_file, env=cli_env())
+            try:
+                async with aiohttp.ClientSession() as http:
+                    async def paused() -> bool:
+                        body = (await http_get(http, f"http://127.0.0.1:{port}/metrics"))[1]
+                        return "voipbin_archiver_unwritable 1.0" in body
+
+                    deadline = time.monotonic() + 60
+                    while not await paused():
+                        assert time.monotonic() < deadline, "never paused for the full disk"
+                        await asyncio.sleep(0.1)
+                assert proc.returncode is None, "still running"
+                subprocess.run(["mount", "-o", "remount,size=30m", str(disk)], check=True)  # space is back
+
+                def all_archived() -> bool:
+                    return sum(1 for r in db_rows(db) if r[1] == "archived") == 60
+
+                await wait_until(all_archived, 60, "every recording archived after space came back")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(proc.wait(), 20)
+        assert proc.returncode == 0
+        log = log_path.read_text()
+        assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
+        assert "archive_unwritable" in log and "writable_again" in log
+        assert not [r for r in db_rows(db) if r[1] == "downloading"]
+        assert_archive_complete(sim, disk / "archive", db)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_a_full_disk_holding_the_database_ends_a_backfill_with_a_summary(tmp_path, make_sim):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "700k"):
+        pytest.skip("needs root and tmpfs to make a small disk")
+    try:
+        sim = await make_sim(recordings=60, audio_bytes=30_000)
+        cfg = write_config(tmp_path, sim, archive={"directory": "disk/archive"},
+                           state={"database": "disk/state.sqlite3"}, workers={"concurrency": 4})
+        result = await run_cli("--config", str(cfg), "backfill", "--wait", "5", timeout=60)
+        assert result.rc == 1, result
+        assert "backfill summary" in result.out and "stopped early" in result.out
+        assert "Traceback" not in result.err and "never retrieved" not in result.err, result.err[-3000:]
+        subprocess.run(["mount", "-o", "remount,size=30m", str(disk)], check=True)
+        final = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+        assert final.rc == 0, final
+        assert_archive_complete(sim, disk / "archive", disk / "state.sqlite3")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 async def test_file_and_directory_modes(tmp_path, make_sim):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import time
 
 import aiohttp
@@ -18,15 +17,9 @@ from archiver.config import ApiConfig
 from archiver.errors import AuthRefused, RecordingGone
 from archiver.simulator import make_wav
 from tests.checks import assert_archive_complete
-from tests.conftest import archive_files, cli_command, cli_env, db_rows, http_get, run_cli, write_config
+from tests.conftest import archive_files, cli_command, cli_env, db_rows, free_port, http_get, run_cli, write_config
 
 STATE_SQL = "SELECT id, state, attempts, flag, flag_reason FROM recordings"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _status(cfg) -> dict:
@@ -82,7 +75,7 @@ async def test_other_account_refusals_name_their_reason(tmp_path, make_sim, reas
 
 async def test_the_service_pauses_on_a_frozen_account_shows_it_and_resumes_when_thawed(tmp_path, make_sim):
     sim = await make_sim(recordings=10, audio_bytes=2000, refusal="ACCOUNT_FROZEN")
-    port = _free_port()
+    port = free_port()
     cfg = write_config(tmp_path, sim, metrics={"listen": f"127.0.0.1:{port}"}, workers={"trouble_pause": 0.5})
     log_file = open(tmp_path / "run.log", "wb")
     proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),

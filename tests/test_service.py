@@ -10,13 +10,7 @@ import socket
 import aiohttp
 
 from archiver.notify import Notifier
-from tests.conftest import cli_command, cli_env, http_get, run_cli, wait_until, write_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import cli_command, cli_env, free_port, http_get, run_cli, wait_until, write_config
 
 
 async def test_notify_ready_status_watchdog_stopping(tmp_path, make_sim):
@@ -66,7 +60,7 @@ def test_notifier_is_a_no_op_without_a_socket():
 
 async def test_metrics_and_healthz_over_http(tmp_path, make_sim):
     sim = await make_sim(recordings=15, audio_bytes=2000)
-    port = _free_port()
+    port = free_port()
     cfg = write_config(tmp_path, sim, metrics={"listen": f"127.0.0.1:{port}"})
     log_file = open(tmp_path / "run.log", "wb")
     proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
