@@ -24,8 +24,9 @@ from .errors import AuthRefused, ConfigError, StateLocked, StateUnusable
 from .expiry import expiry_warning
 from .logs import configure_logging, redact
 from .pool import RunResult
-from .service import prune, run_engine, status, verify
+from .service import mark_for_repair, prune, run_engine, status, verify
 from .state import FLAGS, STATES, unusable_message, waiting_count
+from .store import write_file_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
@@ -47,17 +48,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides [logging] level")
     p.add_argument("--log-format", choices=("auto", "json", "console"), help="overrides [logging] format")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    b = sub.add_parser("backfill", help="one-shot: archive every recording (or a date range), then exit")
+    # --config is accepted after the command too ("voipbin-archiver status --config x.toml")
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as before the command)")
+    b = sub.add_parser("backfill", parents=[after],
+                       help="one-shot: archive every recording (or a date range), then exit")
     b.add_argument("--since", type=_date, help="only recordings created at or after this date (UTC)")
     b.add_argument("--until", type=_date, help="only recordings created before this date (UTC)")
     b.add_argument("--wait", type=float, default=900.0, help="seconds to wait for unfinished recordings (900)")
     b.add_argument("--retry-failed", action="store_true", help="give failed recordings another set of attempts")
     b.add_argument("--no-delete", action="store_true", help="delete nothing from the server in this run")
-    sub.add_parser("run", help="the service: a cycle every poll_interval until SIGTERM")
-    s = sub.add_parser("status", help="counts per state, oldest pending, last error")
+    sub.add_parser("run", parents=[after], help="the service: a cycle every poll_interval until SIGTERM")
+    s = sub.add_parser("status", parents=[after], help="counts per state, oldest pending, last error")
     s.add_argument("--json", action="store_true", help="one JSON object")
-    sub.add_parser("verify", help="re-hash every archived file against the database and its sidecar")
-    pr = sub.add_parser("prune", help="delete the server's copy of what is archived and due ([retention]), then exit")
+    v = sub.add_parser("verify", parents=[after],
+                       help="re-hash every archived file against the database and its sidecar")
+    v.add_argument("--repair", action="store_true",
+                   help="download again what is missing or changed, while the server still has it")
+    pr = sub.add_parser("prune", parents=[after],
+                        help="delete the server's copy of what is archived and due ([retention]), then exit")
     pr.add_argument("--dry-run", action="store_true", help="only count what is due and the bytes it would free")
     d = sub.add_parser("demo", help="archive from the bundled simulator into ./demo-archive (no account needed)")
     d.add_argument("--recordings", type=int, default=60)
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_status(cfg, args.json))
         if args.command == "verify":
-            return asyncio.run(_verify(cfg))
+            return asyncio.run(_verify(cfg, args.repair))
         if args.command == "prune":
             return asyncio.run(_prune(cfg, args.dry_run))
         if args.command == "backfill":
@@ -219,12 +228,25 @@ def _status_table(info: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-async def _verify(cfg: Config) -> int:
-    checked, problems = await verify(cfg)
+async def _verify(cfg: Config, repair: bool = False) -> int:
+    checked, problems, bad = await verify(cfg)
     for problem in problems:
         print(f"BAD  {problem}")
     print(f"verified {checked} archived recordings: {len(problems)} problem(s)")
-    return EXIT_FAILED if problems else EXIT_OK
+    if not problems or not repair:
+        return EXIT_FAILED if problems else EXIT_OK
+    queued, lost = await mark_for_repair(cfg, bad)
+    for rec_id, deleted_at in lost:
+        print(f"CANNOT REPAIR {rec_id}: the server's copy was deleted at {_when(deleted_at)} after it was "
+              "archived; restore the file from your backup (its SHA-256 is in deletions.jsonl and the database)")
+    if not queued:
+        return EXIT_FAILED
+    print(f"downloading {len(queued)} recording(s) again from the server")
+    result, counts, requests = await run_engine(cfg, "backfill", wait=60)
+    _print_summary("repair", result, counts, requests)
+    checked, problems, _ = await verify(cfg)
+    print(f"verified again: {checked} archived recordings, {len(problems)} problem(s)")
+    return EXIT_FAILED if problems or lost else _exit_code(result)
 
 
 async def _prune(cfg: Config, dry_run: bool) -> int:
@@ -271,8 +293,25 @@ async def _demo(args: argparse.Namespace, live: bool) -> int:
     finally:
         await sim.stop()
     _print_summary("demo", result, counts, requests)
+    demo_config = directory / "config.toml"
+    _write_demo_config(demo_config, cfg)
     print(f"archive: {directory / 'recordings'}  (see `find {args.directory} -name '*.json' | head`)")
+    print("look at it with:")
+    print(f"  voipbin-archiver --config {demo_config} status")
+    print(f"  voipbin-archiver --config {demo_config} verify")
     return _exit_code(result)
+
+
+def _write_demo_config(path: Path, cfg: Config) -> None:
+    """The demo's archive and database, for ``status`` and ``verify`` (the simulator is gone, so
+    its address and key are only there to make the file complete)."""
+    text = (
+        "# written by `voipbin-archiver demo`: the demo archive, for status and verify\n"
+        f"[api]\nbase_url = {json.dumps(cfg.api.base_url)}\naccesskey = {json.dumps(cfg.api.accesskey)}\n"
+        f"[archive]\ndirectory = {json.dumps(str(cfg.archive.directory))}\n"
+        f"[state]\ndatabase = {json.dumps(str(cfg.state.database))}\n"
+    )
+    write_file_atomic(path, text.encode(), mode=0o600)
 
 
 def entry() -> None:

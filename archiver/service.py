@@ -205,16 +205,41 @@ async def prune(cfg: Config, dry_run: bool) -> PruneResult:
         await state.close()
 
 
-async def verify(cfg: Config) -> tuple[int, list[str]]:
-    """Re-hash every archived file against SQLite and its sidecar. Returns (checked, problems)."""
+async def verify(cfg: Config) -> tuple[int, list[str], list[str]]:
+    """Re-hash every archived file against SQLite and its sidecar. Returns (checked, problems,
+    ids of the recordings with a problem)."""
     state = await StateDB.open(cfg.state.database, readonly=True)
     root = cfg.archive.directory.resolve()
     checked = 0
     problems: list[str] = []
+    bad: list[str] = []
     try:
         async for row in state.archived():
             checked += 1
-            problems.extend(await asyncio.to_thread(check_archived, root, row))
+            found = await asyncio.to_thread(check_archived, root, row)
+            if found:
+                problems.extend(found)
+                bad.append(row["id"])
     finally:
         await state.close()
-    return checked, problems
+    return checked, problems, bad
+
+
+async def mark_for_repair(cfg: Config, ids: list[str]) -> tuple[list[str], list[tuple[str, float]]]:
+    """``verify --repair``: recordings whose files are missing or changed go back to ``pending``
+    (downloaded again by the next backfill) unless the server's copy was deleted: those cannot
+    be repaired from the server. Returns (queued ids, [(id, server deleted at)])."""
+    state = await StateDB.open(cfg.state.database)
+    queued: list[str] = []
+    lost: list[tuple[str, float]] = []
+    try:
+        for rec_id, deleted_at in await state.server_deleted(ids):
+            if deleted_at is not None:
+                lost.append((rec_id, deleted_at))
+                continue
+            await state.update(rec_id, state="pending", attempts=0, next_attempt_at=time.time(),
+                               last_error="verify --repair: file missing or changed; downloading it again")
+            queued.append(rec_id)
+    finally:
+        await state.close()
+    return queued, lost

@@ -422,6 +422,18 @@ class StateDB:
         )
         return rows[0][0], rows[0][1]
 
+    async def server_deleted(self, ids: list[str]) -> list[tuple[str, float | None]]:
+        """(id, when the server's copy was deleted or None) for each of ``ids``."""
+        out = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.execute_fetchall(
+                f"SELECT id, server_deleted_at FROM recordings WHERE id IN ({marks})", chunk
+            )
+            out += [(r[0], r[1]) for r in rows]
+        return out
+
     async def delete_intents(self) -> list[str]:
         rows = await self.db.execute_fetchall(
             "SELECT id FROM recordings INDEXED BY recordings_delete_intents"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 
 from tests.conftest import REPO, cli_env, db_rows, run_cli, write_config
@@ -70,3 +71,38 @@ async def test_simulator_runs_on_its_own():
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_demo_leaves_a_config_for_status_and_verify(tmp_path):
+    result = await run_cli("demo", "--recordings", "12", cwd=tmp_path, timeout=180)
+    assert result.rc == 0, result
+    config = tmp_path / "demo-archive" / "config.toml"
+    assert f"voipbin-archiver --config {config} status" in result.out
+    status = await run_cli("--config", str(config), "status", "--json", cwd=tmp_path)
+    info = json.loads(status.out)
+    assert status.rc == 0 and info["archived"] == info["total"] == 10, status  # 12, two of them deleted
+    verify = await run_cli("verify", "--config", str(config), cwd=tmp_path)  # --config after the command
+    assert verify.rc == 0 and "0 problem(s)" in verify.out, verify
+
+
+async def test_verify_repair_downloads_again_what_is_missing_or_changed(tmp_path, make_sim):
+    sim = await make_sim(recordings=6, audio_bytes=2000)
+    cfg = write_config(tmp_path, sim, retention={"delete_from_server": True, "delete_after": 0})
+    assert (await run_cli("--config", str(cfg), "backfill", "--wait", "2", "--no-delete")).rc == 0
+    rows = [r for r in db_rows(tmp_path / "state.sqlite3") if r[1] == "archived"]
+    gone, changed, deleted = (tmp_path / "archive" / r[2] for r in rows[:3])
+    gone.unlink()
+    changed.write_bytes(changed.read_bytes()[:-5] + b"xxxxx")
+    sim.recordings[rows[2][0]].deleted_at = None
+    con = sqlite3.connect(tmp_path / "state.sqlite3")  # as if pruned long ago, then lost locally
+    con.execute("UPDATE recordings SET server_deleted_at = 1 WHERE id = ?", (rows[2][0],))
+    con.commit()
+    con.close()
+    deleted.unlink()
+    result = await run_cli("--config", str(cfg), "verify", "--repair", "--config", str(cfg))
+    assert result.rc == 1, result  # the one deleted from the server cannot be repaired
+    assert f"CANNOT REPAIR {rows[2][0]}" in result.out and "restore the file from your backup" in result.out
+    assert "downloading 2 recording(s) again" in result.out
+    assert gone.read_bytes() == sim.expected_archives()[rows[0][0]]
+    assert changed.read_bytes() == sim.expected_archives()[rows[1][0]]
+    assert "verified again: 6 archived recordings, 1 problem(s)" in result.out
