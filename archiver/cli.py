@@ -155,6 +155,8 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
         why = "not ended or files not uploaded yet"
         if result.interrupted:
             why = f"the run was stopped by {result.interrupted}"
+        elif result.fatal:
+            why = "the run stopped early, see below"
         elif result.abandoned:
             why = f"{result.abandoned} abandoned in flight when the run ended, the rest {why}"
         lines.append(f"still waiting: {waiting} ({why}; the next run continues)")

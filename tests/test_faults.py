@@ -251,6 +251,7 @@ async def test_a_full_disk_holding_the_database_ends_a_backfill_with_a_summary(t
         result = await run_cli("--config", str(cfg), "backfill", "--wait", "5", timeout=60)
         assert result.rc == 1, result
         assert "backfill summary" in result.out and "stopped early" in result.out
+        assert "not ended or files not uploaded" not in result.out, "the wrong reason for what waits"
         assert "Traceback" not in result.err and "never retrieved" not in result.err, result.err[-3000:]
         subprocess.run(["mount", "-o", "remount,size=30m", str(disk)], check=True)
         final = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
