@@ -20,7 +20,7 @@ import structlog
 
 from . import __version__
 from .config import Config, build_config, default_config_path, load_config
-from .errors import AuthRefused, ConfigError, StateLocked, StateUnusable
+from .errors import AuthRefused, ConfigError, LocalStorageError, StateLocked, StateUnusable
 from .expiry import expiry_warning
 from .logs import configure_logging, redact
 from .pool import RunResult
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StateLocked, StateUnusable) as exc:
         print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except LocalStorageError as exc:  # e.g. a full disk at start-up, before the engine could pause on it
+        print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     except sqlite3.Error as exc:  # the database failed under a running command: no traceback, exit 2
         database = cfg.state.database if cfg is not None else "the state database"
         print(f"voipbin-archiver: error: {redact(unusable_message(Path(database), exc))}", file=sys.stderr)

@@ -127,10 +127,8 @@ class Engine:
             try:
                 if await self._walk_unless_stopped(full=True, since=since, until=until) is not None:
                     await self._succeeded()
-            except AuthRefused as exc:
-                await self._refused(exc)
-            except LocalStorageError as exc:
-                self._fatal(str(exc))
+            except (AuthRefused, LocalStorageError) as exc:
+                await self._halt(exc)
             except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
                 self.result.walk_error = redact(str(exc))
                 log.error("walk_failed", error=self.result.walk_error, hint="the next run resumes from the checkpoint")
@@ -189,11 +187,8 @@ class Engine:
             await self.state.set_meta("last_cycle", str(time.time()))
             await self._succeeded()
             await self._watch_store()
-        except AuthRefused as exc:
-            await self._refused(exc)
-            return
-        except LocalStorageError as exc:
-            self._fatal(str(exc))
+        except (AuthRefused, LocalStorageError) as exc:
+            await self._halt(exc)
             return
         except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
             log.error("cycle_walk_failed", error=redact(str(exc)))
@@ -268,8 +263,8 @@ class Engine:
         retention = self.cfg.retention
         try:
             usage = await read_store(self.client, self.state, retention.store_capacity, retention.store_warn_ratio)
-        except AuthRefused as exc:
-            await self._refused(exc)
+        except (AuthRefused, LocalStorageError) as exc:
+            await self._halt(exc)
             return
         if usage is not None:
             self.store_usage = usage
@@ -285,11 +280,8 @@ class Engine:
         assert self.pruner is not None
         try:
             done = await self.pruner.run(self.stop)
-        except AuthRefused as exc:
-            await self._refused(exc)
-            return
-        except LocalStorageError as exc:
-            self._fatal(str(exc))
+        except (AuthRefused, LocalStorageError) as exc:
+            await self._halt(exc)
             return
         except Exception:  # a bug must not go unseen in a background task; intents stay for next time
             log.exception("prune_unexpected_error")
@@ -308,6 +300,14 @@ class Engine:
         self.metrics.cycle_succeeded()
         if await self.state.get_meta("api_refused") is not None:
             await self.state.delete_meta("api_refused")
+
+    async def _halt(self, exc: AuthRefused | LocalStorageError) -> None:
+        """Not any recording's fault: the API refuses us, or the archive or the state database
+        cannot be written. A backfill stops; the service pauses and tries again later."""
+        if isinstance(exc, AuthRefused):
+            await self._refused(exc)
+        else:
+            self._fatal(str(exc))
 
     async def _refused(self, exc: AuthRefused) -> None:
         """The API refused the credential or the account, for every request alike: recorded
@@ -562,10 +562,7 @@ class Engine:
                 await self.state.update(row.id, state=_waiting_state(row), next_attempt_at=time.time())
             except LocalStorageError:
                 pass  # the database is what is full: release_downloading() frees the row later
-            if isinstance(exc, AuthRefused):
-                await self._refused(exc)
-            else:
-                self._fatal(str(exc))
+            await self._halt(exc)
         except Exception as exc:  # a bug must not kill the worker or lose the row
             log.error("unexpected_error", recording_id=row.id, error=f"{type(exc).__name__}: {exc}",
                       exc_info=exc)
