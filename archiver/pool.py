@@ -158,10 +158,7 @@ class Engine:
                     self._pruning is None or self._pruning.done()
                 ):
                     self._pruning = asyncio.create_task(self._prune(), name="pruner")
-                try:
-                    await asyncio.wait_for(self.stop.wait(), self.workers_cfg.poll_interval)
-                except TimeoutError:
-                    pass
+                await self._sleep_unless_stopped(self.workers_cfg.poll_interval)
         finally:
             await self._shutdown(feeder, workers)
         return self.result

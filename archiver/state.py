@@ -37,6 +37,7 @@ from .model import Recording
 STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
 FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
 STORED = ("archived", "no_audio")  # states with files in the archive (``verify``)
+_STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
 WAITING = ("discovered", "pending", "downloading")  # not archived, failed or skipped yet
 
 
@@ -544,7 +545,7 @@ class StateDB:
         last = ""
         while True:
             rows = await self.db.execute_fetchall(
-                "SELECT id, state, path, size, sha256 FROM recordings WHERE state IN ('archived', 'no_audio')"
+                f"SELECT id, state, path, size, sha256 FROM recordings WHERE state IN ({_STORED_SQL})"
                 " AND id > ? ORDER BY id LIMIT ?",
                 (last, batch),
             )
