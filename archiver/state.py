@@ -33,6 +33,7 @@ import aiosqlite
 
 from .errors import LocalStorageError, StateLocked, StateUnusable
 from .model import Recording
+from .store import fsync_path, mkdir_durable
 
 STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
 FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
@@ -186,10 +187,11 @@ class StateDB:
                     raise FileNotFoundError(f"state database {path} does not exist yet")
                 db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
             else:
-                path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+                mkdir_durable(path.parent)
                 lock_fd = _lock(path)
-                if not path.exists():
+                if not path.exists():  # its name made durable before anything is committed in it
                     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+                    fsync_path(path.parent)
                 db = await aiosqlite.connect(path)
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.execute("PRAGMA synchronous=FULL")

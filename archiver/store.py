@@ -92,22 +92,36 @@ def limits(cfg: ArchiveConfig) -> ZipLimits:
 def make_dirs(root: Path, directory: Path) -> None:
     """Create ``directory`` (inside ``root``) level by level with mode 0750, refusing any level
     that is a symlink or not a directory: a link planted inside the archive must not lead our
-    writes elsewhere. (``root`` itself is the operator's choice and may be a link.)"""
+    writes elsewhere. (``root`` itself is the operator's choice and may be a link.) Each level
+    created is made durable in its parent (fsync), or a power cut could take the directory, and
+    every file in it, away after the database committed them."""
     try:
-        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        mkdir_durable(root)
         current = root
         for part in directory.relative_to(root).parts:
             current = current / part
-            try:
-                current.mkdir(mode=0o750)
-            except FileExistsError:
-                pass
+            _mkdir_durable_level(current)
             mode = os.lstat(current).st_mode
             if not stat.S_ISDIR(mode):
                 kind = "a symlink" if stat.S_ISLNK(mode) else "not a directory"
                 raise LocalStorageError(f"{current} is {kind}: refusing to write through it (it must be a directory)")
     except OSError as exc:
         raise LocalStorageError(f"cannot create {directory}: {exc.strerror}") from None
+
+
+def mkdir_durable(path: Path) -> None:
+    """``mkdir -p`` whose every new level is fsynced into its parent (0750)."""
+    for level in [*reversed(path.parents), path]:
+        if not level.is_dir():
+            _mkdir_durable_level(level)
+
+
+def _mkdir_durable_level(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o750)
+    except FileExistsError:
+        return
+    fsync_path(path.parent)
 
 
 def create_exclusive(path: Path, mode: int = 0o640) -> int:

@@ -1,0 +1,254 @@
+"""Power loss, not just kill -9: the whole pipeline on the power-cut filesystem.
+
+After SIGKILL the page cache survives, so a missing fsync goes unnoticed. Here the state
+database and the archive live on ``tests/powercutfs.py``: at each cut it keeps only what was
+fsynced (or a random part of the rest), the archiver dies with the machine, and the next "boot"
+starts from what survived. After every cut the survivors are checked against the simulator's
+bytes; at the end the archive must be complete, with nothing lost, duplicated or left over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archiver.simulator import Simulator
+from tests.checks import assert_archive_complete
+from tests.conftest import REPO, cli_command, cli_env, wait_until, write_config
+from tests.powercut import PowerCutMount, require_fuse
+
+pytestmark = pytest.mark.powercut
+
+
+@dataclass
+class CutLog:
+    """What a sequence of boots did: every cut, why, and what the checks found."""
+
+    cuts: list[str] = field(default_factory=list)
+    finished_early: int = 0  # boots whose run ended before their trigger fired
+    archived_at_cut: list[int] = field(default_factory=list)
+
+
+def schedule(rng: random.Random, n: int, kind: str) -> list[str]:
+    """``n`` cut commands: chosen moments (right after a body's rename into its final name, a
+    sidecar's, a directory fsync that ends a store batch, a SQLite commit, in the middle of a
+    body's write) and random ones (after the N-th operation of any kind); a third of them keep
+    a random part of what was volatile instead of none of it."""
+    chosen = [
+        lambda: f"arm rename /archive/*.{kind} {rng.randint(1, 12)}",
+        lambda: f"arm rename /archive/*.json {rng.randint(1, 12)}",
+        lambda: f"arm fsyncdir /archive/* {rng.randint(1, 10)}",
+        lambda: f"arm fsync /state.sqlite3-wal {rng.randint(1, 40)}",
+        lambda: f"arm write /archive/*.partial {rng.randint(1, 30)}",
+        lambda: f"arm any * {rng.randint(30, 600)}",
+        lambda: f"arm any * {rng.randint(30, 600)}",
+    ]
+    commands = []
+    for i in range(n):
+        command = chosen[i % len(chosen)]()
+        if rng.random() < 1 / 3:
+            command += f" random {rng.randrange(1 << 30)}"
+        commands.append(command)
+    rng.shuffle(commands)
+    return commands
+
+
+async def boot_and_run(
+    cfg: Path, mount: PowerCutMount, arm: str | None, log: Path, env: dict[str, str] | None = None,
+    cut_when_done: bool = False,
+) -> int | None:
+    """Mount, start a backfill, and either let it finish (its exit code) or cut the power at the
+    armed moment: the filesystem freezes, then every process of the archiver dies (None).
+    ``cut_when_done``: once it has finished, cut the power before the unmount's sync."""
+    mount.mount()
+    if arm:
+        mount.command(arm)
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *cli_command("--config", str(cfg), "backfill", "--wait", "30"),
+            stdout=out, stderr=out, env=env or cli_env(), start_new_session=True,
+            cwd=cfg.parent,  # not the repository: ``-m`` puts the working directory first on the path
+        )
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        await wait_until(lambda: waiter.done() or mount.was_cut, 240, "the run to end or the power to go")
+    finally:
+        if not waiter.done():
+            os.killpg(proc.pid, signal.SIGKILL)  # the daemon and its store helpers, at once
+        await waiter
+        try:
+            await wait_until(lambda: not _group_alive(proc.pid), 20, "the archiver's processes to die")
+            finished = not mount.was_cut
+            if cut_when_done and finished:
+                mount.command("cut")
+        finally:
+            mount.unmount()
+    return proc.returncode if finished else None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def survived_rows(disk: Path) -> list[tuple[str, str, str | None, str | None]]:
+    """The database as the next boot will find it (read from a copy: nothing is changed)."""
+    if not (disk / "state.sqlite3").exists():
+        return []
+    copy = disk.parent / "db-copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    for name in ("state.sqlite3", "state.sqlite3-wal"):
+        if (disk / name).exists():
+            shutil.copy(disk / name, copy / name)
+    db = sqlite3.connect(copy / "state.sqlite3")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",), "the database did not survive intact"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "recordings" not in tables:
+            return []
+        return db.execute("SELECT id, state, path, sha256 FROM recordings").fetchall()
+    finally:
+        db.close()
+
+
+def check_survivors(sim: Simulator, disk: Path) -> int:
+    """What a machine finds after the power came back: every file under a final name complete
+    and right; every recording the database calls archived present with its sidecar; no
+    recording deleted from the server without a surviving copy. Returns how many are archived."""
+    bodies = {rid: body for rid, body in sim.expected_archives().items()}
+    archive = disk / "archive"
+    finals: dict[str, Path] = {}
+    for path in archive.rglob("*") if archive.exists() else []:
+        if not path.is_file() or path.name.startswith(".") or path.name == "deletions.jsonl":
+            continue
+        rec_id = path.name.split(".")[0]
+        assert rec_id in bodies, f"{path}: a final name for a recording with no body"
+        if path.suffix == ".json":
+            meta = json.loads(path.read_text())["archive"]  # a torn sidecar fails here
+            assert meta["sha256"] == hashlib.sha256(bodies[rec_id]).hexdigest(), f"{path}: wrong sidecar"
+        else:
+            assert path.read_bytes() == bodies[rec_id], f"{path}: incomplete or wrong bytes under a final name"
+            finals[rec_id] = path
+    archived = {r[0]: r for r in survived_rows(disk) if r[1] == "archived"}
+    for rec_id, (_, _, rel, sha) in archived.items():
+        body = archive / rel
+        assert body.is_file(), f"{rec_id}: archived in SQLite, but its file did not survive"
+        assert hashlib.sha256(body.read_bytes()).hexdigest() == sha, f"{rec_id}: archived with other bytes"
+        assert body.with_suffix(".json").is_file(), f"{rec_id}: archived in SQLite, but its sidecar did not survive"
+    lost = [rid for rid in sim.deletes if rid not in finals or not finals[rid].with_suffix(".json").is_file()]
+    assert not lost, f"deleted from the server, but no archive copy survived: {lost[:5]}"
+    return len(archived)
+
+
+async def cut_power_repeatedly(
+    sim: Simulator, tmp_path: Path, cuts: int, seed: int, **sections: dict[str, Any]
+) -> CutLog:
+    disk, mnt = tmp_path / "disk", tmp_path / "mnt"
+    cfg = write_config(
+        tmp_path, sim, archive={"directory": str(mnt / "archive"), "settle_window": 60},
+        state={"database": str(mnt / "state.sqlite3")}, **sections,
+    )
+    mount = PowerCutMount(disk, mnt)
+    rng = random.Random(seed)
+    result = CutLog()
+    log = tmp_path / "runs.log"
+    for command in schedule(rng, cuts, sim.cfg.mode):
+        rc = await boot_and_run(cfg, mount, command, log)
+        if rc is not None:  # the run finished before its moment came
+            assert rc == 0, log.read_text()[-3000:]
+            result.finished_early += 1
+            break
+        result.cuts.append(f"{command} -> {mount.cut_summary()['why']}")
+        result.archived_at_cut.append(check_survivors(sim, disk))
+    rc = await boot_and_run(cfg, mount, None, log)  # the power stays on: run to the end
+    assert rc == 0, log.read_text()[-3000:]
+    check_survivors(sim, disk)
+    assert_archive_complete(sim, disk / "archive", disk / "state.sqlite3")
+    return result
+
+
+async def test_power_cuts_through_a_zip_backfill_lose_nothing(tmp_path: Path, make_sim: Any) -> None:
+    require_fuse()
+    sim = await make_sim(recordings=400, audio_bytes=6_000, late_files=6, files_after=2.0, pending=4,
+                         end_after=2.0, faults={"server_500": 0.02, "storage_truncate": 0.02})
+    result = await cut_power_repeatedly(sim, tmp_path, cuts=20, seed=16, api={"page_size": 20},
+                                        workers={"concurrency": 4})
+    assert len(result.cuts) == 20, result  # every chosen moment came before the work ran out
+    assert result.archived_at_cut[-1] > 0
+
+
+async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim: Any) -> None:
+    """With the server's copy deleted once archived: nothing deleted whose copy did not survive."""
+    require_fuse()
+    sim = await make_sim(recordings=120, mode="wav", audio_bytes=6_000, late_files=3, files_after=2.0)
+    result = await cut_power_repeatedly(
+        sim, tmp_path, cuts=8, seed=17, api={"page_size": 20}, workers={"concurrency": 4},
+        retention={"delete_from_server": True, "delete_after": 0},
+    )
+    assert len(result.cuts) == 8, result
+    assert set(sim.deletes) == set(sim.expected_archives()), "every archived recording freed on the server"
+    assert all(n == 1 for n in sim.deletes.values()), "each deleted once"
+
+
+
+# Each mutation removes one fsync from the store path (the text must be found exactly once, so a
+# refactoring that moves it makes this test fail loudly instead of passing vacuously).
+MUTATIONS = {
+    "no directory fsync after a store batch's renames": (
+        "store.py", "                fsync_path(directory)\n", "                pass\n",
+    ),
+    "no fsync of a new directory into its parent": (
+        "store.py", "        return\n    fsync_path(path.parent)\n", "        return\n",
+    ),
+    "no fsync of a body before its rename": (
+        "store.py", "                write_all(fd, job.tail)\n                os.fsync(fd)\n",
+        "                write_all(fd, job.tail)\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+async def test_the_power_cut_checks_catch_a_missing_fsync(tmp_path: Path, make_sim: Any, mutation: str) -> None:
+    """A backfill runs to its end, then the power goes before anything else syncs. The real
+    code survives that; the same code with one fsync removed must fail the checks."""
+    require_fuse()
+    module, before, after = MUTATIONS[mutation]
+    mutant = tmp_path / "mutant-code"
+    shutil.copytree(REPO / "archiver", mutant / "archiver", ignore=shutil.ignore_patterns("__pycache__"))
+    source = (mutant / "archiver" / module).read_text()
+    assert source.count(before) == 1, f"the mutation no longer applies to {module}: update MUTATIONS"
+    (mutant / "archiver" / module).write_text(source.replace(before, after))
+    outcomes = {}
+    for name, pythonpath in (("real", REPO), ("mutant", mutant)):
+        sim = await make_sim(recordings=40, audio_bytes=6_000)
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        mnt = run_dir / "mnt"
+        cfg = write_config(run_dir, sim, archive={"directory": str(mnt / "archive")},
+                           state={"database": str(mnt / "state.sqlite3")})
+        mount = PowerCutMount(run_dir / "disk", mnt)
+        rc = await boot_and_run(cfg, mount, None, run_dir / "run.log", env=cli_env(PYTHONPATH=str(pythonpath)),
+                                cut_when_done=True)
+        assert rc == 0, (run_dir / "run.log").read_text()[-3000:]
+        try:
+            check_survivors(sim, run_dir / "disk")
+            outcomes[name] = "survived"
+        except AssertionError as exc:
+            outcomes[name] = str(exc).splitlines()[0]
+    assert outcomes["real"] == "survived", outcomes
+    assert outcomes["mutant"] != "survived", f"the power-cut checks did not notice: {mutation}"
