@@ -13,7 +13,8 @@ from .errors import InvalidRecording
 from .model import check_id
 
 EXTENSIONS = ("zip", "wav")
-_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f:*?\"<>|]")
+MEMBER_NAME_BYTES = 200  # a stored member's name, with room for a repeat's prefix below 255
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f:*?\"<>|\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -75,5 +76,18 @@ def sanitize_member_name(name: str) -> str:
     name = _UNSAFE_CHARS.sub("_", name)
     name = name.replace("..", "_")
     name = name.lstrip(". ")
-    name = name[:200]
+    # at most MEMBER_NAME_BYTES of UTF-8 (a filesystem allows 255 per name; "200 characters"
+    # of accented text is 400), cut at a character boundary
+    name = name.encode("utf-8")[:MEMBER_NAME_BYTES].decode("utf-8", "ignore")
     return name or "member"
+
+
+def unique_member_name(safe: str, taken: set[str]) -> str:
+    """``safe``, or ``<n>_safe`` for the n-th repeat (within the byte limit), not in ``taken``."""
+    name, n = safe, 1
+    while name in taken:
+        n += 1
+        prefix = f"{n}_"
+        name = prefix + safe.encode("utf-8")[: MEMBER_NAME_BYTES - len(prefix)].decode("utf-8", "ignore")
+    taken.add(name)
+    return name

@@ -47,7 +47,10 @@ def parse_timestamp(value: Any) -> datetime | None:
         raise ValueError(f"unrecognised timestamp {value!r:.80}") from None
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    ts = ts.astimezone(UTC)
+    try:
+        ts = ts.astimezone(UTC)
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one (fuzzing)
+        raise ValueError(f"timestamp out of range {value!r:.80}") from None
     if ts.year >= _SENTINEL_YEAR:
         return None
     return ts
