@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             run = run_engine(cfg, "run")
         result, counts, requests = asyncio.run(run)
         _print_summary(args.command, result, counts, requests)
+        if result.state_unusable:  # the database was found damaged mid-run: not a clean stop either way
+            return EXIT_USAGE
         # the service stops only when asked to (SIGTERM/SIGINT): that is a clean exit
         return EXIT_OK if args.command == "run" else _exit_code(result)
     except (ConfigError, StateLocked, StateUnusable) as exc:

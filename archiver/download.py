@@ -161,7 +161,14 @@ class Downloader:
     def _adopt_existing(self, row: Row, directory: Path) -> Archived | None:
         """A final file from an interrupted run (renamed, not yet recorded): re-verify it against
         its sidecar and structure; keep it if it passes, remove it otherwise. A ``no_audio``
-        sidecar (no body) is adopted as it is."""
+        sidecar (no body) is adopted as it is. A disk that cannot be read (EIO) is the archive's
+        trouble (``LocalStorageError``), not a reason to distrust and remove the file."""
+        try:
+            return self._adopt_existing_file(row, directory)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot read the archive: {exc.strerror} ({directory})") from None
+
+    def _adopt_existing_file(self, row: Row, directory: Path) -> Archived | None:
         for ext in EXTENSIONS:
             final = directory / f"{row.id}.{ext}"
             side = sidecar_path(final)
@@ -184,6 +191,8 @@ class Downloader:
                         inspect_zip(final, self.limits)
                     else:
                         _check_wav_file(final)
+            except (OSError, LocalStorageError):
+                raise  # the disk failed us, not the file
             except Exception as exc:  # noqa: BLE001 - any doubt means: do not trust it
                 log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
                 final.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ Everything here streams: a body or member is never held in memory whole.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import struct
@@ -195,6 +196,10 @@ def inspect_zip(path: Path | BinaryIO, limits: ZipLimits, extract_to: Path | Non
     """
     try:
         archive = zipfile.ZipFile(path)
+    except OSError as exc:
+        if _bad_offset(exc):
+            raise VerificationError(f"not a readable ZIP: {_describe(exc)}") from None
+        raise LocalStorageError(f"cannot read {getattr(path, 'name', 'the body')}: {exc.strerror}") from None
     except Exception as exc:  # noqa: BLE001 - zipfile raises many kinds on hostile bytes (fuzzing found them)
         raise VerificationError(f"not a readable ZIP: {_describe(exc)}") from None
     with archive:
@@ -261,6 +266,10 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, extract_to: Pa
             _fsync(out_fd)
     except ArchiverError:
         raise
+    except OSError as exc:  # reading our own file (or writing the unpacked copy) failed
+        if _bad_offset(exc):
+            raise VerificationError(f"member {info.filename[:80]!r}: {_describe(exc)}") from None
+        raise LocalStorageError(f"cannot read or unpack member {info.filename[:80]!r}: {exc.strerror}") from None
     except (NotImplementedError, RuntimeError) as exc:  # an unsupported method, encryption
         raise InvalidRecording(f"member {info.filename[:80]!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, ...: damaged bytes
@@ -273,6 +282,12 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, extract_to: Pa
     riff.finish()
     sha = digest.hexdigest() if digest is not None else None
     return Member(info.filename, size, sha, riff.data_bytes, stored_as, info.CRC)
+
+
+def _bad_offset(exc: OSError) -> bool:
+    """A seek the ZIP's own offsets asked for that the file refuses (negative, past any size):
+    the bytes are wrong, not the disk."""
+    return exc.errno in (errno.EINVAL, errno.EOVERFLOW, errno.ESPIPE)
 
 
 def _describe(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ from .errors import (
     NotReady,
     RecordingGone,
     RecordingRefused,
+    StateUnusable,
     TransientError,
     VerificationError,
 )
@@ -71,6 +72,7 @@ class RunResult:
     walk_error: str = ""
     abandoned: int = 0  # in flight at the end (--wait over, or a stop), abandoned: still pending
     interrupted: str = ""  # the signal that stopped the run (SIGTERM, SIGINT), if one did
+    state_unusable: bool = False  # the state database turned out damaged mid-run (exit 2)
 
 
 class Engine:
@@ -328,6 +330,15 @@ class Engine:
         self.result.auth_refused = self.result.auth_refused or auth
         self.stop.set()
 
+    def _state_broken(self, reason: str) -> None:
+        """The state database is damaged: nothing more can be recorded, so stop, in both modes
+        (exit 2: systemd does not restart into it)."""
+        if not self.result.state_unusable:
+            log.error("stopping", cause="state_unusable", reason=redact(reason))
+        self.result.state_unusable = True
+        self.result.fatal = self.result.fatal or redact(reason)
+        self.stop.set()
+
     def _trouble(self, reason: str, auth: bool, event: str) -> None:
         pause = self.workers_cfg.trouble_pause
         if time.time() < self.paused_until - pause / 2:
@@ -530,6 +541,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - every outcome is handled in _outcome
             try:
                 await self._outcome(row, exc)
+            except StateUnusable as broken:
+                self._state_broken(str(broken))
             except LocalStorageError as unwritable:
                 self._fatal(str(unwritable))
             except Exception:  # a bug must not kill the worker
@@ -540,6 +553,8 @@ class Engine:
         """What a failed stage means for the recording, recorded in SQLite."""
         try:
             raise error
+        except StateUnusable:
+            raise
         except NotReady as exc:
             delay = self._backoff(row.polls, self.workers_cfg.poll_backoff_min, self.workers_cfg.poll_backoff_max)
             await self.state.update(row.id, state="pending", polls=row.polls + 1, next_attempt_at=time.time() + delay)

@@ -112,20 +112,17 @@ T = TypeVar("T")
 def _writes(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """A write that SQLite could not make (a full disk, an I/O error: ``OperationalError``) is
     rolled back and raised as ``LocalStorageError``, the class the engine pauses on, like a full
-    archive: the state is where it was, and the write is made again once there is room."""
+    archive: the state is where it was, and the write is made again once there is room. A
+    database SQLite finds damaged mid-run raises ``StateUnusable``: the engine stops (exit 2)."""
 
     @wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             state = args[0]
             assert isinstance(state, StateDB)
-            try:
-                await state.db.rollback()
-            except sqlite3.Error:
-                pass
-            raise LocalStorageError(f"cannot write the state database {state.path}: {exc}") from None
+            raise await state._storage_error(exc) from None
 
     return wrapper
 
@@ -217,6 +214,21 @@ class StateDB:
             if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
                 raise StateUnusable(unusable_message(path, f"{exc.strerror}: {exc.filename}")) from None
             raise
+
+    async def _storage_error(self, exc: sqlite3.DatabaseError) -> BaseException:
+        """What a failed write means, after a rollback: a full disk or an I/O error
+        (``OperationalError``) is ``LocalStorageError``, which the engine pauses on; a damaged
+        file ("malformed", "not a database") is ``StateUnusable``, which stops it; any other
+        (``IntegrityError``...) is a bug and stays what it is."""
+        try:
+            await self.db.rollback()
+        except sqlite3.Error:
+            pass
+        if isinstance(exc, sqlite3.OperationalError):
+            return LocalStorageError(f"cannot write the state database {self.path}: {exc}")
+        if type(exc) is sqlite3.DatabaseError:
+            return StateUnusable(unusable_message(self.path, exc))
+        return exc
 
     def lock_fds(self) -> tuple[int, ...]:
         """The lock's descriptor, for helper processes to hold (see ``storeproc``)."""
@@ -379,12 +391,8 @@ class StateDB:
                 )
                 await self.db.commit()
             except Exception as exc:  # noqa: BLE001 - handed to every waiter, who handles it
-                if isinstance(exc, sqlite3.OperationalError):
-                    try:
-                        await self.db.rollback()
-                    except sqlite3.Error:
-                        pass
-                    exc = LocalStorageError(f"cannot write the state database {self.path}: {exc}")
+                if isinstance(exc, sqlite3.DatabaseError):
+                    exc = await self._storage_error(exc)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -562,7 +570,8 @@ def unusable_message(path: Path, exc: BaseException | str) -> str:
     return (
         f"state database {path} cannot be used ({exc}). Restore it from a backup, or move it aside "
         f"(mv {path} {path}.broken) and run `backfill`: the state is rebuilt from the archive's files "
-        "and sidecars without downloading them again. A read-only file or filesystem: make it writable."
+        "and sidecars without downloading them again. A read-only file or filesystem: make it writable. "
+        "A disk that reports I/O errors (see dmesg): fix or replace it first."
     )
 
 

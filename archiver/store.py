@@ -366,9 +366,13 @@ def _fresh_dir(path: Path) -> None:
 
 def remove_quietly(*paths: Path) -> None:
     """Remove files or directory trees; missing ones are fine. A symlink is removed itself,
-    never what it points to."""
+    never what it points to. Best effort: a disk that answers EIO must not turn a cleanup into
+    a crash (a store helper once exited on it); start-up recovery removes what is left."""
     for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue

@@ -77,5 +77,7 @@ class PowerCutMount:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mountpoint)], check=False, capture_output=True)
             raise AssertionError(f"powercutfs did not exit: {self.log.read_text()[-2000:]}") from None
-        self.proc = None
+        finally:
+            self.proc = None

@@ -10,6 +10,7 @@ bytes; at the end the archive must be complete, with nothing lost, duplicated or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -40,12 +41,14 @@ class CutLog:
     archived_at_cut: list[int] = field(default_factory=list)
 
 
-def schedule(rng: random.Random, n: int, kind: str) -> list[str]:
+def schedule(rng: random.Random, n: int, kind: str, deleting: bool = False) -> list[str]:
     """``n`` cut commands: chosen moments (right after a body's rename into its final name, a
     sidecar's, a directory fsync that ends a store batch, a SQLite commit, in the middle of a
-    body's write) and random ones (after the N-th operation of any kind); a third of them keep
-    a random part of what was volatile instead of none of it."""
+    body's write; when deleting, right after the audit trail's fsync), random ones (after the
+    N-th operation of any kind) and random points in time (``after SECONDS``); a third of them
+    keep a random part of what was volatile instead of none of it."""
     chosen = [
+        lambda: f"after {rng.uniform(1.0, 2.5):.2f}",
         lambda: f"arm rename /archive/*.{kind} {rng.randint(1, 12)}",
         lambda: f"arm rename /archive/*.json {rng.randint(1, 12)}",
         lambda: f"arm fsyncdir /archive/* {rng.randint(1, 10)}",
@@ -54,6 +57,8 @@ def schedule(rng: random.Random, n: int, kind: str) -> list[str]:
         lambda: f"arm any * {rng.randint(30, 600)}",
         lambda: f"arm any * {rng.randint(30, 600)}",
     ]
+    if deleting:
+        chosen.append(lambda: f"arm fsync /deletions.jsonl {rng.randint(1, 2)}")
     commands = []
     for i in range(n):
         command = chosen[i % len(chosen)]()
@@ -72,7 +77,11 @@ async def boot_and_run(
     armed moment: the filesystem freezes, then every process of the archiver dies (None).
     ``cut_when_done``: once it has finished, cut the power before the unmount's sync."""
     mount.mount()
-    if arm:
+    delay = None
+    if arm and arm.startswith("after "):  # a point in time: "after SECONDS [random SEED]"
+        delay, _, rest = arm.removeprefix("after ").partition(" ")
+        delay, arm = float(delay), f"cut {rest}".strip()
+    elif arm:
         mount.command(arm)
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -82,10 +91,15 @@ async def boot_and_run(
         )
     waiter = asyncio.ensure_future(proc.wait())
     try:
+        if delay is not None and arm:
+            await asyncio.wait([waiter], timeout=delay)
+            if not waiter.done():
+                mount.command(arm)
         await wait_until(lambda: waiter.done() or mount.was_cut, 240, "the run to end or the power to go")
     finally:
         if not waiter.done():
-            os.killpg(proc.pid, signal.SIGKILL)  # the daemon and its store helpers, at once
+            with contextlib.suppress(ProcessLookupError):  # it may have just ended by itself
+                os.killpg(proc.pid, signal.SIGKILL)  # the daemon and its store helpers, at once
         await waiter
         try:
             await wait_until(lambda: not _group_alive(proc.pid), 20, "the archiver's processes to die")
@@ -167,12 +181,23 @@ async def cut_power_repeatedly(
     rng = random.Random(seed)
     result = CutLog()
     log = tmp_path / "runs.log"
-    for command in schedule(rng, cuts, sim.cfg.mode):
+    deleting = bool(sections.get("retention", {}).get("delete_from_server"))
+    commands = schedule(rng, cuts, sim.cfg.mode, deleting)
+    while commands:
+        command = commands[0]
         rc = await boot_and_run(cfg, mount, command, log)
-        if rc is not None:  # the run finished before its moment came
+        if rc is not None:  # the work ran out before this moment came: new calls were recorded
             assert rc == 0, log.read_text()[-3000:]
+            if command.startswith("after "):  # a point in time: come sooner
+                seconds, _, rest = command.removeprefix("after ").partition(" ")
+                commands[0] = f"after {float(seconds) / 2:.2f} {rest}".strip()
             result.finished_early += 1
-            break
+            assert result.finished_early <= cuts, "the runs keep ending before their moment"
+            check_survivors(sim, disk)
+            for _ in range(40):
+                sim.add_recording(reference_type=rng.choice(["call", "confbridge"]))
+            continue
+        commands.pop(0)
         result.cuts.append(f"{command} -> {mount.cut_summary()['why']}")
         result.archived_at_cut.append(check_survivors(sim, disk))
     rc = await boot_and_run(cfg, mount, None, log)  # the power stays on: run to the end
@@ -186,9 +211,9 @@ async def test_power_cuts_through_a_zip_backfill_lose_nothing(tmp_path: Path, ma
     require_fuse()
     sim = await make_sim(recordings=400, audio_bytes=6_000, late_files=6, files_after=2.0, pending=4,
                          end_after=2.0, faults={"server_500": 0.02, "storage_truncate": 0.02})
-    result = await cut_power_repeatedly(sim, tmp_path, cuts=20, seed=16, api={"page_size": 20},
+    result = await cut_power_repeatedly(sim, tmp_path, cuts=24, seed=16, api={"page_size": 20},
                                         workers={"concurrency": 4})
-    assert len(result.cuts) == 20, result  # every chosen moment came before the work ran out
+    assert len(result.cuts) == 24, result
     assert result.archived_at_cut[-1] > 0
 
 
@@ -197,10 +222,10 @@ async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim
     require_fuse()
     sim = await make_sim(recordings=120, mode="wav", audio_bytes=6_000, late_files=3, files_after=2.0)
     result = await cut_power_repeatedly(
-        sim, tmp_path, cuts=8, seed=17, api={"page_size": 20}, workers={"concurrency": 4},
+        sim, tmp_path, cuts=9, seed=17, api={"page_size": 20}, workers={"concurrency": 4},
         retention={"delete_from_server": True, "delete_after": 0},
     )
-    assert len(result.cuts) == 8, result
+    assert len(result.cuts) == 9, result
     assert set(sim.deletes) == set(sim.expected_archives()), "every archived recording freed on the server"
     assert all(n == 1 for n in sim.deletes.values()), "each deleted once"
 
@@ -252,3 +277,35 @@ async def test_the_power_cut_checks_catch_a_missing_fsync(tmp_path: Path, make_s
             outcomes[name] = str(exc).splitlines()[0]
     assert outcomes["real"] == "survived", outcomes
     assert outcomes["mutant"] != "survived", f"the power-cut checks did not notice: {mutation}"
+
+
+async def test_a_disk_that_fails_mid_run_stops_the_archiver_cleanly(tmp_path: Path, make_sim: Any) -> None:
+    """After the cut the filesystem answers EIO to everything, as a dead disk does. Left alone,
+    the archiver must stop with a clear error: no helper crashing, no unexpected errors."""
+    require_fuse()
+    sim = await make_sim(recordings=200, audio_bytes=6_000)
+    mnt = tmp_path / "mnt"
+    cfg = write_config(tmp_path, sim, archive={"directory": str(mnt / "archive")},
+                       state={"database": str(mnt / "state.sqlite3")}, workers={"concurrency": 4})
+    mount = PowerCutMount(tmp_path / "disk", mnt).mount()
+    mount.command("arm rename /archive/*.zip 20")
+    log = tmp_path / "run.log"
+    try:
+        with open(log, "wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *cli_command("--config", str(cfg), "backfill", "--wait", "30"),
+                stdout=out, stderr=out, env=cli_env(), cwd=tmp_path, start_new_session=True,
+            )
+        try:
+            rc = await asyncio.wait_for(proc.wait(), 120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        mount.unmount()
+    text = log.read_text()
+    assert mount.was_cut
+    assert rc == 2, text[-3000:]  # the database is not usable on that disk: exit 2, no restart loop
+    assert "cannot be used" in text or "cannot write the state database" in text, text[-3000:]
+    for bad in ("store_helper_exited", "unexpected_error", "outcome_not_recorded"):
+        assert bad not in text, f"{bad}: {text[-3000:]}"
