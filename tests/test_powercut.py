@@ -5,6 +5,8 @@ database and the archive live on ``tests/powercutfs.py``: at each cut it keeps o
 fsynced (or a random part of the rest), the archiver dies with the machine, and the next "boot"
 starts from what survived. After every cut the survivors are checked against the simulator's
 bytes; at the end the archive must be complete, with nothing lost, duplicated or left over.
+
+By hand, more cuts and other moments: ``POWERCUT_SCALE=4 POWERCUT_SEED=7 pytest -m powercut``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from tests.conftest import REPO, cli_command, cli_env, wait_until, write_config
 from tests.powercut import PowerCutMount, require_fuse
 
 pytestmark = pytest.mark.powercut
+# More by hand: POWERCUT_SCALE=4 multiplies the cuts (33 in CI), POWERCUT_SEED picks other moments.
+SCALE = int(os.environ.get("POWERCUT_SCALE", "1"))
+SEED = int(os.environ.get("POWERCUT_SEED", "0"))
 
 
 @dataclass
@@ -211,9 +216,12 @@ async def test_power_cuts_through_a_zip_backfill_lose_nothing(tmp_path: Path, ma
     require_fuse()
     sim = await make_sim(recordings=400, audio_bytes=6_000, late_files=6, files_after=2.0, pending=4,
                          end_after=2.0, faults={"server_500": 0.02, "storage_truncate": 0.02})
-    result = await cut_power_repeatedly(sim, tmp_path, cuts=24, seed=16, api={"page_size": 20},
+    cuts = 24 * SCALE
+    result = await cut_power_repeatedly(sim, tmp_path, cuts=cuts, seed=16 + SEED, api={"page_size": 20},
                                         workers={"concurrency": 4})
-    assert len(result.cuts) == 24, result
+    assert len(result.cuts) == cuts, result
+    print(f"\n{len(result.cuts)} cuts ({sum(' random ' in c for c in result.cuts)} keeping a random part), "
+          f"{result.finished_early} runs ended before their cut, archived at each cut: {result.archived_at_cut}")
     assert result.archived_at_cut[-1] > 0
 
 
@@ -222,10 +230,10 @@ async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim
     require_fuse()
     sim = await make_sim(recordings=120, mode="wav", audio_bytes=6_000, late_files=3, files_after=2.0)
     result = await cut_power_repeatedly(
-        sim, tmp_path, cuts=9, seed=17, api={"page_size": 20}, workers={"concurrency": 4},
+        sim, tmp_path, cuts=9 * SCALE, seed=17 + SEED, api={"page_size": 20}, workers={"concurrency": 4},
         retention={"delete_from_server": True, "delete_after": 0},
     )
-    assert len(result.cuts) == 9, result
+    assert len(result.cuts) == 9 * SCALE, result
     assert set(sim.deletes) == set(sim.expected_archives()), "every archived recording freed on the server"
     assert all(n == 1 for n in sim.deletes.values()), "each deleted once"
 
