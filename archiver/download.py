@@ -191,9 +191,11 @@ class Downloader:
                         inspect_zip(final, self.limits)
                     else:
                         _check_wav_file(final)
-            except (OSError, LocalStorageError):
-                raise  # the disk failed us, not the file
-            except Exception as exc:  # noqa: BLE001 - any doubt means: do not trust it
+            except Exception as exc:  # any doubt means: do not trust it (the disk's errors excepted)
+                if isinstance(exc, LocalStorageError) or (
+                    isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+                ):
+                    raise  # the disk failed us (EIO), not the file: keep it, pause
                 log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
                 final.unlink(missing_ok=True)
                 continue

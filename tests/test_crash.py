@@ -164,3 +164,24 @@ async def test_store_helpers_killed_mid_backfill_are_replaced_and_nothing_is_los
         await asyncio.wait_for(proc.wait(), 120)
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     assert_archive_complete(sim, tmp_path / "archive", db)  # replacements took over, nothing lost
+
+
+async def test_a_body_left_without_its_sidecar_is_fetched_again(tmp_path, make_sim):
+    """A power cut can keep a body's rename but lose its sidecar's (the power-cut tests make
+    such survivors): the rerun must not trust the body, nor stall on it, but fetch it again."""
+    sim = await make_sim(recordings=10, audio_bytes=6_000)
+    cfg = write_config(tmp_path, sim)
+    db = tmp_path / "state.sqlite3"
+    first = await run_cli("--config", str(cfg), "backfill")
+    assert first.rc == 0, first
+    con = sqlite3.connect(db)
+    rec_id, rel = con.execute("SELECT id, path FROM recordings WHERE state='archived' LIMIT 1").fetchone()
+    con.execute("UPDATE recordings SET state='pending', path=NULL, next_attempt_at=0 WHERE id=?", (rec_id,))
+    con.commit()
+    con.close()
+    body = tmp_path / "archive" / rel
+    body.with_suffix(".json").unlink()
+    again = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
+    assert again.rc == 0, again
+    assert "existing_file_rejected" in again.err and rec_id in again.err
+    assert_archive_complete(sim, tmp_path / "archive", db)
