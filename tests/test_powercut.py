@@ -212,6 +212,7 @@ async def cut_power_repeatedly(
     return result
 
 
+@pytest.mark.timeout(300 * SCALE)
 async def test_power_cuts_through_a_zip_backfill_lose_nothing(tmp_path: Path, make_sim: Any) -> None:
     require_fuse()
     sim = await make_sim(recordings=400, audio_bytes=6_000, late_files=6, files_after=2.0, pending=4,
@@ -225,6 +226,7 @@ async def test_power_cuts_through_a_zip_backfill_lose_nothing(tmp_path: Path, ma
     assert result.archived_at_cut[-1] > 0
 
 
+@pytest.mark.timeout(300 * SCALE)
 async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim: Any) -> None:
     """With the server's copy deleted once archived: nothing deleted whose copy did not survive."""
     require_fuse()
