@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import sqlite3
 import stat
@@ -24,6 +23,7 @@ from tests.conftest import (
     free_port,
     http_get,
     run_cli,
+    small_disk,
     wait_until,
     write_config,
 )
@@ -160,19 +160,9 @@ async def test_a_dripping_storage_answer_cannot_hold_a_backfill(tmp_path, make_s
     assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
 
 
-def _mount_tmpfs(path, size: str) -> bool:
-    path.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 async def test_disk_full_stops_cleanly_and_stays_retryable(tmp_path, make_sim):
     archive = tmp_path / "archive"
-    if not _mount_tmpfs(archive, "600k"):
-        pytest.skip("needs root and tmpfs to make a small disk")
-    try:
+    with small_disk(archive, "600k"):
         sim = await make_sim(recordings=10, audio_bytes=200_000)
         cfg = write_config(tmp_path, sim, workers={"concurrency": 2})
         result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
@@ -189,19 +179,15 @@ async def test_disk_full_stops_cleanly_and_stays_retryable(tmp_path, make_sim):
         result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
         assert result.rc == 0, result
         assert_archive_complete(sim, archive, tmp_path / "state.sqlite3")
-    finally:
-        subprocess.run(["umount", str(archive)], check=False)
 
 
 async def test_a_full_disk_holding_database_and_archive_pauses_the_service_which_resumes_by_itself(
     tmp_path, make_sim
 ):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "900k"):
-        pytest.skip("needs root and tmpfs to make a small disk")
     port = free_port()
     log_path = tmp_path / "run.log"
-    try:
+    with small_disk(disk, "900k"):
         sim = await make_sim(recordings=60, audio_bytes=30_000)
         cfg = write_config(tmp_path, sim, archive={"directory": "disk/archive"},
                            state={"database": "disk/state.sqlite3"}, metrics={"listen": f"127.0.0.1:{port}"},
@@ -236,15 +222,11 @@ async def test_a_full_disk_holding_database_and_archive_pauses_the_service_which
         assert "archive_unwritable" in log and "writable_again" in log
         assert not [r for r in db_rows(db) if r[1] == "downloading"]
         assert_archive_complete(sim, disk / "archive", db)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 async def test_a_full_disk_holding_the_database_ends_a_backfill_with_a_summary(tmp_path, make_sim):
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "700k"):
-        pytest.skip("needs root and tmpfs to make a small disk")
-    try:
+    with small_disk(disk, "700k"):
         sim = await make_sim(recordings=60, audio_bytes=30_000)
         cfg = write_config(tmp_path, sim, archive={"directory": "disk/archive"},
                            state={"database": "disk/state.sqlite3"}, workers={"concurrency": 4})
@@ -257,8 +239,6 @@ async def test_a_full_disk_holding_the_database_ends_a_backfill_with_a_summary(t
         final = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
         assert final.rc == 0, final
         assert_archive_complete(sim, disk / "archive", disk / "state.sqlite3")
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 async def test_file_and_directory_modes(tmp_path, make_sim):

@@ -14,7 +14,7 @@ import pytest
 from archiver.errors import StateLocked, StateUnusable
 from archiver.state import MIGRATIONS, StateDB
 from tests.checks import assert_archive_complete
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_cli, small_disk, write_config
 
 
 async def test_an_older_database_is_migrated_on_start(tmp_path):
@@ -108,10 +108,7 @@ async def test_a_read_only_database_is_a_clear_exit_2(tmp_path, make_sim):
         pytest.skip("needs root to mount a read-only filesystem")
     sim = await make_sim(recordings=5, audio_bytes=500)
     state_dir = tmp_path / "state"
-    state_dir.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state_dir)]).returncode != 0:
-        pytest.skip("cannot mount tmpfs here")
-    try:
+    with small_disk(state_dir, "4m"):
         cfg = write_config(tmp_path, sim, state={"database": "state/state.sqlite3"})
         assert (await run_cli("--config", str(cfg), "backfill", "--wait", "2")).rc == 0
         subprocess.run(["mount", "-o", "remount,ro", str(state_dir)], check=True)
@@ -123,5 +120,3 @@ async def test_a_read_only_database_is_a_clear_exit_2(tmp_path, make_sim):
             other = await run_cli("--config", str(cfg), command)
             assert other.rc in (0, 2) and "Traceback" not in other.err, other
             assert other.rc == 0 or "state.sqlite3" in other.err
-    finally:
-        subprocess.run(["umount", "-l", str(state_dir)])
