@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="re-hash every archived file against the database and its sidecar")
     v.add_argument("--repair", action="store_true",
                    help="download again what is missing or changed, while the server still has it")
+    v.add_argument("--deep", action="store_true",
+                   help="a bucket: download and re-hash every object (without it: HEAD size and checksum)")
     pr = sub.add_parser("prune", parents=[after],
                         help="delete the server's copy of what is archived and due ([retention]), then exit")
     pr.add_argument("--dry-run", action="store_true", help="only count what is due and the bytes it would free")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_status(cfg, args.json))
         if args.command == "verify":
-            return asyncio.run(_verify(cfg, args.repair))
+            return asyncio.run(_verify(cfg, args.repair, args.deep))
         if args.command == "prune":
             return asyncio.run(_prune(cfg, args.dry_run))
         if args.command == "backfill":
@@ -235,8 +237,8 @@ def _status_table(info: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-async def _verify(cfg: Config, repair: bool = False) -> int:
-    checked, problems, bad = await verify(cfg)
+async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:
+    checked, problems, bad = await verify(cfg, deep)
     for problem in problems:
         print(f"BAD  {problem}")
     print(f"verified {checked} archived recordings: {len(problems)} problem(s)")
@@ -251,7 +253,7 @@ async def _verify(cfg: Config, repair: bool = False) -> int:
     print(f"downloading {len(queued)} recording(s) again from the server")
     result, counts, requests = await run_engine(cfg, "backfill", wait=60)
     _print_summary("repair", result, counts, requests)
-    checked, problems, _ = await verify(cfg)
+    checked, problems, _ = await verify(cfg, deep)
     print(f"verified again: {checked} archived recordings, {len(problems)} problem(s)")
     return EXIT_FAILED if problems or lost else _exit_code(result)
 

@@ -57,9 +57,33 @@ class ApiConfig:
     def secrets(self) -> list[str]:
         return [s for s in (self.accesskey, self.token, self.password) if s]
 
+@dataclass(frozen=True)
+class S3Config:
+    """``[archive.s3]``: the bucket a ``destination = "s3"`` archive goes to."""
+
+    endpoint: str = "https://s3.amazonaws.com"
+    region: str = "us-east-1"
+    bucket: str = ""
+    prefix: str = ""  # then the layout template
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+    object_lock_mode: str = ""  # "", "GOVERNANCE" or "COMPLIANCE"
+    retain_days: int = 0  # with a lock mode: retain-until = archive time + retain_days
+    legal_hold: bool = False
+    multipart_threshold: int = 64 * 1024**2  # bodies above this go multipart
+    part_size: int = 16 * 1024**2  # S3's minimum part is 5 MiB
+    retries: int = 5  # per request (botocore's "standard" mode), before the destination counts as down
+    timeout: float = 60.0
+    staging_directory: Path = Path("/var/lib/voipbin-archiver/s3-staging")  # bodies over 1 MB in transit
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.access_key_id, self.secret_access_key) if s]
+
 
 @dataclass(frozen=True)
 class ArchiveConfig:
+    destination: str = "directory"  # or "s3"
+    s3: S3Config | None = None  # with destination = "s3"
     directory: Path = Path("/var/lib/voipbin-archiver/recordings")
     layout: str = DEFAULT_LAYOUT
     unpack: bool = False
@@ -164,10 +188,21 @@ def build_config(
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section or key [{key}] (known: {', '.join(sorted(known))})")
+    data = _lift_subtable(data, "archive", "s3")
     reader = _Reader(data, base_dir)
     api = _build_api(reader, env, base_dir)
+    state = StateConfig(database=reader.path("state", "database", StateConfig.database))
+    destination = reader.choice("archive", "destination", ArchiveConfig.destination, ("directory", "s3"))
+    s3 = _build_s3(reader, env, base_dir, state) if destination == "s3" else None
+    if s3 is None and "archive.s3" in data:
+        raise ConfigError('[archive.s3] is set but [archive] destination is not "s3"')
+    if s3 is not None and "directory" in data.get("archive", {}):
+        raise ConfigError('[archive] directory is for destination = "directory"; with "s3", transfers are '
+                          "staged in [archive.s3] staging_directory")
     archive = ArchiveConfig(
-        directory=reader.path("archive", "directory", ArchiveConfig.directory),
+        destination=destination,
+        s3=s3,
+        directory=s3.staging_directory if s3 else reader.path("archive", "directory", ArchiveConfig.directory),
         layout=_check_layout(reader.text("archive", "layout", DEFAULT_LAYOUT)),
         unpack=reader.flag("archive", "unpack", False),
         settle_window=reader.number("archive", "settle_window", 3600.0, minimum=0),
@@ -176,7 +211,9 @@ def build_config(
         max_total_bytes=reader.whole("archive", "max_total_bytes", 16 * 1024**3, minimum=1),
         max_ratio=reader.number("archive", "max_ratio", 1000.0, minimum=1),
     )
-    state = StateConfig(database=reader.path("state", "database", StateConfig.database))
+    if s3 is not None and archive.unpack:
+        raise ConfigError('[archive] unpack = true is for destination = "directory" (in a bucket, the ZIP object '
+                          "holds its members)")
     workers = WorkersConfig(
         concurrency=reader.whole("workers", "concurrency", 8, minimum=1, maximum=256),
         store_processes=reader.whole("workers", "store_processes", 2, minimum=1, maximum=32),
@@ -280,12 +317,79 @@ def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfi
     )
 
 
-def _secret(reader: _Reader, env: dict[str, str], key: str, env_name: str, base_dir: Path) -> str:
+def _lift_subtable(data: dict[str, Any], section: str, sub: str) -> dict[str, Any]:
+    """``[archive.s3]`` arrives as ``data["archive"]["s3"]``; read it as section ``archive.s3``."""
+    body = data.get(section)
+    if not isinstance(body, dict) or sub not in body:
+        return data
+    inner = body[sub]
+    if not isinstance(inner, dict):
+        raise ConfigError(f"[{section}.{sub}] must be a table")
+    return {**data, section: {k: v for k, v in body.items() if k != sub}, f"{section}.{sub}": inner}
+
+
+LOCK_MODES = ("", "GOVERNANCE", "COMPLIANCE")
+
+
+def _build_s3(reader: _Reader, env: dict[str, str], base_dir: Path, state: StateConfig) -> S3Config:
+    sec = "archive.s3"
+    endpoint = reader.text(sec, "endpoint", S3Config.endpoint).rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError(f"[{sec}] endpoint must be an https:// URL without a path, got {endpoint!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError(f"[{sec}] endpoint: plain http is refused except on loopback; use https://")
+    if parts.query or parts.username or parts.password:
+        raise ConfigError(f"[{sec}] endpoint must not carry a query string or user info")
+    bucket = reader.text(sec, "bucket", "")
+    if not bucket:
+        raise ConfigError(f"[{sec}] bucket must be set")
+    prefix = reader.text(sec, "prefix", "")
+    if prefix.startswith("/") or "\\" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+        raise ConfigError(f"[{sec}] prefix must be relative, without '.', '..' or '\\', got {prefix!r}")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    key_id = _secret(reader, env, "access_key_id", "AWS_ACCESS_KEY_ID", base_dir, sec)
+    secret = _secret(reader, env, "secret_access_key", "AWS_SECRET_ACCESS_KEY", base_dir, sec)
+    if not key_id or not secret:
+        raise ConfigError(f"[{sec}] access_key_id and secret_access_key must be set (or their _file, or env "
+                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    mode = reader.text(sec, "object_lock_mode", "").upper()
+    if mode not in LOCK_MODES:
+        raise ConfigError(f'[{sec}] object_lock_mode must be "", "GOVERNANCE" or "COMPLIANCE", got {mode!r}')
+    retain_days = reader.whole(sec, "retain_days", 0, minimum=0, maximum=36500)
+    if mode and not retain_days:
+        raise ConfigError(f"[{sec}] retain_days must be > 0 with object_lock_mode = {mode!r}")
+    if retain_days and not mode:
+        raise ConfigError(f'[{sec}] retain_days needs object_lock_mode ("GOVERNANCE" or "COMPLIANCE")')
+    part_size = reader.whole(sec, "part_size", S3Config.part_size, minimum=5 * 1024**2, maximum=5 * 1024**3)
+    return S3Config(
+        endpoint=endpoint,
+        region=reader.text(sec, "region", S3Config.region),
+        bucket=bucket,
+        prefix=prefix,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        object_lock_mode=mode,
+        retain_days=retain_days,
+        legal_hold=reader.flag(sec, "legal_hold", S3Config.legal_hold),
+        multipart_threshold=reader.whole(sec, "multipart_threshold", S3Config.multipart_threshold,
+                                         minimum=part_size, maximum=5 * 1024**3),
+        part_size=part_size,
+        retries=reader.whole(sec, "retries", S3Config.retries, minimum=1, maximum=50),
+        timeout=reader.number(sec, "timeout", S3Config.timeout, minimum=0.1),
+        staging_directory=reader.path(sec, "staging_directory", state.database.parent / "s3-staging"),
+    )
+
+
+def _secret(
+    reader: _Reader, env: dict[str, str], key: str, env_name: str, base_dir: Path, section: str = "api"
+) -> str:
     """A secret from the config key, ``<key>_file`` or the environment (in that order)."""
-    value = reader.text("api", key, "")
-    file_value = reader.text("api", f"{key}_file", "")
+    value = reader.text(section, key, "")
+    file_value = reader.text(section, f"{key}_file", "")
     if value and file_value:
-        raise ConfigError(f"[api] set {key} or {key}_file, not both")
+        raise ConfigError(f"[{section}] set {key} or {key}_file, not both")
     if file_value:
         secret_path = Path(os.path.expandvars(file_value))
         if not secret_path.is_absolute():
@@ -293,9 +397,9 @@ def _secret(reader: _Reader, env: dict[str, str], key: str, env_name: str, base_
         try:
             value = secret_path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"[api] {key}_file: cannot read {secret_path}: {exc.strerror}") from None
+            raise ConfigError(f"[{section}] {key}_file: cannot read {secret_path}: {exc.strerror}") from None
         if not value:
-            raise ConfigError(f"[api] {key}_file: {secret_path} is empty")
+            raise ConfigError(f"[{section}] {key}_file: {secret_path} is empty")
     return value or env.get(env_name, "").strip()
 
 
@@ -328,8 +432,10 @@ def _check_listen(listen: str) -> str:
 
 
 def _holds_secret(data: dict[str, Any]) -> bool:
-    api = data.get("api", {})
-    return isinstance(api, dict) and any(api.get(k) for k in ("accesskey", "token", "password"))
+    api, s3 = data.get("api", {}), data.get("archive.s3", {})
+    return (isinstance(api, dict) and any(api.get(k) for k in ("accesskey", "token", "password"))) or (
+        isinstance(s3, dict) and bool(s3.get("secret_access_key"))
+    )
 
 
 def _world_readable(path: Path) -> bool:
@@ -401,7 +507,8 @@ class _Reader:
         return p if p.is_absolute() else (self.base_dir / p)
 
     def reject_unknown(self) -> None:
-        secret_files = {("api", "accesskey_file"), ("api", "token_file"), ("api", "password_file")}
+        secret_files = {("api", "accesskey_file"), ("api", "token_file"), ("api", "password_file"),
+                        ("archive.s3", "access_key_id_file"), ("archive.s3", "secret_access_key_file")}
         for section, body in self.data.items():
             for key in body:
                 if (section, key) not in self.used and (section, key) not in secret_files:

@@ -1,15 +1,14 @@
-"""One download: signed URL -> storage stream -> a store helper verifies and stores it.
+"""One download: signed URL -> storage stream -> a store helper verifies it -> the destination.
 
 The body streams into memory (or, beyond ``WRITE_BUFFER``, to a temporary file in the
-destination directory); a store helper process (``storepool``) then writes the rest, fsyncs,
-checks and renames it (``store``). Retries of a broken stream or a stale URL happen here.
+destination's staging directory); a store helper process (``storepool``) then writes the rest,
+checks it and, for a directory, fsyncs and renames it (``store``); the destination commits it
+(``destinations``: for a bucket, the upload). Retries of a broken stream or a stale URL happen here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ import structlog
 
 from .client import ApiClient
 from .config import ArchiveConfig
+from .destinations import Destination
 from .errors import LocalStorageError, NotReady, TransientError, VerificationError
-from .inspect import CHUNK, RiffChecker, body_kind, hash_file, inspect_zip, parse_goog_hash
-from .layout import EXTENSIONS, Layout, sidecar_path, temp_path
+from .inspect import CHUNK, body_kind, parse_goog_hash
+from .layout import Layout, temp_path
 from .state import Row
-from .store import Archived, StoreJob, create_exclusive, limits, make_dirs, remove_quietly
+from .store import Archived, Staged, StoreJob, create_exclusive, make_dirs, remove_quietly
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.download")
@@ -33,10 +33,10 @@ TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attem
 WRITE_BUFFER = 1 << 20  # bodies up to this size go to the store helper whole, in memory
 
 
-def remove_temporaries(layout: Layout, row: Row) -> None:
+def remove_temporaries(destination: Destination, row: Row) -> None:
     """Remove what an interrupted download of ``row`` may have left (start-up recovery)."""
     try:
-        directory = layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", ""))
+        directory = destination.staging_directory(row)
     except Exception:  # noqa: BLE001 - a row we cannot place has no temporaries either
         return
     remove_quietly(
@@ -49,36 +49,19 @@ def remove_temporaries(layout: Layout, row: Row) -> None:
 class Downloader:
     """Archives one recording at a time; shared by all workers (it holds no per-call state)."""
 
-    def __init__(self, client: ApiClient, cfg: ArchiveConfig, store: StorePool) -> None:
+    def __init__(self, client: ApiClient, cfg: ArchiveConfig, store: StorePool, destination: Destination) -> None:
         self.client = client
         self.cfg = cfg
         self.store = store
+        self.destination = destination
         self.layout = Layout(cfg.directory, cfg.layout)
-        self.limits = limits(cfg)
         self._made_dirs: set[Path] = set()
-        self._empty_at_start: dict[Path, asyncio.Future[bool]] = {}
 
     def directory(self, row: Row) -> Path:
-        return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "")
+        return self.destination.staging_directory(row)
 
     async def adopt(self, row: Row, directory: Path) -> Archived | None:
-        """A file already under the final name (a crash after the rename, before the database
-        commit; or an archive whose database was lost) is re-verified and adopted, or removed;
-        None when there is none."""
-        if await asyncio.shield(self._started_empty(directory)):  # shared: a cancel must not reach it
-            return None  # the common case: no stat per recording, no thread hop
-        return await asyncio.to_thread(self._adopt_existing, row, directory)
-
-    def _started_empty(self, directory: Path) -> asyncio.Future[bool]:
-        """Whether ``directory`` was missing or empty when this process first looked at it.
-        If so, every file in it is this process's own, already recorded (or to be replaced by
-        the same verified bytes), and there is nothing to adopt. One listing per directory,
-        shared by concurrent callers; a stat per recording on the event loop could wait on the
-        directory's lock while other threads create files in it."""
-        known = self._empty_at_start.get(directory)
-        if known is None:
-            known = self._empty_at_start[directory] = asyncio.ensure_future(asyncio.to_thread(_is_empty, directory))
-        return known
+        return await self.destination.adopt(row, directory)
 
     async def archive(self, row: Row, directory: Path, url: str | None = None) -> Archived:
         """Download (from ``url`` if already resolved), verify and store ``row`` in ``directory``
@@ -113,10 +96,13 @@ class Downloader:
                 row.id, row.raw, row.tm_create, row.tm_end, directory, tmp, body.take(), body.spilled,
                 body.expected_length, body.hashes,
             )
-            archived = await self.store.store(job)
+            stored = await self.store.store(job)
+            archived = await self.destination.commit(job, stored)
         except BaseException:
             await asyncio.to_thread(remove_quietly, tmp, temp_path(directory, row.id, "unpack"))
             raise
+        if isinstance(stored, Staged) and stored.body is not None:  # uploaded: the staged copy goes
+            await asyncio.to_thread(remove_quietly, stored.body)
         if archived.flag:
             (log.error if archived.flag == "damaged" else log.warning)(
                 f"archived_{archived.flag}", recording_id=row.id, members=archived.members, reason=archived.flag_reason
@@ -157,71 +143,6 @@ class Downloader:
                 body.detect_kind()  # fewer than 4 bytes: raises "neither a ZIP nor a WAV"
             raise NotReady("storage answered an empty body")
         return body
-
-    def _adopt_existing(self, row: Row, directory: Path) -> Archived | None:
-        """A final file from an interrupted run (renamed, not yet recorded): re-verify it against
-        its sidecar and structure; keep it if it passes, remove it otherwise. A ``no_audio``
-        sidecar (no body) is adopted as it is. A disk that cannot be read (EIO) is the archive's
-        trouble (``LocalStorageError``), not a reason to distrust and remove the file."""
-        try:
-            return self._adopt_existing_file(row, directory)
-        except OSError as exc:
-            raise LocalStorageError(f"cannot read the archive: {exc.strerror} ({directory})") from None
-
-    def _adopt_existing_file(self, row: Row, directory: Path) -> Archived | None:
-        for ext in EXTENSIONS:
-            final = directory / f"{row.id}.{ext}"
-            side = sidecar_path(final)
-            if final.is_symlink() or side.is_symlink():  # planted: never read or trust through a link
-                log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason="a symlink")
-                remove_quietly(final if final.is_symlink() else side)
-                continue
-            if not final.exists():
-                adopted = self._adopt_no_audio(row, side) if ext == EXTENSIONS[0] else None
-                if adopted is not None:
-                    return adopted
-                continue
-            try:
-                meta = json.loads(side.read_text())["archive"]
-                size, sha = hash_file(final)
-                if size != meta["size"] or sha != meta["sha256"]:
-                    raise VerificationError("differs from its sidecar")
-                if meta.get("flag") != "damaged":  # a damaged body was kept knowing it fails these
-                    if ext == "zip":
-                        inspect_zip(final, self.limits)
-                    else:
-                        _check_wav_file(final)
-            except Exception as exc:  # any doubt means: do not trust it (the disk's errors excepted)
-                if isinstance(exc, LocalStorageError) or (
-                    isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
-                ):
-                    raise  # the disk failed us (EIO), not the file: keep it, pause
-                log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
-                final.unlink(missing_ok=True)
-                continue
-            rel = str(final.relative_to(self.layout.root))
-            log.info("existing_file_adopted", recording_id=row.id, file=rel)
-            return Archived(
-                rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True,
-                flag=meta.get("flag") or "", flag_reason=meta.get("flag_reason") or "",
-            )
-        return None
-
-    def _adopt_no_audio(self, row: Row, side: Path) -> Archived | None:
-        """The sidecar of a recording settled without audio (it has no body of its own)."""
-        try:
-            meta = json.loads(side.read_text())["archive"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not isinstance(meta, dict) or meta.get("state") != "no_audio" or meta.get("file") is not None:
-            return None
-        rel = str(side.relative_to(self.layout.root))
-        log.info("existing_file_adopted", recording_id=row.id, file=rel, state="no_audio")
-        return Archived(
-            rel, int(meta.get("size", 0)), str(meta.get("sha256", "")), meta.get("server_hashes_checked", {}),
-            len(meta.get("members", [])), True, state="no_audio", flag_reason=meta.get("flag_reason") or "",
-        )
-
 
 class _Body:
     """A body on its way to a store helper. Up to ``WRITE_BUFFER`` bytes stay in memory and go
@@ -305,22 +226,3 @@ class _StaleUrl(Exception):
 
 def _opener(path: str, flags: int) -> int:
     return create_exclusive(Path(path))
-
-
-def _is_empty(directory: Path) -> bool:
-    """True if ``directory`` is missing or has no entries (an unreadable one is not empty)."""
-    try:
-        with os.scandir(directory) as entries:
-            return next(entries, None) is None
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False  # let the per-file check find out what is wrong
-
-
-def _check_wav_file(path: Path) -> None:
-    riff = RiffChecker(path.name)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            riff.feed(chunk)
-    riff.finish()

@@ -6,8 +6,9 @@ Each class maps to one outcome, so the worker pool can act on the type alone:
 * ``AuthRefused``        -> the credential (401) or the account (403: frozen, scheduled for
   deletion, no permission) was refused, for every request alike: stop taking work (exit 3 /
   pause), count nothing against any recording.
-* ``LocalStorageError``  -> our disk failed (ENOSPC, EACCES): the recording stays retryable,
-  the process stops (backfill) or pauses (service).
+* ``LocalStorageError``  -> our disk failed (ENOSPC, EACCES), or the bucket is unavailable
+  (``DestinationUnavailable``): the recording stays retryable, the process stops (backfill)
+  or pauses (service).
 * ``RecordingGone``      -> 404: the recording was deleted; state ``skipped``.
 * ``RecordingRefused``   -> 400 for this recording (a malformed id); state ``failed``.
 * ``InvalidRecording``   -> the server sent data we must not act on; state ``failed``.
@@ -39,6 +40,11 @@ class AuthRefused(ArchiverError):
 
 class LocalStorageError(ArchiverError):
     """Writing to the archive directory failed (disk full, permissions, ...)."""
+
+
+class DestinationUnavailable(LocalStorageError):
+    """The bucket cannot be written (unreachable, 5xx after retries, credential refused): like a
+    full disk, not any recording's fault."""
 
 
 class StateLocked(ArchiverError):

@@ -24,6 +24,7 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
+from .destinations import Destination
 from .download import Downloader, remove_temporaries
 from .errors import (
     AuthRefused,
@@ -78,12 +79,13 @@ class RunResult:
 class Engine:
     """One engine per process. ``backfill()`` returns when done; ``serve()`` when ``stop`` is set."""
 
-    def __init__(self, cfg: Config, client: ApiClient, state: StateDB) -> None:
+    def __init__(self, cfg: Config, client: ApiClient, state: StateDB, destination: Destination) -> None:
         self.cfg = cfg
         self.client = client
         self.state = state
+        self.destination = destination
         self.store_pool = StorePool(cfg.archive, cfg.workers.store_processes, state.lock_fds())
-        self.downloader = Downloader(client, cfg.archive, self.store_pool)
+        self.downloader = Downloader(client, cfg.archive, self.store_pool, destination)
         self.workers_cfg = cfg.workers
         # due rows -> resolvers -> (row, signed URL) -> download workers; both queues bounded
         self.queue: asyncio.Queue[Row] = asyncio.Queue(maxsize=cfg.workers.concurrency * 2)
@@ -100,7 +102,7 @@ class Engine:
         self.deadline = float("inf")
         self.metrics = Metrics()
         self.ready = asyncio.Event()  # set once recovered and working (systemd READY=1)
-        self.pruner = Pruner(cfg, client, state) if cfg.retention.delete_from_server else None
+        self.pruner = Pruner(cfg, client, state, destination) if cfg.retention.delete_from_server else None
         self.no_delete = False  # backfill --no-delete: skip deletions for this run
         self._pruning: asyncio.Task[None] | None = None
         self.store_usage: StoreUsage | None = None
@@ -112,7 +114,7 @@ class Engine:
         """Start-up: rows a crash left ``downloading`` become ``pending``, temporaries go."""
         rows = await self.state.recover()
         for row in rows:
-            await asyncio.to_thread(remove_temporaries, self.downloader.layout, row)
+            await asyncio.to_thread(remove_temporaries, self.destination, row)
         if rows:
             log.info("recovered", rows=len(rows), reason="interrupted downloads reset to pending")
 
@@ -351,7 +353,7 @@ class Engine:
         log.error(
             event, reason=redact(reason),
             paused_seconds=round(pause), hint="retrying slowly; nothing is counted against any recording"
-            if auth else "free disk space or fix permissions",
+            if auth else "free disk space or fix permissions (or bring the bucket back)",
         )
 
     # ---- the walk ----------------------------------------------------------------------------

@@ -6,11 +6,13 @@ is ``archived`` complete (and, with ``delete_incomplete``, one kept flagged) is 
 server ``delete_after`` seconds after it was archived, one at a time through the shared token
 bucket, each step recorded so a crash anywhere repeats no deletion and loses no audit line:
 
-1. re-verify the archive copy (``verify.check_archived``: size and SHA-256 of the file against
-   SQLite and the sidecar); a failure never deletes: the recording goes back to ``pending``;
+1. re-verify the archive copy (the destination's ``check``: size and SHA-256 of the file against
+   SQLite and the sidecar; for a bucket, a HEAD of size and checksum); a failure never deletes:
+   the recording goes back to ``pending``;
 2. record the intent in SQLite (``delete_intent_at``);
 3. ``DELETE /recordings/{id}``; a ``404`` means it is already gone (a retry after a crash);
-4. rewrite the sidecar (atomically) with ``server_copy``: when, and the server's request id;
+4. note it beside the archive copy (a directory's sidecar is rewritten atomically with
+   ``server_copy``; a locked bucket's objects are never rewritten, the audit trail says it);
 5. append one line per deletion to ``deletions.jsonl`` beside the database, fsynced per batch;
 6. commit ``server_deleted_at`` and the request id.
 
@@ -33,12 +35,11 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
+from .destinations import Destination
 from .errors import ArchiverError, AuthRefused, LocalStorageError
-from .layout import sidecar_path
 from .logs import redact
 from .state import StateDB
-from .store import fsync_path, write_file_atomic
-from .verify import check_archived
+from .store import fsync_path
 
 log = structlog.get_logger("archiver.retention")
 
@@ -63,11 +64,11 @@ class PruneResult:
 class Pruner:
     """Deletes the server's copy of recordings whose archive copy is safe (see the module doc)."""
 
-    def __init__(self, cfg: Config, client: ApiClient, state: StateDB) -> None:
+    def __init__(self, cfg: Config, client: ApiClient, state: StateDB, destination: Destination) -> None:
         self.cfg = cfg.retention
         self.client = client
         self.state = state
-        self.root = cfg.archive.directory.resolve()
+        self.destination = destination
         self.audit = audit_path(cfg.state.database)
         self._audited: set[str] | None = None  # ids already in the audit file, read once after a crash
 
@@ -116,7 +117,7 @@ class Pruner:
 
     async def _delete(self, row: dict[str, Any], result: PruneResult) -> tuple[str, int] | None:
         """Steps 1-4 for one recording; returns (request id, HTTP status) once deleted."""
-        problems = await asyncio.to_thread(check_archived, self.root, row)
+        problems = await self.destination.check(row)
         if problems:
             result.refused += 1
             reason = "archive copy failed re-verification before deleting the server's copy: " + "; ".join(problems)
@@ -132,7 +133,7 @@ class Pruner:
             result.already_gone += 1
         else:
             result.deleted += 1
-        await asyncio.to_thread(_mark_sidecar, self.root / row["path"], request_id, status)
+        await self.destination.note_server_deleted(row, request_id, status)
         log.info("server_copy_deleted", recording_id=row["id"], http_status=status, request_id=request_id)
         return request_id, status
 
@@ -146,7 +147,7 @@ class Pruner:
             lines.append(json.dumps({
                 "time": datetime.fromtimestamp(now, UTC).isoformat(), "recording_id": row["id"],
                 "sha256": row["sha256"], "size": row["size"], "path": row["path"],
-                "archive": str(self.root), "request_id": request_id, "http_status": status,
+                "archive": self.destination.location(), "request_id": request_id, "http_status": status,
             }, sort_keys=True))
         if lines:
             await asyncio.to_thread(_append_lines, self.audit, lines)
@@ -186,21 +187,6 @@ def _audited_ids(path: Path, wanted: set[str]) -> set[str]:
     except FileNotFoundError:
         pass
     return found
-
-
-def _mark_sidecar(data_file: Path, request_id: str, status: int) -> None:
-    """Record in the sidecar that the server's copy is gone (kept as first written on a retry)."""
-    side = sidecar_path(data_file)
-    try:
-        doc = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise LocalStorageError(f"cannot read the sidecar {side.name}: {exc}") from None
-    if doc.get("server_copy"):
-        return
-    doc["server_copy"] = {"deleted": True, "deleted_at": datetime.now(UTC).isoformat(), "request_id": request_id,
-                          "http_status": status}
-    write_file_atomic(side, json.dumps(doc, indent=2, sort_keys=True).encode())
-    fsync_path(side.parent)
 
 
 @dataclass

@@ -13,13 +13,13 @@ import structlog
 
 from .client import ApiClient
 from .config import Config
+from .destinations import open_destination
 from .expiry import expiry_warning, watch_accesskey
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
 from .retention import Pruner, PruneResult, read_store
 from .state import StateDB, waiting_count
-from .verify import check_archived
 
 log = structlog.get_logger("archiver.service")
 
@@ -49,8 +49,8 @@ async def run_engine(
     try:
         if retry_failed:
             log.info("retry_failed", recordings=await state.retry_failed())
-        async with ApiClient(cfg.api, cfg.workers.concurrency) as client:
-            engine = Engine(cfg, client, state)
+        async with open_destination(cfg.archive) as destination, ApiClient(cfg.api, cfg.workers.concurrency) as client:
+            engine = Engine(cfg, client, state, destination)
             engine.no_delete = no_delete
             _on_signals(engine, notifier)
             if cfg.metrics.listen:
@@ -189,8 +189,8 @@ async def prune(cfg: Config, dry_run: bool) -> PruneResult:
     """``prune``: delete the server's copy of what is due now (``--dry-run``: count it) and exit."""
     state = await StateDB.open(cfg.state.database)
     try:
-        async with ApiClient(cfg.api, cfg.workers.concurrency) as client:
-            pruner = Pruner(cfg, client, state)
+        async with open_destination(cfg.archive) as destination, ApiClient(cfg.api, cfg.workers.concurrency) as client:
+            pruner = Pruner(cfg, client, state, destination)
             if dry_run:
                 return await pruner.dry_run()
             stop = asyncio.Event()
@@ -205,21 +205,22 @@ async def prune(cfg: Config, dry_run: bool) -> PruneResult:
         await state.close()
 
 
-async def verify(cfg: Config) -> tuple[int, list[str], list[str]]:
-    """Re-hash every archived file against SQLite and its sidecar. Returns (checked, problems,
-    ids of the recordings with a problem)."""
+async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[str]]:
+    """Re-check every archived recording against SQLite and its sidecar (a directory: re-hash
+    every file; a bucket: HEAD each object, ``deep`` downloads and re-hashes it). Returns
+    (checked, problems, ids of the recordings with a problem)."""
     state = await StateDB.open(cfg.state.database, readonly=True)
-    root = cfg.archive.directory.resolve()
     checked = 0
     problems: list[str] = []
     bad: list[str] = []
     try:
-        async for row in state.archived():
-            checked += 1
-            found = await asyncio.to_thread(check_archived, root, row)
-            if found:
-                problems.extend(found)
-                bad.append(row["id"])
+        async with open_destination(cfg.archive) as destination:
+            async for row in state.archived():
+                checked += 1
+                found = await destination.check(row, deep)
+                if found:
+                    problems.extend(found)
+                    bad.append(row["id"])
     finally:
         await state.close()
     return checked, problems, bad

@@ -14,6 +14,7 @@ structure is broken although it matches every server hash (flag ``damaged``), or
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -63,6 +64,18 @@ class Archived:
     state: str = "archived"  # or "no_audio"
     flag: str = ""  # "", "incomplete" (fewer files than expected) or "damaged" (broken structure)
     flag_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A verified body for a destination other than a directory (a bucket): nothing was renamed.
+    ``archived`` says what to record once the destination holds it; ``body`` is the staging file
+    of a spilled body (None when the daemon still holds the bytes, and for ``no_audio``)."""
+
+    archived: Archived
+    sidecar: bytes
+    md5: str  # base64 of the body's MD5 (Content-MD5)
+    body: Path | None
 
 
 @dataclass(frozen=True)
@@ -174,11 +187,14 @@ class Store:
         self.cfg = cfg
         self.layout = Layout(cfg.directory, cfg.layout)
         self.limits = limits(cfg)
+        # another destination (a bucket) commits the verified body itself: verify and stage only.
+        # A staged copy needs no fsync (a crash loses it, and the recording is fetched again).
+        self.stage_only = cfg.destination != "directory"
 
-    def store_batch(self, jobs: list[StoreJob]) -> list[Archived | Exception]:
+    def store_batch(self, jobs: list[StoreJob]) -> list[Archived | Staged | Exception]:
         """Store each job, then fsync each directory once for all the renames into it (group
         commit); a job's result is an ``Archived`` only once its rename is durable."""
-        results: list[Archived | Exception] = []
+        results: list[Archived | Staged | Exception] = []
         for job in jobs:
             try:
                 results.append(self.store(job))
@@ -195,9 +211,9 @@ class Store:
                 ]
         return results
 
-    def store(self, job: StoreJob) -> Archived:
+    def store(self, job: StoreJob) -> Archived | Staged:
         """Write the rest of the body, fsync, verify, write the sidecar, rename (no directory
-        fsync); raise an ``archiver.errors`` class otherwise."""
+        fsync), or with ``stage_only`` verify and stage; raise an ``archiver.errors`` class otherwise."""
         digest, source = self._finish(job)  # the bytes are what storage holds (length, hashes)
         unpack_tmp = temp_path(job.directory, job.rec_id, "unpack")
         settled = time.time() >= (job.tm_end or job.tm_create or 0) + self.cfg.settle_window
@@ -246,16 +262,19 @@ class Store:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
         Returns what the checks read: the bytes in memory unless the body spilled to disk."""
         try:  # a spilled body was created by ``create_exclusive`` in the daemon
-            if job.spilled:
-                fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-            else:
-                fd = create_exclusive(job.tmp)
-            try:
-                write_all(fd, job.tail)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            digest = BodyDigest(md5="md5" in job.hashes)  # MD5 only when there is one to compare
+            if job.spilled or not self.stage_only:  # a staged body in memory stays there
+                if job.spilled:
+                    fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                else:
+                    fd = create_exclusive(job.tmp)
+                try:
+                    write_all(fd, job.tail)
+                    if not self.stage_only:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            # MD5 only when there is one to compare, or for a bucket's Content-MD5
+            digest = BodyDigest(md5="md5" in job.hashes or self.stage_only)
             source: BinaryIO
             if job.spilled:
                 source = open(job.tmp, "rb")  # closed by store()
@@ -311,11 +330,13 @@ class Store:
             "archived_at": datetime.now(UTC).isoformat(),
             "archiver": f"voipbin-archiver/{__version__}",
         }
+        if self.stage_only and digest.md5 is not None:  # a bucket's HEAD shows it as the ETag
+            meta["md5"] = base64.b64encode(digest.md5.digest()).decode()
         return json.dumps({"recording": job.raw, "archive": meta}, indent=2, sort_keys=True).encode()
 
     def _commit_no_audio(
         self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], reason: str
-    ) -> Archived:
+    ) -> Archived | Staged:
         """No audio, for good: the sidecar alone is kept (the recording's metadata proves that
         the call was recorded); the served body is described in it, not stored."""
         rel = self.layout.relative(job.rec_id, "zip" if kind == "empty" else kind, job.tm_create, job.ref_type)
@@ -323,25 +344,35 @@ class Store:
         reason = f"{reason}: {NO_AUDIO_CAUSE}"
         data = self._sidecar(job, kind, digest, members, None, "no_audio", "", reason, False)
         try:
-            write_file_atomic(side, data)
+            if not self.stage_only:
+                write_file_atomic(side, data)
         finally:
             remove_quietly(job.tmp)
         checked = {k: job.hashes[k] for k in sorted(job.hashes)}
-        return Archived(
+        archived = Archived(
             str(side.relative_to(self.layout.root)), digest.size, digest.sha256.hexdigest(), checked, len(members),
             state="no_audio", flag_reason=reason,
         )
+        return Staged(archived, data, "", None) if self.stage_only else archived
 
     def _commit(
         self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], unpack_tmp: Path | None,
         flag: str, reason: str,
-    ) -> Archived:
+    ) -> Archived | Staged:
         """Sidecar, then unpacked members (``unpack_tmp``, when unpacking), then the body: each
-        renamed into place only once written and fsynced."""
+        renamed into place only once written and fsynced. With ``stage_only``, handed back."""
         rel = self.layout.relative(job.rec_id, kind, job.tm_create, job.ref_type)
         final = self.layout.path(rel)
         unpack = kind == "zip" and unpack_tmp is not None
         sidecar = self._sidecar(job, kind, digest, members, final.name, "archived", flag, reason, unpack)
+        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
+        if self.stage_only:
+            assert digest.md5 is not None
+            archived = Archived(
+                rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason
+            )
+            md5 = base64.b64encode(digest.md5.digest()).decode()
+            return Staged(archived, sidecar, md5, job.tmp if job.spilled else None)
         try:
             write_file_atomic(sidecar_path(final), sidecar)
             if unpack and unpack_tmp is not None:
@@ -353,7 +384,6 @@ class Store:
             os.replace(job.tmp, final)
         except OSError as exc:
             raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
-        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
         return Archived(
             rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason
         )

@@ -18,7 +18,7 @@ import structlog
 
 from .config import ArchiveConfig
 from .errors import TransientError
-from .store import Archived, StoreJob
+from .store import Archived, Staged, StoreJob
 from .storeproc import LENGTH, frame
 
 log = structlog.get_logger("archiver.storepool")
@@ -34,7 +34,7 @@ class _Helper:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.waiting: dict[int, asyncio.Future[Archived]] = {}
+        self.waiting: dict[int, asyncio.Future[Archived | Staged]] = {}
         self.reader: asyncio.Task[None] | None = None
 
 
@@ -51,13 +51,13 @@ class StorePool:
         self._starting = asyncio.Lock()
         self._closed = False
 
-    async def store(self, job: StoreJob) -> Archived:
+    async def store(self, job: StoreJob) -> Archived | Staged:
         helper = await self._helper()
         if helper.reader is None or helper.reader.done():  # it died while another one started
             raise TransientError("the store helper exited before it was asked")
         self._next_id += 1
         request = self._next_id
-        future: asyncio.Future[Archived] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Archived | Staged] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)  # the caller may have gone (shutdown): no "never retrieved"
         helper.waiting[request] = future
         try:
@@ -142,6 +142,6 @@ class StorePool:
             helper.waiting.clear()
 
 
-def _retrieved(future: asyncio.Future[Archived]) -> None:
+def _retrieved(future: asyncio.Future[Archived | Staged]) -> None:
     if not future.cancelled():
         future.exception()

@@ -25,7 +25,7 @@ from typing import Any
 from .config import ArchiveConfig
 from .errors import ArchiverError
 from .inspect import write_all
-from .store import Archived, Store, StoreJob
+from .store import Archived, Staged, Store, StoreJob
 
 PIPE_SIZE = 1 << 20
 _NONE = object()  # no whole frame yet
@@ -100,9 +100,9 @@ def main() -> None:
             return
 
 
-def _portable(result: Archived | Exception) -> Archived | Exception:
+def _portable(result: Archived | Staged | Exception) -> Archived | Staged | Exception:
     """An error the daemon knows how to handle, or an unexpected one it reports (with our trace)."""
-    if isinstance(result, (Archived, ArchiverError)):
+    if isinstance(result, (Archived, Staged, ArchiverError)):
         return result
     traceback.print_exception(result, file=sys.stderr)
     return RuntimeError(f"in the store helper: {type(result).__name__}: {result}")

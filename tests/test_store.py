@@ -16,7 +16,7 @@ import pytest
 
 from archiver import store as store_module
 from archiver.config import ArchiveConfig
-from archiver.download import _is_empty
+from archiver.destinations.directory import _is_empty
 from archiver.errors import LocalStorageError, StateLocked, TransientError, VerificationError
 from archiver.simulator import make_wav, make_zip
 from archiver.state import StateDB

@@ -1,0 +1,176 @@
+"""The default destination: a directory on a local (or shared) filesystem.
+
+The store helpers write here themselves (``store.Store``: temporary name, fsync, rename, one
+directory fsync per batch), so ``commit`` has nothing left to do. What this module adds is the
+rest of the seam: adopting a file an interrupted run left under its final name, the re-check of
+an archived recording (``verify.check_archived``) and the note in the sidecar once the server's
+copy is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..config import ArchiveConfig
+from ..errors import LocalStorageError, VerificationError
+from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
+from ..layout import EXTENSIONS, Layout, sidecar_path
+from ..state import Row
+from ..store import Archived, Staged, StoreJob, fsync_path, limits, remove_quietly, write_file_atomic
+from ..verify import check_archived
+from . import Destination
+
+log = structlog.get_logger("archiver.destinations.directory")
+
+
+class DirectoryDestination(Destination):
+    """``[archive] directory``, laid out by ``[archive] layout``."""
+
+    kind = "directory"
+
+    def __init__(self, cfg: ArchiveConfig) -> None:
+        self.cfg = cfg
+        self.layout = Layout(cfg.directory, cfg.layout)
+        self.limits = limits(cfg)
+        self._empty_at_start: dict[Path, asyncio.Future[bool]] = {}
+
+    def location(self) -> str:
+        return str(self.layout.root)
+
+    def staging_directory(self, row: Row) -> Path:
+        return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "")
+
+    async def commit(self, job: StoreJob, result: Archived | Staged) -> Archived:
+        assert isinstance(result, Archived), "a directory's helpers store the body themselves"
+        return result
+
+    async def check(self, row: dict[str, Any], deep: bool = False) -> list[str]:
+        """Always the deep check: re-hashing a local file is what ``verify`` is for."""
+        return await asyncio.to_thread(check_archived, self.layout.root, row)
+
+    async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
+        await asyncio.to_thread(_mark_sidecar, self.layout.root / row["path"], request_id, status)
+
+    async def adopt(self, row: Row, staging: Path) -> Archived | None:
+        """A file already under the final name (a crash after the rename, before the database
+        commit; or an archive whose database was lost) is re-verified and adopted, or removed;
+        None when there is none."""
+        if await asyncio.shield(self._started_empty(staging)):  # shared: a cancel must not reach it
+            return None  # the common case: no stat per recording, no thread hop
+        return await asyncio.to_thread(self._adopt_existing, row, staging)
+
+    def _started_empty(self, directory: Path) -> asyncio.Future[bool]:
+        """Whether ``directory`` was missing or empty when this process first looked at it.
+        If so, every file in it is this process's own, already recorded (or to be replaced by
+        the same verified bytes), and there is nothing to adopt. One listing per directory,
+        shared by concurrent callers; a stat per recording on the event loop could wait on the
+        directory's lock while other threads create files in it."""
+        known = self._empty_at_start.get(directory)
+        if known is None:
+            known = self._empty_at_start[directory] = asyncio.ensure_future(asyncio.to_thread(_is_empty, directory))
+        return known
+
+    def _adopt_existing(self, row: Row, directory: Path) -> Archived | None:
+        """A final file from an interrupted run (renamed, not yet recorded): re-verify it against
+        its sidecar and structure; keep it if it passes, remove it otherwise. A ``no_audio``
+        sidecar (no body) is adopted as it is. A disk that cannot be read (EIO) is the archive's
+        trouble (``LocalStorageError``), not a reason to distrust and remove the file."""
+        try:
+            return self._adopt_existing_file(row, directory)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot read the archive: {exc.strerror} ({directory})") from None
+
+    def _adopt_existing_file(self, row: Row, directory: Path) -> Archived | None:
+        for ext in EXTENSIONS:
+            final = directory / f"{row.id}.{ext}"
+            side = sidecar_path(final)
+            if final.is_symlink() or side.is_symlink():  # planted: never read or trust through a link
+                log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason="a symlink")
+                remove_quietly(final if final.is_symlink() else side)
+                continue
+            if not final.exists():
+                adopted = self._adopt_no_audio(row, side) if ext == EXTENSIONS[0] else None
+                if adopted is not None:
+                    return adopted
+                continue
+            try:
+                meta = json.loads(side.read_text())["archive"]
+                size, sha = hash_file(final)
+                if size != meta["size"] or sha != meta["sha256"]:
+                    raise VerificationError("differs from its sidecar")
+                if meta.get("flag") != "damaged":  # a damaged body was kept knowing it fails these
+                    if ext == "zip":
+                        inspect_zip(final, self.limits)
+                    else:
+                        _check_wav_file(final)
+            except Exception as exc:  # any doubt means: do not trust it (the disk's errors excepted)
+                if isinstance(exc, LocalStorageError) or (
+                    isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+                ):
+                    raise  # the disk failed us (EIO), not the file: keep it, pause
+                log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason=str(exc))
+                final.unlink(missing_ok=True)
+                continue
+            rel = str(final.relative_to(self.layout.root))
+            log.info("existing_file_adopted", recording_id=row.id, file=rel)
+            return Archived(
+                rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True,
+                flag=meta.get("flag") or "", flag_reason=meta.get("flag_reason") or "",
+            )
+        return None
+
+    def _adopt_no_audio(self, row: Row, side: Path) -> Archived | None:
+        """The sidecar of a recording settled without audio (it has no body of its own)."""
+        try:
+            meta = json.loads(side.read_text())["archive"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(meta, dict) or meta.get("state") != "no_audio" or meta.get("file") is not None:
+            return None
+        rel = str(side.relative_to(self.layout.root))
+        log.info("existing_file_adopted", recording_id=row.id, file=rel, state="no_audio")
+        return Archived(
+            rel, int(meta.get("size", 0)), str(meta.get("sha256", "")), meta.get("server_hashes_checked", {}),
+            len(meta.get("members", [])), True, state="no_audio", flag_reason=meta.get("flag_reason") or "",
+        )
+
+
+def _is_empty(directory: Path) -> bool:
+    """True if ``directory`` is missing or has no entries (an unreadable one is not empty)."""
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # let the per-file check find out what is wrong
+
+
+def _check_wav_file(path: Path) -> None:
+    riff = RiffChecker(path.name)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            riff.feed(chunk)
+    riff.finish()
+
+
+def _mark_sidecar(data_file: Path, request_id: str, status: int) -> None:
+    """Record in the sidecar that the server's copy is gone (kept as first written on a retry)."""
+    side = sidecar_path(data_file)
+    try:
+        doc = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise LocalStorageError(f"cannot read the sidecar {side.name}: {exc}") from None
+    if doc.get("server_copy"):
+        return
+    doc["server_copy"] = {"deleted": True, "deleted_at": datetime.now(UTC).isoformat(), "request_id": request_id,
+                          "http_status": status}
+    write_file_atomic(side, json.dumps(doc, indent=2, sort_keys=True).encode())
+    fsync_path(side.parent)

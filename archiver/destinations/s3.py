@@ -1,0 +1,493 @@
+"""S3-compatible object storage (AWS, Ceph RGW, MinIO, ...), with Object Lock for WORM archives.
+
+The store helpers verify a body exactly as for a directory, then stage it (``store.Staged``);
+here it is uploaded and only then recorded:
+
+1. HEAD the key. If it already holds our verified copy (an upload whose database commit a
+   crash cut off), it is adopted: no second upload, and no second version on a versioned bucket.
+2. PUT the body (multipart above ``multipart_threshold``, one part in memory at a time) with
+   ``Content-MD5`` on every request (the store checks it) and ``x-amz-checksum-sha256`` (for the
+   stores that check that too), the recording id and SHA-256 in its metadata, and the
+   retention and legal hold configured.
+3. PUT the sidecar ``<id>.json`` beside it, with the same lock.
+4. HEAD the body again: size, ETag (the MD5) and our SHA-256 must show. Only then is the
+   recording ``archived``.
+
+The no-overwrite rule rests on that HEAD, never on ``If-None-Match: *``, which Ceph RGW ignores
+on versioned buckets. Library: aiobotocore (the AWS SDK on aiohttp): per-object retention, legal
+hold, ``Content-MD5`` and checksums on every call, including multipart (README, "Archiving to
+S3", says what else was measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ipaddress
+import json
+from collections.abc import Awaitable
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import structlog
+
+from ..config import ArchiveConfig, S3Config
+from ..errors import ConfigError, DestinationUnavailable, TransientError
+from ..layout import EXTENSIONS, Layout
+from ..logs import register_secret
+from ..state import Row
+from ..store import Archived, Staged, StoreJob
+from . import Destination
+
+log = structlog.get_logger("archiver.destinations.s3")
+
+T = TypeVar("T")
+CHECKSUM_REFUSED = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "BadChecksum", "InvalidChecksum"}
+UNAVAILABLE = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled",
+               "AccountProblem", "ExpiredToken", "InvalidToken", "SlowDown", "ServiceUnavailable"}
+UPLOAD_TRIES = 3  # a body the store refused for its checksum is sent again this often
+READ_CHUNK = 1 << 20
+
+
+class S3Destination(Destination):
+    """``[archive.s3]``: one bucket, keys ``<prefix><layout>``; the sidecar is ``<id>.json`` beside it."""
+
+    kind = "s3"
+
+    def __init__(self, cfg: ArchiveConfig) -> None:
+        assert cfg.s3 is not None
+        self.cfg = cfg
+        self.s3: S3Config = cfg.s3
+        self.layout = Layout(cfg.directory, cfg.layout)  # the root is the staging directory
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._empty_at_start: dict[str, asyncio.Future[bool]] = {}
+        for secret in self.s3.secrets():
+            register_secret(secret)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+        except ImportError:
+            raise ConfigError(
+                '[archive] destination = "s3" needs aiobotocore: pip install "voipbin-archiver[s3]"'
+            ) from None
+        host = urlsplit(self.s3.endpoint).hostname or ""
+        config = AioConfig(
+            region_name=self.s3.region,
+            signature_version="s3v4",
+            # a bucket name is no DNS label on an IP address or localhost
+            s3={"addressing_style": "path" if _is_ip_or_localhost(host) else "auto"},
+            retries={"max_attempts": self.s3.retries, "mode": "standard"},
+            connect_timeout=self.s3.timeout,
+            read_timeout=self.s3.timeout,
+            max_pool_connections=64,
+            # botocore >= 1.36 adds CRC checksums many S3-compatible stores refuse: ours are explicit
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = await self._stack.enter_async_context(get_session().create_client(
+            "s3", endpoint_url=self.s3.endpoint, aws_access_key_id=self.s3.access_key_id,
+            aws_secret_access_key=self.s3.secret_access_key, config=config, verify=True,
+        ))
+        try:
+            await self._check_bucket()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        self._client = None
+        await self._stack.aclose()
+
+    async def _check_bucket(self) -> None:
+        """Refuse to start (exit 2) on a bucket that is missing, refuses us, or lacks the
+        versioning and Object Lock that a configured lock needs."""
+        bucket = self.s3.bucket
+        try:
+            await self._client.head_bucket(Bucket=bucket)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            status, code = _status_code(exc)
+            if status == 404:
+                raise ConfigError(f"[archive.s3] bucket {bucket!r} does not exist at {self.s3.endpoint}") from None
+            if status in (401, 403):
+                raise ConfigError(f"[archive.s3] the store refuses us bucket {bucket!r} ({code or status}): check "
+                                  "access_key_id, secret_access_key and the bucket policy") from None
+            raise self._unavailable("HEAD bucket", bucket, exc) from None
+        if not (self.s3.object_lock_mode or self.s3.legal_hold):
+            return
+        versioning = await self._call(self._client.get_bucket_versioning(Bucket=bucket), "versioning of", bucket)
+        if versioning.get("Status") != "Enabled":
+            raise ConfigError(f"[archive.s3] bucket {bucket!r} has no versioning enabled; Object Lock "
+                              f"(object_lock_mode = {self.s3.object_lock_mode!r}) needs it")
+        try:
+            lock = await self._client.get_object_lock_configuration(Bucket=bucket)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            status, code = _status_code(exc)
+            if status is not None and status < 500:
+                raise ConfigError(
+                    f"[archive.s3] bucket {bucket!r} has no Object Lock ({code or status}); it is enabled when a "
+                    "bucket is created (x-amz-bucket-object-lock-enabled): create a bucket with it, or set "
+                    'object_lock_mode = "" and legal_hold = false'
+                ) from None
+            raise self._unavailable("Object Lock configuration of", bucket, exc) from None
+        if lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+            raise ConfigError(f"[archive.s3] bucket {bucket!r} does not have Object Lock enabled")
+
+    # ---- the seam ----------------------------------------------------------------------------
+
+    def location(self) -> str:
+        return f"s3://{self.s3.bucket}/{self.s3.prefix}"
+
+    def staging_directory(self, row: Row) -> Path:
+        return self.layout.root
+
+    def key(self, rel: str) -> str:
+        return self.s3.prefix + rel
+
+    async def adopt(self, row: Row, staging: Path) -> Archived | None:
+        """What an interrupted run (or a lost database) left in the bucket: a body with its
+        sidecar that agree, or a ``no_audio`` sidecar. One LIST per key prefix first, so a
+        prefix this process found empty costs no HEAD per recording."""
+        ref = row.raw.get("reference_type", "") or ""
+        rels = {ext: self.layout.relative(row.id, ext, row.tm_create, ref) for ext in EXTENSIONS}
+        prefix = self.key(rels["zip"]).rpartition("/")[0] + "/"
+        known = self._empty_at_start.get(prefix)
+        if known is None:
+            known = self._empty_at_start[prefix] = asyncio.ensure_future(self._prefix_empty(prefix))
+        try:
+            if await asyncio.shield(known):  # shared: a cancel must not reach it
+                return None
+        except Exception:
+            if self._empty_at_start.get(prefix) is known:  # the bucket was down: ask again next time
+                del self._empty_at_start[prefix]
+            raise
+        side = await self._get_json(self.key(_sidecar_rel(rels["zip"])))
+        meta = side.get("archive") if isinstance(side, dict) else None
+        if not isinstance(meta, dict):
+            return None  # no sidecar: the download's commit adopts a body that is there
+        if meta.get("state") == "no_audio" and meta.get("file") is None:
+            log.info("existing_object_adopted", recording_id=row.id, key=self.key(_sidecar_rel(rels["zip"])),
+                     state="no_audio")
+            return Archived(_sidecar_rel(rels["zip"]), int(meta.get("size", 0)), str(meta.get("sha256", "")),
+                            meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True,
+                            state="no_audio", flag_reason=meta.get("flag_reason") or "")
+        for ext, rel in rels.items():
+            if meta.get("file") != rel.rpartition("/")[2]:
+                continue
+            head = await self._head(self.key(rel))
+            if head is None or not _holds(head, int(meta.get("size", -1)), str(meta.get("sha256", "")),
+                                          _md5_hex(meta.get("md5"))):
+                return None  # not (all) ours: download, verify and upload it again
+            log.info("existing_object_adopted", recording_id=row.id, key=self.key(rel), kind=ext)
+            return Archived(rel, head["ContentLength"], meta["sha256"], meta.get("server_hashes_checked", {}),
+                            len(meta.get("members", [])), True, flag=meta.get("flag") or "",
+                            flag_reason=meta.get("flag_reason") or "")
+        return None
+
+    async def commit(self, job: StoreJob, result: Archived | Staged) -> Archived:
+        assert isinstance(result, Staged), "a bucket's helpers only verify and stage"
+        archived = result.archived
+        lock = self._lock()
+        if archived.state == "no_audio":  # the sidecar is all there is
+            side_key = self.key(archived.rel_path)
+            existing = await self._head(side_key)
+            if existing is None or existing.get("Metadata", {}).get("sha256") != archived.sha256:
+                await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
+            return archived
+        body_key = self.key(archived.rel_path)
+        side_key = self.key(_sidecar_rel(archived.rel_path))
+        md5_hex = _md5_hex(result.md5)
+        existing = await self._head(body_key)
+        if existing is not None and _holds(existing, archived.size, archived.sha256, md5_hex):
+            # an upload whose commit was cut off: never a second copy (or version) of it
+            side = await self._head(side_key)
+            if side is None or side.get("Metadata", {}).get("sha256") != archived.sha256:
+                await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
+            log.info("existing_object_adopted", recording_id=job.rec_id, key=body_key)
+            return replace(archived, adopted=True)
+        if existing is not None:  # not a verified copy of this recording: it must not stay current
+            log.warning("existing_object_replaced", recording_id=job.rec_id, key=body_key,
+                        size=existing.get("ContentLength"), etag=existing.get("ETag"),
+                        hint="the key held other bytes; on a versioned bucket the old version is kept")
+        expected_etag = await self._upload_body(body_key, job, result, lock)
+        await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
+        head = await self._head(body_key)
+        if head is None or not _holds(head, archived.size, archived.sha256, expected_etag):
+            raise TransientError(f"after the upload, {body_key} does not show our size and checksum "
+                                 f"(HEAD: {_describe(head)}); uploading again")
+        await self._ensure_lock(body_key, head, lock)
+        return archived
+
+    async def _ensure_lock(self, key: str, head: dict[str, Any], lock: dict[str, Any]) -> None:
+        """Set the retention and legal hold the HEAD does not show. Ceph RGW 16 ignores the lock
+        headers of CreateMultipartUpload, so a multipart body arrives unlocked."""
+        version = {"VersionId": head["VersionId"]} if head.get("VersionId") else {}
+        if "ObjectLockMode" in lock and head.get("ObjectLockMode") != lock["ObjectLockMode"]:
+            await self._call(self._client.put_object_retention(
+                Bucket=self.s3.bucket, Key=key, **version,
+                Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]},
+            ), "PUT retention of", key)
+            log.info("object_lock_applied_after_upload", key=key, mode=lock["ObjectLockMode"])
+        if lock.get("ObjectLockLegalHoldStatus") == "ON" and head.get("ObjectLockLegalHoldStatus") != "ON":
+            await self._call(self._client.put_object_legal_hold(
+                Bucket=self.s3.bucket, Key=key, **version, LegalHold={"Status": "ON"},
+            ), "PUT legal hold of", key)
+
+    async def check(self, row: dict[str, Any], deep: bool = False) -> list[str]:
+        """HEAD: size, ETag and our SHA-256 against SQLite and the sidecar; ``deep``: download
+        and re-hash the object."""
+        rel = row["path"]
+        key = self.key(rel)
+        if row["state"] == "no_audio":
+            side = await self._get_json(key)
+            meta = side.get("archive") if isinstance(side, dict) else None
+            if not isinstance(meta, dict):
+                return [f"{key}: sidecar of a recording without audio missing or unreadable"]
+            if (meta.get("state"), meta.get("sha256"), meta.get("size")) != ("no_audio", row["sha256"], row["size"]):
+                return [f"{key}: sidecar disagrees with the database"]
+            return []
+        problems: list[str] = []
+        side_key = self.key(_sidecar_rel(rel))
+        side = await self._get_json(side_key)
+        meta = side.get("archive") if isinstance(side, dict) else None
+        if not isinstance(meta, dict):
+            problems.append(f"{side_key}: sidecar missing or unreadable")
+            meta = {}
+        elif meta.get("sha256") != row["sha256"] or meta.get("size") != row["size"]:
+            problems.append(f"{side_key}: sidecar disagrees with the database")
+        head = await self._head(key)
+        if head is None:
+            return [*problems, f"{key}: missing"]
+        if not _holds(head, row["size"], row["sha256"], _md5_hex(meta.get("md5"))):
+            return [*problems, f"{key}: changed ({_describe(head)}; expected size {row['size']}, "
+                               f"sha256 {row['sha256'][:16]}...)"]
+        if deep:
+            size, sha = await self._hash_object(key)
+            if size != row["size"] or sha != row["sha256"]:
+                problems.append(f"{key}: changed (downloaded: size {size}, sha256 {sha[:16]}..., "
+                                f"expected {row['sha256'][:16]}...)")
+        return problems
+
+    async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
+        """Nothing in the bucket: a locked object is never rewritten (that would be a second
+        version); the deletion audit trail beside the database records it."""
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _lock(self) -> dict[str, Any]:
+        lock: dict[str, Any] = {}
+        if self.s3.object_lock_mode:
+            lock["ObjectLockMode"] = self.s3.object_lock_mode
+            lock["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.s3.retain_days)
+        if self.s3.legal_hold:
+            lock["ObjectLockLegalHoldStatus"] = "ON"
+        return lock
+
+    async def _upload_body(self, key: str, job: StoreJob, staged: Staged, lock: dict[str, Any]) -> str:
+        """PUT (or multipart) the body; returns the ETag the store must then show."""
+        archived = staged.archived
+        if staged.body is not None and archived.size > self.s3.multipart_threshold:
+            return await self._multipart(key, staged.body, job.rec_id, archived.sha256, lock)
+        checksum = _b64_of_hex(archived.sha256)
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            if staged.body is None:
+                sent = await self._put_once(key, job.tail, job.rec_id, archived.sha256, lock, staged.md5, checksum,
+                                            attempt)
+            else:
+                with open(staged.body, "rb") as body:
+                    sent = await self._put_once(key, body, job.rec_id, archived.sha256, lock, staged.md5, checksum,
+                                                attempt)
+            if sent:
+                break
+        return _md5_hex(staged.md5)
+
+    async def _put(self, key: str, data: bytes, rec_id: str, sha256: str, lock: dict[str, Any],
+                   content_type: str) -> None:
+        """PUT a small object (a sidecar); ``sha256`` is the recording's, for its metadata."""
+        md5, sha = _digests(data)
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            if await self._put_once(key, data, rec_id, sha256, lock, base64.b64encode(md5).decode(),
+                                    base64.b64encode(sha).decode(), attempt, content_type):
+                return
+
+    async def _put_once(self, key: str, body: Any, rec_id: str, sha256: str, lock: dict[str, Any], md5: str,
+                        checksum: str, attempt: int, content_type: str = "application/octet-stream") -> bool:
+        """One PUT; False when the store refused its checksum and there are tries left."""
+        try:
+            await self._client.put_object(
+                Bucket=self.s3.bucket, Key=key, Body=body, ContentMD5=md5, ChecksumSHA256=checksum,
+                ContentType=content_type, Metadata={"recording-id": rec_id, "sha256": sha256}, **lock,
+            )
+            return True
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _status_code(exc)[1] in CHECKSUM_REFUSED and attempt < UPLOAD_TRIES:
+                log.warning("upload_checksum_refused", key=key, attempt=attempt, error=_status_code(exc)[1])
+                return False
+            raise self._classify("PUT", key, exc) from None
+
+    async def _multipart(self, key: str, path: Path, rec_id: str, sha256: str, lock: dict[str, Any]) -> str:
+        """One part in memory at a time, each with its own Content-MD5 and SHA-256."""
+        created = await self._call(self._client.create_multipart_upload(
+            Bucket=self.s3.bucket, Key=key, ContentType="application/octet-stream", ChecksumAlgorithm="SHA256",
+            Metadata={"recording-id": rec_id, "sha256": sha256}, **lock,
+        ), "create multipart upload of", key)
+        upload_id = created["UploadId"]
+        parts: list[dict[str, Any]] = []
+        md5s: list[bytes] = []
+        try:
+            with open(path, "rb") as f:
+                while part := await asyncio.to_thread(f.read, self.s3.part_size):
+                    md5, sha = await asyncio.to_thread(_digests, part)
+                    number = len(parts) + 1
+                    for attempt in range(1, UPLOAD_TRIES + 1):
+                        try:
+                            answer = await self._client.upload_part(
+                                Bucket=self.s3.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part,
+                                ContentMD5=base64.b64encode(md5).decode(),
+                                ChecksumSHA256=base64.b64encode(sha).decode(),
+                            )
+                            break
+                        except Exception as exc:  # noqa: BLE001 - classified below
+                            if _status_code(exc)[1] not in CHECKSUM_REFUSED or attempt == UPLOAD_TRIES:
+                                raise self._classify("PUT part of", key, exc) from None
+                    parts.append({"PartNumber": number, "ETag": answer["ETag"],
+                                  "ChecksumSHA256": base64.b64encode(sha).decode()})
+                    md5s.append(md5)
+                    del part
+            await self._call(self._client.complete_multipart_upload(
+                Bucket=self.s3.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+            ), "complete multipart upload of", key)
+        except BaseException:
+            try:  # best effort: a lifecycle rule for incomplete uploads catches what this misses
+                await asyncio.shield(self._client.abort_multipart_upload(
+                    Bucket=self.s3.bucket, Key=key, UploadId=upload_id))
+            except Exception:  # noqa: BLE001
+                log.warning("multipart_abort_failed", key=key)
+            raise
+        return f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+    async def _prefix_empty(self, prefix: str) -> bool:
+        answer = await self._call(self._client.list_objects_v2(Bucket=self.s3.bucket, Prefix=prefix, MaxKeys=1),
+                                  "LIST", prefix)
+        return not answer.get("KeyCount") and not answer.get("Contents")
+
+    async def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return await self._client.head_object(Bucket=self.s3.bucket, Key=key)  # type: ignore[no-any-return]
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _status_code(exc)[0] == 404:
+                return None
+            raise self._classify("HEAD", key, exc) from None
+
+    async def _get_json(self, key: str) -> Any:
+        """A small JSON object (a sidecar), or None when it is missing or not JSON."""
+        try:
+            answer = await self._client.get_object(Bucket=self.s3.bucket, Key=key)
+            async with answer["Body"] as stream:
+                data = await stream.read(1 << 20)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _status_code(exc)[0] == 404:
+                return None
+            raise self._classify("GET", key, exc) from None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
+
+    async def _hash_object(self, key: str) -> tuple[int, str]:
+        try:
+            answer = await self._client.get_object(Bucket=self.s3.bucket, Key=key)
+            sha = hashlib.sha256()
+            size = 0
+            async with answer["Body"] as stream:
+                while chunk := await stream.read(READ_CHUNK):
+                    size += len(chunk)
+                    sha.update(chunk)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            raise self._classify("GET", key, exc) from None
+        return size, sha.hexdigest()
+
+    async def _call(self, request: Awaitable[T], what: str, key: str) -> T:
+        try:
+            return await request
+        except Exception as exc:  # noqa: BLE001 - classified below
+            raise self._classify(what, key, exc) from None
+
+    def _classify(self, what: str, key: str, exc: Exception) -> Exception:
+        """The store's refusal of a request as one of our outcomes (botocore has retried it)."""
+        status, code = _status_code(exc)
+        if status is None or status >= 500 or code in UNAVAILABLE:
+            return self._unavailable(what, key, exc)
+        return TransientError(f"the bucket refused {what} {key}: {code or status}")
+
+    def _unavailable(self, what: str, key: str, exc: Exception) -> DestinationUnavailable:
+        status, code = _status_code(exc)
+        detail = f"{code or status}" if status is not None else type(exc).__name__
+        return DestinationUnavailable(f"cannot write to the bucket {self.s3.bucket!r} at {self.s3.endpoint} "
+                                      f"({what} {key}: {detail}, after {self.s3.retries} tries)")
+
+
+def _status_code(exc: BaseException) -> tuple[int | None, str]:
+    """(HTTP status, S3 error code) of a botocore ClientError; (None, "") for anything else."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None, ""
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = str(response.get("Error", {}).get("Code", ""))
+    return (int(status) if status else None), code
+
+
+def _holds(head: dict[str, Any], size: int, sha256: str, etag: str) -> bool:
+    """Whether a HEAD shows our copy: its size and SHA-256 (our metadata), and its ETag: the
+    body's MD5 for a single PUT, ``md5(part MD5s)-<parts>`` right after a multipart upload."""
+    if head.get("ContentLength") != size or head.get("Metadata", {}).get("sha256") != sha256:
+        return False
+    theirs = str(head.get("ETag", "")).strip('"')
+    if "-" in theirs and "-" not in etag:
+        return True  # a multipart ETag is no MD5 of the whole body: size and SHA-256 only (--deep re-hashes)
+    return not etag or theirs == etag
+
+
+def _describe(head: dict[str, Any] | None) -> str:
+    if head is None:
+        return "missing"
+    return (f"size {head.get('ContentLength')}, ETag {head.get('ETag')}, "
+            f"sha256 {str(head.get('Metadata', {}).get('sha256', '-'))[:16]}")
+
+
+def _sidecar_rel(rel: str) -> str:
+    return rel.rpartition(".")[0] + ".json"
+
+
+def _md5_hex(b64: Any) -> str:
+    try:
+        return base64.b64decode(str(b64), validate=True).hex() if b64 else ""
+    except ValueError:
+        return ""
+
+
+def _b64_of_hex(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _digests(data: bytes) -> tuple[bytes, bytes]:
+    return hashlib.md5(data, usedforsecurity=False).digest(), hashlib.sha256(data).digest()
+
+
+def _is_ip_or_localhost(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True

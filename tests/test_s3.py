@@ -1,0 +1,377 @@
+"""The S3 destination against a real Ceph RADOS Gateway (``tests/rgw.py``): Object Lock, one
+version per key, adoption after a crash, an outage, a corrupted upload, ``verify``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cli_command, cli_env, db_rows, run_cli, wait_until, write_config
+from tests.rgw import RGW, missing_binaries
+
+pytestmark = pytest.mark.s3
+
+botocore_session = pytest.importorskip("botocore.session")
+from botocore.config import Config as BotoConfig  # noqa: E402
+from botocore.exceptions import ClientError  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RGW]:
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Ceph RGW not installed (missing {', '.join(missing)}; apt-get install radosgw ceph-mon ceph-osd)")
+    gateway = RGW(tmp_path_factory.mktemp("rgw")).start()
+    try:
+        yield gateway
+    finally:
+        gateway.close()
+        shutil.rmtree(gateway.dir, ignore_errors=True)
+
+
+class Bucket:
+    """A fresh bucket and a plain (sync) botocore client to look at it from outside."""
+
+    def __init__(self, rgw: RGW, lock: bool, versioning: bool = True) -> None:
+        self.rgw = rgw
+        self.name = f"t-{uuid.uuid4().hex[:16]}"
+        self.client = botocore_session.get_session().create_client(
+            "s3", endpoint_url=rgw.endpoint, region_name="us-east-1", aws_access_key_id=rgw.access_key,
+            aws_secret_access_key=rgw.secret_key, config=BotoConfig(s3={"addressing_style": "path"}),
+        )
+        self.client.create_bucket(Bucket=self.name, **({"ObjectLockEnabledForBucket": True} if lock else {}))
+        if versioning and not lock:
+            self.client.put_bucket_versioning(Bucket=self.name, VersioningConfiguration={"Status": "Enabled"})
+
+    def section(self, **extra: Any) -> dict[str, Any]:
+        return {"endpoint": self.rgw.endpoint, "bucket": self.name, "prefix": "voipbin/",
+                "access_key_id": self.rgw.access_key, "secret_access_key": self.rgw.secret_key,
+                "retries": 2, "timeout": 10, **extra}
+
+    def versions(self) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = {}
+        for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.name):
+            for v in page.get("Versions", []):
+                found.setdefault(v["Key"], []).append(v)
+        return found
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+
+def s3_config(tmp_path: Path, sim: Any, bucket: Bucket, workers: dict[str, Any] | None = None, **s3: Any) -> Path:
+    return write_config(tmp_path, sim, workers=workers or {}, **{"archive": {"directory": None, "destination": "s3"},
+                                                                 "archive.s3": bucket.section(**s3)})
+
+
+def assert_bucket_complete(sim: Any, bucket: Bucket, db: Path) -> None:
+    """Every expected recording archived once: its object byte-identical, one version per key,
+    its sidecar beside it naming the same SHA-256; nothing else in the bucket."""
+    expected = sim.expected_archives()
+    rows = {r[0]: r for r in db_rows(db) if r[1] == "archived"}
+    assert set(rows) == set(expected), f"missing {sorted(set(expected) - set(rows))[:3]}"
+    versions = bucket.versions()
+    doubled = {k: len(v) for k, v in versions.items() if len(v) > 1}
+    assert not doubled, f"keys with more than one version: {list(doubled.items())[:3]}"
+    known = set()
+    for rec_id, body in expected.items():
+        rel, sha = rows[rec_id][2], rows[rec_id][3]
+        key = "voipbin/" + rel
+        assert bucket.get(key) == body, f"{rec_id}: bytes differ"
+        assert sha == hashlib.sha256(body).hexdigest()
+        side_key = key.rpartition(".")[0] + ".json"
+        meta = json.loads(bucket.get(side_key))["archive"]
+        assert meta["sha256"] == sha and meta["size"] == len(body)
+        known |= {key, side_key}
+    assert set(versions) == known, f"objects the database does not know: {sorted(set(versions) - known)[:3]}"
+
+
+async def test_backfill_to_a_compliance_bucket(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=60, audio_bytes=20_000, deleted=2, pending=2, end_after=0.5)
+    cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="COMPLIANCE", retain_days=2, legal_hold=False)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
+    assert result.rc == 0, result
+    db = tmp_path / "state.sqlite3"
+    assert_bucket_complete(sim, bucket, db)
+    assert not (tmp_path / "archive").exists(), "a bucket archive writes no archive directory"
+    staging = tmp_path / "s3-staging"
+    assert not [p for p in staging.rglob("*") if p.is_file()], "staged bodies left behind"
+    rel = db_rows(db, "SELECT path FROM recordings WHERE state = 'archived' LIMIT 1")[0][0]
+    key = "voipbin/" + rel
+    head = bucket.client.head_object(Bucket=bucket.name, Key=key)
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    until = head["ObjectLockRetainUntilDate"]
+    assert datetime.now(UTC) + timedelta(days=1.9) < until < datetime.now(UTC) + timedelta(days=2.1)
+    assert head["Metadata"]["sha256"] == db_rows(db, f"SELECT sha256 FROM recordings WHERE path = '{rel}'")[0][0]
+    side = bucket.client.head_object(Bucket=bucket.name, Key=key.rpartition(".")[0] + ".json")
+    assert side["ObjectLockMode"] == "COMPLIANCE", "the sidecar carries the same lock"
+    version = bucket.versions()[key][0]["VersionId"]
+    with pytest.raises(ClientError) as refused:
+        bucket.client.delete_object(Bucket=bucket.name, Key=key, VersionId=version)
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    assert bucket.get(key), "still there"
+
+    for deep in ((), ("--deep",)):
+        verified = await run_cli("--config", str(cfg), "verify", *deep)
+        assert verified.rc == 0, verified
+        assert "58 archived recordings: 0 problem(s)" in verified.out
+
+    again = await run_cli("--config", str(cfg), "backfill", "--wait", "5")  # nothing new: nothing written
+    assert again.rc == 0, again
+    assert_bucket_complete(sim, bucket, db)
+
+
+async def test_a_lost_database_is_rebuilt_from_the_bucket_without_uploading_again(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=40, audio_bytes=10_000)
+    cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="GOVERNANCE", retain_days=1)
+    assert (first := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, first
+    for name in ("state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    gets = sum(sim.storage_gets.values())
+    second = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert second.rc == 0, second
+    assert sum(sim.storage_gets.values()) == gets, "adopted from the bucket, not downloaded again"
+    assert second.err.count('"existing_object_adopted"') == 40
+    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")
+
+
+async def test_an_upload_whose_commit_was_lost_is_adopted_not_uploaded_again(tmp_path, make_sim, rgw):
+    """Body uploaded, then the crash: no sidecar, no SQLite commit. The rerun downloads and
+    verifies it again, finds our copy under the key (HEAD: size, ETag, SHA-256) and writes only
+    the sidecar: still one version of the body."""
+    bucket = Bucket(rgw, lock=False)
+    sim = await make_sim(recordings=20, audio_bytes=10_000)
+    cfg = s3_config(tmp_path, sim, bucket)
+    assert (first := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, first
+    db = tmp_path / "state.sqlite3"
+    lost = db_rows(db, "SELECT id, path FROM recordings WHERE state = 'archived' LIMIT 5")
+    for _, rel in lost:  # the sidecar never made it, nor the commit
+        side_key = "voipbin/" + rel.rpartition(".")[0] + ".json"
+        for v in bucket.versions()[side_key]:
+            bucket.client.delete_object(Bucket=bucket.name, Key=side_key, VersionId=v["VersionId"])
+    con = sqlite3.connect(db)
+    with con:
+        con.executemany("UPDATE recordings SET state = 'pending', path = NULL, sha256 = NULL, next_attempt_at = 0 "
+                        "WHERE id = ?", [(rec_id,) for rec_id, _ in lost])
+    con.close()
+    second = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert second.rc == 0, second
+    assert second.err.count('"existing_object_adopted"') == 5, second.err[-3000:]
+    assert_bucket_complete(sim, bucket, db)
+
+
+async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=300, latency=0.01, audio_bytes=20_000)
+    cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="COMPLIANCE", retain_days=1)
+    db = tmp_path / "state.sqlite3"
+    for threshold in (30, 120, 210):
+        proc = await asyncio.create_subprocess_exec(
+            *cli_command("--config", str(cfg), "backfill", "--wait", "60"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=cli_env(),
+            start_new_session=True,
+        )
+        try:
+            await wait_until(lambda t=threshold: _archived(db) >= t, 90, f"{threshold} archived")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    final = await run_cli("--config", str(cfg), "backfill", "--wait", "60")
+    assert final.rc == 0, final
+    assert_bucket_complete(sim, bucket, db)
+
+
+async def test_the_gateway_going_away_pauses_the_service_and_loses_nothing(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=False)
+    sim = await make_sim(recordings=150, latency=0.02, audio_bytes=20_000)
+    cfg = s3_config(tmp_path, sim, bucket, workers={"trouble_pause": 1})
+    db = tmp_path / "state.sqlite3"
+    log = tmp_path / "run.log"
+    with open(log, "wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *cli_command("--config", str(cfg), "run"), stdout=asyncio.subprocess.DEVNULL, stderr=err, env=cli_env(),
+        )
+        try:
+            await wait_until(lambda: _archived(db) >= 20, 60, "20 archived")
+            await asyncio.to_thread(rgw.stop_gateway)
+            try:
+                await wait_until(lambda: b'"archive_unwritable"' in log.read_bytes(), 60, "the pause")
+            finally:
+                await asyncio.to_thread(rgw.start_gateway)
+            await wait_until(lambda: _archived(db) == 150, 120, "everything archived after the outage")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert "writable_again" in names
+    assert "failed" not in names and not db_rows(db, "SELECT id FROM recordings WHERE state = 'failed'")
+    pause = next(e for e in events if e["event"] == "archive_unwritable")
+    assert "cannot write to the bucket" in pause["reason"] and rgw.secret_key not in log.read_text()
+    assert_bucket_complete(sim, bucket, db)
+
+
+class CorruptingProxy:
+    """A TCP proxy in front of RGW that flips one byte in the body of the first ``n`` PUTs of
+    a recording body (not a sidecar): what a bad NIC or a broken middlebox does."""
+
+    def __init__(self, upstream_port: int, n: int) -> None:
+        self.upstream_port = upstream_port
+        self.left = n
+        self.corrupted: list[str] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        back = asyncio.create_task(self._pipe(up_reader, writer))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path = lines[0].split(" ")[:2]
+                sizes = [int(h.split(":", 1)[1]) for h in lines[1:] if h.lower().startswith("content-length:")]
+                length = sizes[0] if sizes else 0
+                corrupt = method == "PUT" and length > 0 and not path.split("?")[0].endswith(".json") and self.left > 0
+                if corrupt:
+                    self.left -= 1
+                    self.corrupted.append(path)
+                up_writer.write(head)  # at once: the client may wait for "100 Continue" before its body
+                await up_writer.drain()
+                sent = 0
+                while sent < length:
+                    chunk = bytearray(await reader.read(min(65536, length - sent)))
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(b"", length - sent)
+                    if corrupt and sent <= length // 2 < sent + len(chunk):
+                        chunk[length // 2 - sent] ^= 0x01
+                    up_writer.write(bytes(chunk))
+                    await up_writer.drain()
+                    sent += len(chunk)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            up_writer.close()
+            back.cancel()
+            writer.close()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+
+async def test_a_corrupted_upload_is_refused_by_the_store_and_sent_again(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    proxy = CorruptingProxy(rgw.port, n=3)
+    port = await proxy.start()
+    try:
+        sim = await make_sim(recordings=10, audio_bytes=10_000)
+        cfg = s3_config(tmp_path, sim, bucket, endpoint=f"http://127.0.0.1:{port}",
+                        object_lock_mode="COMPLIANCE", retain_days=1)
+        result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    finally:
+        await proxy.close()
+    assert result.rc == 0, result
+    assert len(proxy.corrupted) == 3
+    assert result.err.count('"upload_checksum_refused"') == 3, result.err[-3000:]
+    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")
+
+
+async def test_a_lock_mode_on_a_bucket_without_object_lock_refuses_to_start(tmp_path, make_sim, rgw):
+    sim = await make_sim(recordings=3)
+    plain = Bucket(rgw, lock=False)
+    cfg = s3_config(tmp_path, sim, plain, object_lock_mode="COMPLIANCE", retain_days=30)
+    result = await run_cli("--config", str(cfg), "backfill")
+    assert result.rc == 2, result
+    assert "has no Object Lock" in result.err and plain.name in result.err
+    unversioned = Bucket(rgw, lock=False, versioning=False)
+    cfg = s3_config(tmp_path, sim, unversioned, object_lock_mode="GOVERNANCE", retain_days=30)
+    result = await run_cli("--config", str(cfg), "backfill")
+    assert result.rc == 2 and "no versioning enabled" in result.err, result
+    cfg = write_config(tmp_path, sim, **{"archive": {"directory": None, "destination": "s3"},
+                                         "archive.s3": plain.section(bucket="no-such-bucket-here")})
+    result = await run_cli("--config", str(cfg), "backfill")
+    assert result.rc == 2 and "does not exist" in result.err, result
+    assert not sim.stats["recordingfiles"], "nothing was downloaded"
+    assert rgw.secret_key not in result.err + result.out
+
+
+async def test_verify_catches_an_object_replaced_out_of_band(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=12, audio_bytes=10_000)
+    cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="GOVERNANCE", retain_days=1)
+    assert (first := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, first
+    rows = db_rows(tmp_path / "state.sqlite3", "SELECT path, sha256 FROM recordings WHERE state = 'archived'")
+    (crude, _), (subtle, sha) = rows[0], rows[1]
+    bucket.client.put_object(Bucket=bucket.name, Key="voipbin/" + crude, Body=b"not the recording")
+    # the same size and our own metadata: only the bytes (the ETag) tell
+    forged = bytearray(bucket.get("voipbin/" + subtle))
+    forged[-1] ^= 0xFF
+    bucket.client.put_object(Bucket=bucket.name, Key="voipbin/" + subtle, Body=bytes(forged),
+                             Metadata={"recording-id": "x", "sha256": sha})
+    for deep in ((), ("--deep",)):
+        result = await run_cli("--config", str(cfg), "verify", *deep)
+        assert result.rc == 1, result
+        assert "2 problem(s)" in result.out, result.out
+        assert crude in result.out and subtle in result.out
+
+    repaired = await run_cli("--config", str(cfg), "verify", "--repair")
+    assert repaired.rc == 0, repaired
+    assert "verified again: 12 archived recordings, 0 problem(s)" in repaired.out
+    assert bucket.get("voipbin/" + subtle) == sim.expected_archives()[_id(subtle)]
+    assert len(bucket.versions()["voipbin/" + subtle]) == 3, "the replaced versions stay (locked), ours is current"
+
+
+async def test_a_large_body_goes_multipart(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=3, audio_bytes=7_500_000)  # about 7.5 MB per ZIP: two 5 MiB parts
+    cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="COMPLIANCE", retain_days=1,
+                    multipart_threshold=5 * 1024**2, part_size=5 * 1024**2)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert result.rc == 0, result
+    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")
+    for key in bucket.versions():
+        if key.endswith(".zip"):
+            head = bucket.client.head_object(Bucket=bucket.name, Key=key)
+            assert head["ETag"].strip('"').endswith("-2"), head["ETag"]
+            assert head["ObjectLockMode"] == "COMPLIANCE"
+    verified = await run_cli("--config", str(cfg), "verify", "--deep")
+    assert verified.rc == 0, verified
+
+
+def _archived(db: Path) -> int:
+    try:
+        return len(db_rows(db, "SELECT id FROM recordings WHERE state = 'archived'"))
+    except sqlite3.Error:
+        return 0
+
+
+def _id(rel: str) -> str:
+    return rel.rpartition("/")[2].partition(".")[0]
