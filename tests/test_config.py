@@ -124,3 +124,46 @@ async def test_world_readable_config_with_a_secret_is_warned_about(tmp_path):
     result = await run_cli("--config", str(path), "status")
     assert "config_world_readable" in result.err
     assert KEY not in result.err + result.out
+
+
+S3 = f'[api]\naccesskey="{KEY}"\n[archive]\ndestination="s3"\n[archive.s3]\nbucket="rec"\n'
+S3_KEYS = 'access_key_id="AKIA0000"\nsecret_access_key="s3cr3t-s3cr3t"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (S3 + S3_KEYS + 'endpoint="http://s3.example.com"\n', "[archive.s3] endpoint: plain http is refused"),
+        (S3 + S3_KEYS + 'endpoint="https://s3.example.com/bucket"\n', "without a path"),
+        (S3, "[archive.s3] access_key_id and secret_access_key must be set"),
+        (S3 + S3_KEYS + 'object_lock_mode="FOREVER"\n', "object_lock_mode must be"),
+        (S3 + S3_KEYS + 'object_lock_mode="COMPLIANCE"\n', "retain_days must be > 0"),
+        (S3 + S3_KEYS + "retain_days=30\n", "retain_days needs object_lock_mode"),
+        (S3 + S3_KEYS + "part_size=1024\n", "[archive.s3] part_size must be >="),
+        (S3 + S3_KEYS + 'prefix="../up"\n', "[archive.s3] prefix must be relative"),
+        (S3 + S3_KEYS + "bogus=1\n", "[archive.s3] unknown key 'bogus'"),
+        (S3.replace('bucket="rec"\n', "") + S3_KEYS, "[archive.s3] bucket must be set"),
+        (S3.replace('destination="s3"\n', 'directory="x"\n') + S3_KEYS, 'destination is not "s3"'),
+        (S3.replace('destination="s3"\n', 'destination="s3"\ndirectory="x"\n') + S3_KEYS, "staging_directory"),
+        (S3.replace('destination="s3"\n', 'destination="s3"\nunpack=true\n') + S3_KEYS, "unpack = true is for"),
+        (S3.replace('"s3"', '"tape"') + S3_KEYS, "[archive] destination must be one of directory, s3"),
+    ],
+)
+def test_invalid_s3_configs_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        _cfg(tmp_path, text)
+    assert message in str(err.value)
+
+
+def test_s3_config_defaults_secrets_from_env_or_file_and_redaction(tmp_path):
+    cfg = _cfg(tmp_path, S3 + 'object_lock_mode="compliance"\nretain_days=2555\nprefix="voipbin"\n',
+               env={"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "from-the-env"})
+    s3 = cfg.archive.s3
+    assert s3 is not None and s3.access_key_id == "AKIAENV" and s3.secret_access_key == "from-the-env"
+    assert s3.object_lock_mode == "COMPLIANCE" and s3.retain_days == 2555 and s3.prefix == "voipbin/"
+    assert s3.multipart_threshold == 64 * 1024**2 and s3.endpoint == "https://s3.amazonaws.com"
+    assert cfg.archive.directory == cfg.state.database.parent / "s3-staging" == s3.staging_directory
+    assert "from-the-env" not in repr(cfg), "secrets stay out of repr (and so out of tracebacks)"
+    (tmp_path / "secret").write_text("from-a-file\n")
+    cfg = _cfg(tmp_path, S3 + 'access_key_id="AKIA1"\nsecret_access_key_file="secret"\n')
+    assert cfg.archive.s3 is not None and cfg.archive.s3.secret_access_key == "from-a-file"
