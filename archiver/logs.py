@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 _QUERY_SECRET_RE = re.compile(
-    r"(?i)((?:accesskey|token|password|x-goog-signature|signature|x-goog-credential)=)[^&\s\"'<>]+"
+    r"(?i)((?:accesskey|token|password|x-goog-signature|signature|x-goog-credential|x-amz-credential|x-amz-security-token)=)[^&\s\"'<>]+"
 )
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _JSON_SECRET_RE = re.compile(r'(?i)("(?:token|password|accesskey)"\s*:\s*")[^"]*"')

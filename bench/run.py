@@ -1,7 +1,7 @@
 """Benchmarks: voipbin-archiver against the bundled simulator, and against aria2c.
 
     python bench/run.py                      # all runs, default sizes
-    python bench/run.py --runs throughput    # one of: throughput, rate, scale (comma-separated)
+    python bench/run.py --runs throughput    # one of: throughput, rate, scale, s3 (comma-separated)
     python bench/run.py --repeat 5           # throughput: 5 alternating runs of each tool, medians
 
 Every figure is a ratio measured in one run on the same machine (ours vs aria2c, ours vs the
@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -126,20 +127,25 @@ def rss_by_quarter(run: dict[str, Any]) -> str:
     return "/".join("-" if mb is None else f"{mb:.0f}" for mb in quarters) + " MB"  # "-": a run too short
 
 
-def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, **workers: float) -> Path:
+def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: dict[str, str] | None = None,
+                 **workers: float) -> Path:
     cfg = directory / "config.toml"
     extra = "".join(f"{k} = {v}\n" for k, v in workers.items())
+    archive = '[archive]\ndirectory = "archive"\n'
+    if s3 is not None:
+        keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in s3.items())
+        archive = f'[archive]\ndestination = "s3"\n[archive.s3]\n{keys}'
     cfg.write_text(
         f'[api]\nbase_url = "{sim.base_url}"\naccesskey = "{sim.accesskey}"\nrequests_per_second = {rps}\n'
-        f'burst = 16\n[archive]\ndirectory = "archive"\n[state]\ndatabase = "state.sqlite3"\n'
+        f'burst = 16\n{archive}[state]\ndatabase = "state.sqlite3"\n'
         f"[workers]\nconcurrency = {concurrency}\n{extra}[logging]\nlevel = \"warning\"\n"
     )
     cfg.chmod(0o600)
     return cfg
 
 
-def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, Any]:
-    cfg = write_config(work, sim, concurrency, rps)
+def backfill(sim: Sim, work: Path, concurrency: int, rps: float, s3: dict[str, str] | None = None) -> dict[str, Any]:
+    cfg = write_config(work, sim, concurrency, rps, s3)
     before = sim.stats()
     result = measured([sys.executable, "-m", "archiver", "--config", str(cfg), "backfill", "--wait", "0"],
                       work, work / "backfill.log")
@@ -147,11 +153,13 @@ def backfill(sim: Sim, work: Path, concurrency: int, rps: float) -> dict[str, An
     result["api_requests"] = after.get("api_requests", 0) - before.get("api_requests", 0)
     result["storage_requests"] = after.get("storage_requests", 0) - before.get("storage_requests", 0)
     result["http_429"] = after.get("http_429", 0) - before.get("http_429", 0)
-    result["bytes"] = sum(p.stat().st_size for p in (work / "archive").rglob("*") if p.suffix in (".zip", ".wav"))
     if result["rc"] != 0:
         raise RuntimeError(f"backfill failed rc={result['rc']}: {(work / 'backfill.log').read_text()[-2000:]}")
+    con = sqlite3.connect(work / "state.sqlite3")
+    stored, result["bytes"] = con.execute(
+        "SELECT count(*), sum(size) FROM recordings WHERE state = 'archived'").fetchone()
+    con.close()
     expected = len(sim.get("/_sim/urls").splitlines())
-    stored = sum(1 for p in (work / "archive").rglob("*") if p.suffix in (".zip", ".wav"))
     if stored != expected:  # a fast run that left recordings behind would be no figure at all
         raise RuntimeError(f"backfill archived {stored} of {expected} recordings")
     return result
@@ -234,6 +242,54 @@ def quiet_filesystem(probe: Path, limit_us: float = 60.0, patience: float = 420.
                   f" {patience:.0f} s for it to drop under {limit_us:.0f} µs", file=sys.stderr, flush=True)
         time.sleep(15)
     return cost
+
+
+def s3_vs_directory(args: argparse.Namespace, root: Path) -> list[str]:
+    """The throughput workload (ZIP) to a local directory and to a COMPLIANCE bucket on a Ceph
+    RGW on this machine, alternating, ``--repeat`` times each, one simulator; medians. RGW's own
+    CPU is not ours (it is a separate process), but it shares the machine's two cores."""
+    sys.path.insert(0, str(REPO))
+    import botocore.session
+    from botocore.config import Config as BotoConfig
+
+    from tests.rgw import RGW
+
+    n, lat, c = args.recordings, args.latency, args.concurrency
+    (root / "rgw").mkdir()
+    rgw = RGW(root / "rgw").start()
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=rgw.endpoint, region_name="us-east-1", aws_access_key_id=rgw.access_key,
+        aws_secret_access_key=rgw.secret_key, config=BotoConfig(s3={"addressing_style": "path"}))
+    sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", "zip")
+    dir_runs: list[dict[str, Any]] = []
+    s3_runs: list[dict[str, Any]] = []
+    try:
+        for i in range(args.repeat):
+            work = root / f"s3-dir-{i}"
+            work.mkdir()
+            dir_runs.append(backfill(sim, work, c, 0))
+            bucket = f"bench-{i}"
+            client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+            work = root / f"s3-s3-{i}"
+            work.mkdir()
+            s3_runs.append(backfill(sim, work, c, 0, s3={
+                "endpoint": rgw.endpoint, "bucket": bucket, "prefix": "voipbin/", "access_key_id": rgw.access_key,
+                "secret_access_key": rgw.secret_key, "object_lock_mode": "COMPLIANCE", "retain_days": 1}))
+    finally:
+        sim.stop()
+        rgw.close()
+    d, o = median_run(dir_runs), median_run(s3_runs)
+    walls = ", ".join(f"{r['wall']:.2f}" for r in s3_runs)
+    dir_walls = ", ".join(f"{r['wall']:.2f}" for r in dir_runs)
+    return [
+        f"| s3 (zip, COMPLIANCE, Ceph RGW 16 memstore) | N={n} L={lat * 1000:.0f}ms C={c}, median of {args.repeat}"
+        f" ({walls} s) | {o['wall']:.2f} s | {n / o['wall']:.0f} rec/s |"
+        f" {1000 * o['cpu'] / n:.2f} CPU-s/1k rec (directory {1000 * d['cpu'] / n:.2f}) |"
+        f" **{o['rss_mb']:.0f} MB** (PSS {o['pss_mb']:.0f}; directory {d['rss_mb']:.0f}) |"
+        f" {(o['api_requests'] + o['storage_requests']) / n:.3f} req/rec (VoIPbin side) |"
+        f" directory {d['wall']:.2f} s ({dir_walls} s): s3/directory = **{o['wall'] / d['wall']:.2f}** wall,"
+        f" {o['cpu'] / d['cpu']:.2f} CPU |"
+    ]
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -339,6 +395,8 @@ def main() -> None:
             lines += rate_limited(args, root)
         if "scale" in runs:
             lines += scale(args, root)
+        if "s3" in runs:
+            lines += s3_vs_directory(args, root)
     header = (
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — {machine()}\n\n"
         f"`python bench/run.py {' '.join(sys.argv[1:])}`\n\n"
