@@ -375,3 +375,29 @@ def _archived(db: Path) -> int:
 
 def _id(rel: str) -> str:
     return rel.rpartition("/")[2].partition(".")[0]
+
+
+async def test_deleting_the_server_copy_re_verifies_the_object_first(tmp_path, make_sim, rgw):
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=5, audio_bytes=5000)
+    cfg = write_config(tmp_path, sim, retention={"delete_from_server": True, "delete_after": 0},
+                       **{"archive": {"directory": None, "destination": "s3"},
+                          "archive.s3": bucket.section(object_lock_mode="GOVERNANCE", retain_days=1)})
+    first = await run_cli("--config", str(cfg), "backfill", "--wait", "10", "--no-delete")
+    assert first.rc == 0, first
+    victim, rel = db_rows(tmp_path / "state.sqlite3", "SELECT id, path FROM recordings WHERE state = 'archived'")[0]
+    forged = bytearray(bucket.get("voipbin/" + rel))
+    forged[len(forged) // 2] ^= 0xFF  # same size, same metadata: only the ETag tells
+    head = bucket.client.head_object(Bucket=bucket.name, Key="voipbin/" + rel)
+    bucket.client.put_object(Bucket=bucket.name, Key="voipbin/" + rel, Body=bytes(forged), Metadata=head["Metadata"])
+    result = await run_cli("--config", str(cfg), "prune")
+    assert result.rc == 1, result
+    assert "server_delete_refused" in result.err
+    assert victim not in sim.deletes and len(sim.deletes) == 4
+    audit = [json.loads(line) for line in (tmp_path / "deletions.jsonl").read_text().splitlines()]
+    assert sorted(a["recording_id"] for a in audit) == sorted(sim.deletes)
+    assert all(a["archive"] == f"s3://{bucket.name}/voipbin/" for a in audit)
+    again = await run_cli("--config", str(cfg), "backfill", "--wait", "5")  # repaired, then deleted
+    assert again.rc == 0, again
+    assert bucket.get("voipbin/" + rel) == sim.expected_archives()[victim]
+    assert set(sim.deletes) == set(sim.recordings) and set(sim.deletes.values()) == {1}
