@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .errors import ConfigError
 
@@ -256,13 +256,7 @@ def build_config(
 
 def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfig:
     base_url = reader.text("api", "base_url", DEFAULT_BASE_URL).rstrip("/")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"[api] base_url must be an https:// URL, got {base_url!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ConfigError("[api] base_url: plain http is refused except on loopback; use https://")
-    if parts.query or parts.username or parts.password:
-        raise ConfigError("[api] base_url must not carry a query string or user info")
+    parts = _check_url("api", "base_url", base_url)
 
     accesskey = _secret(reader, env, "accesskey", "VOIPBIN_ACCESSKEY", base_dir)
     token = _secret(reader, env, "token", "VOIPBIN_TOKEN", base_dir)
@@ -317,6 +311,18 @@ def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfi
     )
 
 
+def _check_url(section: str, key: str, url: str) -> SplitResult:
+    """An https URL (plain http only to loopback) without a query string or user info."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"[{section}] {key} must be an https:// URL, got {url!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError(f"[{section}] {key}: plain http is refused except on loopback; use https://")
+    if parts.query or parts.username or parts.password:
+        raise ConfigError(f"[{section}] {key} must not carry a query string or user info")
+    return parts
+
+
 def _lift_subtable(data: dict[str, Any], section: str, sub: str) -> dict[str, Any]:
     """``[archive.s3]`` arrives as ``data["archive"]["s3"]``; read it as section ``archive.s3``."""
     body = data.get(section)
@@ -334,13 +340,8 @@ LOCK_MODES = ("", "GOVERNANCE", "COMPLIANCE")
 def _build_s3(reader: _Reader, env: dict[str, str], base_dir: Path, state: StateConfig) -> S3Config:
     sec = "archive.s3"
     endpoint = reader.text(sec, "endpoint", S3Config.endpoint).rstrip("/")
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.path not in ("", "/"):
+    if _check_url(sec, "endpoint", endpoint).path not in ("", "/"):
         raise ConfigError(f"[{sec}] endpoint must be an https:// URL without a path, got {endpoint!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ConfigError(f"[{sec}] endpoint: plain http is refused except on loopback; use https://")
-    if parts.query or parts.username or parts.password:
-        raise ConfigError(f"[{sec}] endpoint must not carry a query string or user info")
     bucket = reader.text(sec, "bucket", "")
     if not bucket:
         raise ConfigError(f"[{sec}] bucket must be set")
