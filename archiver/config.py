@@ -72,7 +72,7 @@ class S3Config:
     legal_hold: bool = False
     multipart_threshold: int = 64 * 1024**2  # bodies above this go multipart
     part_size: int = 16 * 1024**2  # S3's minimum part is 5 MiB
-    retries: int = 5  # per request (botocore's "standard" mode), before the destination counts as down
+    retries: int = 5  # tries per request (ours: a PUT is HEAD-checked before a resend), then the bucket is down
     timeout: float = 60.0
     staging_directory: Path = Path("/var/lib/voipbin-archiver/s3-staging")  # bodies over 1 MB in transit
 

@@ -251,8 +251,7 @@ MUTATIONS = {
         "store.py", "        return\n    fsync_path(path.parent)\n", "        return\n",
     ),
     "no fsync of a body before its rename": (
-        "store.py", "                write_all(fd, job.tail)\n                os.fsync(fd)\n",
-        "                write_all(fd, job.tail)\n",
+        "store.py", "                    if not self.stage_only:\n                        os.fsync(fd)\n", "",
     ),
 }
 

@@ -83,7 +83,8 @@ def assert_bucket_complete(sim: Any, bucket: Bucket, db: Path) -> None:
     rows = {r[0]: r for r in db_rows(db) if r[1] == "archived"}
     assert set(rows) == set(expected), f"missing {sorted(set(expected) - set(rows))[:3]}"
     versions = bucket.versions()
-    doubled = {k: len(v) for k, v in versions.items() if len(v) > 1}
+    doubled = {k: [(x["Size"], x["ETag"], x["IsLatest"], str(x["LastModified"])) for x in v]
+               for k, v in versions.items() if len(v) > 1}
     assert not doubled, f"keys with more than one version: {list(doubled.items())[:3]}"
     known = set()
     for rec_id, body in expected.items():
@@ -228,11 +229,14 @@ async def test_the_gateway_going_away_pauses_the_service_and_loses_nothing(tmp_p
 
 class CorruptingProxy:
     """A TCP proxy in front of RGW that flips one byte in the body of the first ``n`` PUTs of
-    a recording body (not a sidecar): what a bad NIC or a broken middlebox does."""
+    a recording body (not a sidecar): what a bad NIC or a broken middlebox does. With
+    ``drop_answer``, it corrupts nothing but swallows those PUTs' answers and resets the
+    connection: the store has the object, the client does not know."""
 
-    def __init__(self, upstream_port: int, n: int) -> None:
+    def __init__(self, upstream_port: int, n: int, drop_answer: bool = False) -> None:
         self.upstream_port = upstream_port
         self.left = n
+        self.drop_answer = drop_answer
         self.corrupted: list[str] = []
         self.server: asyncio.Server | None = None
 
@@ -265,11 +269,17 @@ class CorruptingProxy:
                     chunk = bytearray(await reader.read(min(65536, length - sent)))
                     if not chunk:
                         raise asyncio.IncompleteReadError(b"", length - sent)
-                    if corrupt and sent <= length // 2 < sent + len(chunk):
+                    if corrupt and self.drop_answer and sent + len(chunk) == length:
+                        back.cancel()  # before the last byte: the answer cannot have come yet
+                    elif corrupt and sent <= length // 2 < sent + len(chunk):
                         chunk[length // 2 - sent] ^= 0x01
                     up_writer.write(bytes(chunk))
                     await up_writer.drain()
                     sent += len(chunk)
+                if corrupt and self.drop_answer:
+                    await asyncio.wait_for(up_reader.readuntil(b"\r\n\r\n"), 30)  # stored; the answer goes nowhere
+                    writer.transport.abort()
+                    return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -302,6 +312,25 @@ async def test_a_corrupted_upload_is_refused_by_the_store_and_sent_again(tmp_pat
     assert len(proxy.corrupted) == 3
     assert result.err.count('"upload_checksum_refused"') == 3, result.err[-3000:]
     assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")
+
+
+async def test_a_put_whose_answer_was_lost_is_not_sent_again(tmp_path, make_sim, rgw):
+    """The store wrote the object, the answer never came: a blind resend would be a second
+    version of a locked key. The HEAD before the resend finds our copy instead."""
+    bucket = Bucket(rgw, lock=True)
+    proxy = CorruptingProxy(rgw.port, n=3, drop_answer=True)
+    port = await proxy.start()
+    try:
+        sim = await make_sim(recordings=10, audio_bytes=10_000)
+        cfg = s3_config(tmp_path, sim, bucket, endpoint=f"http://127.0.0.1:{port}",
+                        object_lock_mode="COMPLIANCE", retain_days=1)
+        result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    finally:
+        await proxy.close()
+    assert result.rc == 0, result
+    assert len(proxy.corrupted) == 3
+    assert result.err.count('"bucket_retry"') >= 3, result.err[-3000:]
+    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")  # one version per key
 
 
 async def test_a_lock_mode_on_a_bucket_without_object_lock_refuses_to_start(tmp_path, make_sim, rgw):

@@ -26,12 +26,14 @@ import base64
 import hashlib
 import ipaddress
 import json
-from collections.abc import Awaitable
+import os
+import random
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -46,11 +48,12 @@ from . import Destination
 
 log = structlog.get_logger("archiver.destinations.s3")
 
-T = TypeVar("T")
 CHECKSUM_REFUSED = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "BadChecksum", "InvalidChecksum"}
 UNAVAILABLE = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled",
                "AccountProblem", "ExpiredToken", "InvalidToken", "SlowDown", "ServiceUnavailable"}
+RETRYABLE = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
 UPLOAD_TRIES = 3  # a body the store refused for its checksum is sent again this often
+RETRY_BASE, RETRY_MAX = 0.25, 5.0  # seconds: our backoff between tries of one request
 READ_CHUNK = 1 << 20
 
 
@@ -75,6 +78,7 @@ class S3Destination(Destination):
     async def open(self) -> None:
         try:
             from aiobotocore.config import AioConfig
+            from aiobotocore.httpsession import AIOHTTPSession
             from aiobotocore.session import get_session
         except ImportError:
             raise ConfigError(
@@ -86,13 +90,14 @@ class S3Destination(Destination):
             signature_version="s3v4",
             # a bucket name is no DNS label on an IP address or localhost
             s3={"addressing_style": "path" if _is_ip_or_localhost(host) else "auto"},
-            retries={"max_attempts": self.s3.retries, "mode": "standard"},
+            retries={"total_max_attempts": 1},  # ours, in _call: a PUT must not be resent blindly
             connect_timeout=self.s3.timeout,
             read_timeout=self.s3.timeout,
             max_pool_connections=64,
             # botocore >= 1.36 adds CRC checksums many S3-compatible stores refuse: ours are explicit
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            http_session_cls=_no_blind_resend(AIOHTTPSession),
         )
         self._client = await self._stack.enter_async_context(get_session().create_client(
             "s3", endpoint_url=self.s3.endpoint, aws_access_key_id=self.s3.access_key_id,
@@ -124,7 +129,8 @@ class S3Destination(Destination):
             raise self._unavailable("HEAD bucket", bucket, exc) from None
         if not (self.s3.object_lock_mode or self.s3.legal_hold):
             return
-        versioning = await self._call(self._client.get_bucket_versioning(Bucket=bucket), "versioning of", bucket)
+        versioning = await self._call(lambda: self._client.get_bucket_versioning(Bucket=bucket), "versioning of",
+                                      bucket)
         if versioning.get("Status") != "Enabled":
             raise ConfigError(f"[archive.s3] bucket {bucket!r} has no versioning enabled; Object Lock "
                               f"(object_lock_mode = {self.s3.object_lock_mode!r}) needs it")
@@ -232,13 +238,13 @@ class S3Destination(Destination):
         headers of CreateMultipartUpload, so a multipart body arrives unlocked."""
         version = {"VersionId": head["VersionId"]} if head.get("VersionId") else {}
         if "ObjectLockMode" in lock and head.get("ObjectLockMode") != lock["ObjectLockMode"]:
-            await self._call(self._client.put_object_retention(
+            await self._call(lambda: self._client.put_object_retention(
                 Bucket=self.s3.bucket, Key=key, **version,
                 Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]},
             ), "PUT retention of", key)
             log.info("object_lock_applied_after_upload", key=key, mode=lock["ObjectLockMode"])
         if lock.get("ObjectLockLegalHoldStatus") == "ON" and head.get("ObjectLockLegalHoldStatus") != "ON":
-            await self._call(self._client.put_object_legal_hold(
+            await self._call(lambda: self._client.put_object_legal_hold(
                 Bucket=self.s3.bucket, Key=key, **version, LegalHold={"Status": "ON"},
             ), "PUT legal hold of", key)
 
@@ -297,46 +303,56 @@ class S3Destination(Destination):
         archived = staged.archived
         if staged.body is not None and archived.size > self.s3.multipart_threshold:
             return await self._multipart(key, staged.body, job.rec_id, archived.sha256, lock)
-        checksum = _b64_of_hex(archived.sha256)
-        for attempt in range(1, UPLOAD_TRIES + 1):
-            if staged.body is None:
-                sent = await self._put_once(key, job.tail, job.rec_id, archived.sha256, lock, staged.md5, checksum,
-                                            attempt)
-            else:
-                with open(staged.body, "rb") as body:
-                    sent = await self._put_once(key, body, job.rec_id, archived.sha256, lock, staged.md5, checksum,
-                                                attempt)
-            if sent:
-                break
+        path = staged.body
+        await self._put_object(
+            key, (lambda: job.tail) if path is None else (lambda: open(path, "rb")), archived.size,
+            _md5_hex(staged.md5), job.rec_id, archived.sha256, lock, staged.md5, _b64_of_hex(archived.sha256),
+        )
         return _md5_hex(staged.md5)
 
     async def _put(self, key: str, data: bytes, rec_id: str, sha256: str, lock: dict[str, Any],
                    content_type: str) -> None:
         """PUT a small object (a sidecar); ``sha256`` is the recording's, for its metadata."""
         md5, sha = _digests(data)
-        for attempt in range(1, UPLOAD_TRIES + 1):
-            if await self._put_once(key, data, rec_id, sha256, lock, base64.b64encode(md5).decode(),
-                                    base64.b64encode(sha).decode(), attempt, content_type):
-                return
+        await self._put_object(key, lambda: data, len(data), md5.hex(), rec_id, sha256, lock,
+                               base64.b64encode(md5).decode(), base64.b64encode(sha).decode(), content_type)
 
-    async def _put_once(self, key: str, body: Any, rec_id: str, sha256: str, lock: dict[str, Any], md5: str,
-                        checksum: str, attempt: int, content_type: str = "application/octet-stream") -> bool:
-        """One PUT; False when the store refused its checksum and there are tries left."""
-        try:
-            await self._client.put_object(
-                Bucket=self.s3.bucket, Key=key, Body=body, ContentMD5=md5, ChecksumSHA256=checksum,
-                ContentType=content_type, Metadata={"recording-id": rec_id, "sha256": sha256}, **lock,
-            )
-            return True
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if _status_code(exc)[1] in CHECKSUM_REFUSED and attempt < UPLOAD_TRIES:
-                log.warning("upload_checksum_refused", key=key, attempt=attempt, error=_status_code(exc)[1])
-                return False
-            raise self._classify("PUT", key, exc) from None
+    async def _put_object(
+        self, key: str, body: Callable[[], Any], size: int, etag: str, rec_id: str, sha256: str,
+        lock: dict[str, Any], md5: str, checksum: str, content_type: str = "application/octet-stream",
+    ) -> None:
+        """A PUT is not idempotent on a versioned bucket: an answer lost after the store wrote it
+        (a timeout, a reset) must not become a second version. So before sending it again, a HEAD
+        asks whether our copy is there already. A refused checksum is sent again (``UPLOAD_TRIES``)."""
+
+        async def send() -> None:
+            data = body()
+            try:
+                await self._client.put_object(
+                    Bucket=self.s3.bucket, Key=key, Body=data, ContentMD5=md5, ChecksumSHA256=checksum,
+                    ContentType=content_type, Metadata={"recording-id": rec_id, "sha256": sha256}, **lock,
+                )
+            finally:
+                if hasattr(data, "close"):
+                    data.close()
+
+        async def landed() -> bool:
+            head = await self._head(key)
+            return head is not None and _holds(head, size, sha256, etag)
+
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            try:
+                await self._call(send, "PUT", key, landed=landed)
+                return
+            except _ChecksumRefused as exc:
+                if attempt == UPLOAD_TRIES:
+                    raise TransientError(f"the bucket refused PUT {key}: {exc} ({attempt} times)") from None
+                log.warning("upload_checksum_refused", key=key, attempt=attempt, error=str(exc))
 
     async def _multipart(self, key: str, path: Path, rec_id: str, sha256: str, lock: dict[str, Any]) -> str:
-        """One part in memory at a time, each with its own Content-MD5 and SHA-256."""
-        created = await self._call(self._client.create_multipart_upload(
+        """One part in memory at a time, each with its own Content-MD5 and SHA-256. Parts are
+        idempotent (a part number sent again replaces itself); the upload completes once."""
+        created = await self._call(lambda: self._client.create_multipart_upload(
             Bucket=self.s3.bucket, Key=key, ContentType="application/octet-stream", ChecksumAlgorithm="SHA256",
             Metadata={"recording-id": rec_id, "sha256": sha256}, **lock,
         ), "create multipart upload of", key)
@@ -350,22 +366,27 @@ class S3Destination(Destination):
                     number = len(parts) + 1
                     for attempt in range(1, UPLOAD_TRIES + 1):
                         try:
-                            answer = await self._client.upload_part(
-                                Bucket=self.s3.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part,
-                                ContentMD5=base64.b64encode(md5).decode(),
-                                ChecksumSHA256=base64.b64encode(sha).decode(),
-                            )
+                            answer = await self._call(lambda p=part, n=number, m=md5, h=sha: self._client.upload_part(
+                                Bucket=self.s3.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=p,
+                                ContentMD5=base64.b64encode(m).decode(), ChecksumSHA256=base64.b64encode(h).decode(),
+                            ), "PUT part of", key)
                             break
-                        except Exception as exc:  # noqa: BLE001 - classified below
-                            if _status_code(exc)[1] not in CHECKSUM_REFUSED or attempt == UPLOAD_TRIES:
-                                raise self._classify("PUT part of", key, exc) from None
+                        except _ChecksumRefused as exc:
+                            if attempt == UPLOAD_TRIES:
+                                raise TransientError(f"the bucket refused a part of {key}: {exc}") from None
                     parts.append({"PartNumber": number, "ETag": answer["ETag"],
                                   "ChecksumSHA256": base64.b64encode(sha).decode()})
                     md5s.append(md5)
                     del part
-            await self._call(self._client.complete_multipart_upload(
+            etag = f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+            async def landed() -> bool:
+                head = await self._head(key)
+                return head is not None and _holds(head, os.path.getsize(path), sha256, etag)
+
+            await self._call(lambda: self._client.complete_multipart_upload(
                 Bucket=self.s3.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
-            ), "complete multipart upload of", key)
+            ), "complete multipart upload of", key, landed=landed)
         except BaseException:
             try:  # best effort: a lifecycle rule for incomplete uploads catches what this misses
                 await asyncio.shield(self._client.abort_multipart_upload(
@@ -373,38 +394,33 @@ class S3Destination(Destination):
             except Exception:  # noqa: BLE001
                 log.warning("multipart_abort_failed", key=key)
             raise
-        return f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(parts)}"
+        return etag
 
     async def _prefix_empty(self, prefix: str) -> bool:
-        answer = await self._call(self._client.list_objects_v2(Bucket=self.s3.bucket, Prefix=prefix, MaxKeys=1),
-                                  "LIST", prefix)
+        answer = await self._call(
+            lambda: self._client.list_objects_v2(Bucket=self.s3.bucket, Prefix=prefix, MaxKeys=1), "LIST", prefix)
         return not answer.get("KeyCount") and not answer.get("Contents")
 
     async def _head(self, key: str) -> dict[str, Any] | None:
-        try:
-            return await self._client.head_object(Bucket=self.s3.bucket, Key=key)  # type: ignore[no-any-return]
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if _status_code(exc)[0] == 404:
-                return None
-            raise self._classify("HEAD", key, exc) from None
+        return await self._call(lambda: self._client.head_object(Bucket=self.s3.bucket, Key=key), "HEAD", key,
+                                missing_ok=True)
 
     async def _get_json(self, key: str) -> Any:
         """A small JSON object (a sidecar), or None when it is missing or not JSON."""
-        try:
+
+        async def get() -> bytes:
             answer = await self._client.get_object(Bucket=self.s3.bucket, Key=key)
             async with answer["Body"] as stream:
-                data = await stream.read(1 << 20)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if _status_code(exc)[0] == 404:
-                return None
-            raise self._classify("GET", key, exc) from None
+                return await stream.read(1 << 20)  # type: ignore[no-any-return]
+
+        data = await self._call(get, "GET", key, missing_ok=True)
         try:
-            return json.loads(data)
+            return None if data is None else json.loads(data)
         except ValueError:
             return None
 
     async def _hash_object(self, key: str) -> tuple[int, str]:
-        try:
+        async def get() -> tuple[int, str]:
             answer = await self._client.get_object(Bucket=self.s3.bucket, Key=key)
             sha = hashlib.sha256()
             size = 0
@@ -412,18 +428,38 @@ class S3Destination(Destination):
                 while chunk := await stream.read(READ_CHUNK):
                     size += len(chunk)
                     sha.update(chunk)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            raise self._classify("GET", key, exc) from None
-        return size, sha.hexdigest()
+            return size, sha.hexdigest()
 
-    async def _call(self, request: Awaitable[T], what: str, key: str) -> T:
-        try:
-            return await request
-        except Exception as exc:  # noqa: BLE001 - classified below
-            raise self._classify(what, key, exc) from None
+        return await self._call(get, "GET", key)
+
+    async def _call(
+        self, send: Callable[[], Awaitable[Any]], what: str, key: str, missing_ok: bool = False,
+        landed: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Any:
+        """``send()`` with our retries (botocore's are off: they would resend a PUT whose answer
+        was lost): ``retries`` tries with backoff on a lost answer, a 5xx or ``SlowDown``; with
+        ``landed``, asked before each resend whether the store has it already. ``missing_ok``: a
+        404 is None. Then the failure as one of our outcomes."""
+        for attempt in range(1, self.s3.retries + 1):
+            try:
+                return await send()
+            except Exception as exc:  # noqa: BLE001 - classified below
+                status, code = _status_code(exc)
+                if missing_ok and status == 404:
+                    return None
+                if code in CHECKSUM_REFUSED:
+                    raise _ChecksumRefused(code) from None
+                if not _worth_retrying(status, code) or attempt == self.s3.retries:
+                    raise self._classify(what, key, exc) from None
+                log.info("bucket_retry", request=what, key=key, attempt=attempt, error=code or status or
+                         type(exc).__name__)
+            await asyncio.sleep(min(RETRY_MAX, RETRY_BASE * 2**attempt) * random.uniform(0.5, 1.0))
+            if landed is not None and await landed():
+                return None
+        raise AssertionError("unreachable")
 
     def _classify(self, what: str, key: str, exc: Exception) -> Exception:
-        """The store's refusal of a request as one of our outcomes (botocore has retried it)."""
+        """The store's refusal of a request as one of our outcomes (after our retries)."""
         status, code = _status_code(exc)
         if status is None or status >= 500 or code in UNAVAILABLE:
             return self._unavailable(what, key, exc)
@@ -434,6 +470,29 @@ class S3Destination(Destination):
         detail = f"{code or status}" if status is not None else type(exc).__name__
         return DestinationUnavailable(f"cannot write to the bucket {self.s3.bucket!r} at {self.s3.endpoint} "
                                       f"({what} {key}: {detail}, after {self.s3.retries} tries)")
+
+
+def _no_blind_resend(base: type) -> type:
+    """aiohttp sends an "idempotent" request (PUT included) once more by itself when a kept-alive
+    connection breaks before the answer; on a versioned bucket that is a second version of a key
+    whose first PUT the store had already written (a test with a proxy that swallows answers
+    caught it). Our ``_call`` resends only after a HEAD, so aiohttp must not."""
+
+    class NoBlindResend(base):  # type: ignore[misc, valid-type]
+        async def _get_session(self, proxy_url: Any) -> Any:
+            session = await super()._get_session(proxy_url)
+            session._retry_connection = False  # aiohttp >= 3.10 has no public switch for it
+            return session
+
+    return NoBlindResend
+
+
+class _ChecksumRefused(Exception):
+    """The store refused a request's Content-MD5 or checksum: the bytes changed on the way."""
+
+
+def _worth_retrying(status: int | None, code: str) -> bool:
+    return status is None or status >= 500 or status == 429 or code in RETRYABLE
 
 
 def _status_code(exc: BaseException) -> tuple[int | None, str]:
