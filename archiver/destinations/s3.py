@@ -54,6 +54,7 @@ UNAVAILABLE = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "N
 RETRYABLE = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
 UPLOAD_TRIES = 3  # a body the store refused for its checksum is sent again this often
 RETRY_BASE, RETRY_MAX = 0.25, 5.0  # seconds: our backoff between tries of one request
+HEAD_AFTER_WAITS = (0.25, 0.5, 1.0)  # seconds: a HEAD after the upload that does not show it yet is asked again
 READ_CHUNK = 1 << 20
 
 
@@ -70,6 +71,8 @@ class S3Destination(Destination):
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._empty_at_start: dict[str, asyncio.Future[bool]] = {}
+        self._unsettled: set[str] = set()  # keys whose upload began here and has not been recorded
+        self._written: dict[str, str] = {}  # of those, the ones the store answered 200 for: key -> sha256
         for secret in self.s3.secrets():
             register_secret(secret)
 
@@ -205,20 +208,25 @@ class S3Destination(Destination):
         lock = self._lock()
         if archived.state == "no_audio":  # the sidecar is all there is
             side_key = self.key(archived.rel_path)
-            existing = await self._head(side_key)
+            existing = None if self._surely_absent(side_key) else await self._head(side_key)
             if existing is None or existing.get("Metadata", {}).get("sha256") != archived.sha256:
+                self._unsettled.add(side_key)
                 await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
+            self._settled(side_key)
             return archived
         body_key = self.key(archived.rel_path)
         side_key = self.key(_sidecar_rel(archived.rel_path))
         md5_hex = _md5_hex(result.md5)
-        existing = await self._head(body_key)
+        existing = None if self._surely_absent(body_key) else await self._head(body_key)
+        self._unsettled.add(body_key)
         if existing is not None and _holds(existing, archived.size, archived.sha256, md5_hex):
             # an upload whose commit was cut off: never a second copy (or version) of it
-            side = await self._head(side_key)
-            if side is None or side.get("Metadata", {}).get("sha256") != archived.sha256:
-                await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
+            if self._written.get(side_key) != archived.sha256:  # the store confirmed it: not twice
+                side = await self._head(side_key)
+                if side is None or side.get("Metadata", {}).get("sha256") != archived.sha256:
+                    await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
             log.info("existing_object_adopted", recording_id=job.rec_id, key=body_key)
+            self._settled(body_key, side_key)
             return replace(archived, adopted=True)
         if existing is not None:  # not a verified copy of this recording: it must not stay current
             log.warning("existing_object_replaced", recording_id=job.rec_id, key=body_key,
@@ -226,12 +234,32 @@ class S3Destination(Destination):
                         hint="the key held other bytes; on a versioned bucket the old version is kept")
         expected_etag = await self._upload_body(body_key, job, result, lock)
         await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
-        head = await self._head(body_key)
+        for wait in (*HEAD_AFTER_WAITS, None):  # RGW, just restarted, can show a new version late
+            head = await self._head(body_key)
+            if (head is not None and _holds(head, archived.size, archived.sha256, expected_etag)) or wait is None:
+                break
+            await asyncio.sleep(wait)
         if head is None or not _holds(head, archived.size, archived.sha256, expected_etag):
+            self._written.pop(body_key, None)
             raise TransientError(f"after the upload, {body_key} does not show our size and checksum "
                                  f"(HEAD: {_describe(head)}); uploading again")
         await self._ensure_lock(body_key, head, lock)
+        self._settled(body_key, side_key)
         return archived
+
+    def _settled(self, *keys: str) -> None:
+        for key in keys:
+            self._unsettled.discard(key)
+            self._written.pop(key, None)
+
+    def _surely_absent(self, key: str) -> bool:
+        """The check before a write, made once per key prefix: a prefix that was empty when this
+        process first listed it holds only what this process wrote, and a key whose upload
+        began here and was not recorded is HEADed again. Saves one HEAD of four per recording
+        (README, Benchmarks). Like the directory's, it assumes one writer per prefix."""
+        known = self._empty_at_start.get(key.rpartition("/")[0] + "/")
+        return (known is not None and known.done() and not known.cancelled() and known.exception() is None
+                and known.result() and key not in self._unsettled)
 
     async def _ensure_lock(self, key: str, head: dict[str, Any], lock: dict[str, Any]) -> None:
         """Set the retention and legal hold the HEAD does not show. Ceph RGW 16 ignores the lock
@@ -343,6 +371,7 @@ class S3Destination(Destination):
         for attempt in range(1, UPLOAD_TRIES + 1):
             try:
                 await self._call(send, "PUT", key, landed=landed)
+                self._written[key] = sha256
                 return
             except _ChecksumRefused as exc:
                 if attempt == UPLOAD_TRIES:
