@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.voipbin.net/v1.0"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{id}.{ext}"
+STAGING_DIRECTORY = "s3-staging"  # [archive.s3] staging_directory: this, beside the state database
 LAYOUT_FIELDS = {"year", "month", "day", "hour", "id", "ext", "reference_type"}
 
 
@@ -58,29 +59,6 @@ class ApiConfig:
         return [s for s in (self.accesskey, self.token, self.password) if s]
 
 @dataclass(frozen=True)
-class S3Config:
-    """``[archive.s3]``: the bucket a ``destination = "s3"`` archive goes to."""
-
-    endpoint: str = "https://s3.amazonaws.com"
-    region: str = "us-east-1"
-    bucket: str = ""
-    prefix: str = ""  # then the layout template
-    access_key_id: str = field(default="", repr=False)
-    secret_access_key: str = field(default="", repr=False)
-    object_lock_mode: str = ""  # "", "GOVERNANCE" or "COMPLIANCE"
-    retain_days: int = 0  # with a lock mode: retain-until = archive time + retain_days
-    legal_hold: bool = False
-    multipart_threshold: int = 64 * 1024**2  # bodies above this go multipart
-    part_size: int = 16 * 1024**2  # S3's minimum part is 5 MiB
-    retries: int = 5  # tries per request (ours: a PUT is HEAD-checked before a resend), then the bucket is down
-    timeout: float = 60.0
-    staging_directory: Path = Path("/var/lib/voipbin-archiver/s3-staging")  # bodies over 1 MB in transit
-
-    def secrets(self) -> list[str]:
-        return [s for s in (self.access_key_id, self.secret_access_key) if s]
-
-
-@dataclass(frozen=True)
 class ArchiveConfig:
     destination: str = "directory"  # or "s3"
     s3: S3Config | None = None  # with destination = "s3"
@@ -97,6 +75,29 @@ class ArchiveConfig:
 @dataclass(frozen=True)
 class StateConfig:
     database: Path = Path("/var/lib/voipbin-archiver/state.sqlite3")
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """``[archive.s3]``: the bucket a ``destination = "s3"`` archive goes to."""
+
+    endpoint: str = "https://s3.amazonaws.com"
+    region: str = "us-east-1"
+    bucket: str = ""
+    prefix: str = ""  # then the layout template
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+    object_lock_mode: str = ""  # "", "GOVERNANCE" or "COMPLIANCE"
+    retain_days: int = 0  # with a lock mode: retain-until = archive time + retain_days
+    legal_hold: bool = False
+    multipart_threshold: int = 64 * 1024**2  # bodies above this go multipart
+    part_size: int = 16 * 1024**2  # S3's minimum part is 5 MiB
+    retries: int = 5  # tries per request (ours: a PUT is HEAD-checked before a resend), then the bucket is down
+    timeout: float = 60.0
+    staging_directory: Path = StateConfig.database.parent / STAGING_DIRECTORY  # bodies over 1 MB in transit
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.access_key_id, self.secret_access_key) if s]
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ def _build_s3(reader: _Reader, env: dict[str, str], base_dir: Path, state: State
         part_size=part_size,
         retries=reader.whole(sec, "retries", S3Config.retries, minimum=1, maximum=50),
         timeout=reader.number(sec, "timeout", S3Config.timeout, minimum=0.1),
-        staging_directory=reader.path(sec, "staging_directory", state.database.parent / "s3-staging"),
+        staging_directory=reader.path(sec, "staging_directory", state.database.parent / STAGING_DIRECTORY),
     )
 
 

@@ -297,9 +297,8 @@ class CorruptingProxy:
             pass
 
 
-async def test_a_corrupted_upload_is_refused_by_the_store_and_sent_again(tmp_path, make_sim, rgw):
-    bucket = Bucket(rgw, lock=True)
-    proxy = CorruptingProxy(rgw.port, n=3)
+async def _backfill_through(proxy: CorruptingProxy, tmp_path: Path, make_sim: Any, bucket: Bucket) -> Any:
+    """A backfill of 10 recordings to ``bucket`` with ``proxy`` between us and the gateway."""
     port = await proxy.start()
     try:
         sim = await make_sim(recordings=10, audio_bytes=10_000)
@@ -310,27 +309,21 @@ async def test_a_corrupted_upload_is_refused_by_the_store_and_sent_again(tmp_pat
         await proxy.close()
     assert result.rc == 0, result
     assert len(proxy.corrupted) == 3
+    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")  # one version per key
+    return result
+
+
+async def test_a_corrupted_upload_is_refused_by_the_store_and_sent_again(tmp_path, make_sim, rgw):
+    result = await _backfill_through(CorruptingProxy(rgw.port, n=3), tmp_path, make_sim, Bucket(rgw, lock=True))
     assert result.err.count('"upload_checksum_refused"') == 3, result.err[-3000:]
-    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")
 
 
 async def test_a_put_whose_answer_was_lost_is_not_sent_again(tmp_path, make_sim, rgw):
     """The store wrote the object, the answer never came: a blind resend would be a second
     version of a locked key. The HEAD before the resend finds our copy instead."""
-    bucket = Bucket(rgw, lock=True)
     proxy = CorruptingProxy(rgw.port, n=3, drop_answer=True)
-    port = await proxy.start()
-    try:
-        sim = await make_sim(recordings=10, audio_bytes=10_000)
-        cfg = s3_config(tmp_path, sim, bucket, endpoint=f"http://127.0.0.1:{port}",
-                        object_lock_mode="COMPLIANCE", retain_days=1)
-        result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
-    finally:
-        await proxy.close()
-    assert result.rc == 0, result
-    assert len(proxy.corrupted) == 3
+    result = await _backfill_through(proxy, tmp_path, make_sim, Bucket(rgw, lock=True))
     assert result.err.count('"bucket_retry"') >= 3, result.err[-3000:]
-    assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")  # one version per key
 
 
 async def test_a_lock_mode_on_a_bucket_without_object_lock_refuses_to_start(tmp_path, make_sim, rgw):

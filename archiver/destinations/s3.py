@@ -26,7 +26,6 @@ import base64
 import hashlib
 import ipaddress
 import json
-import os
 import random
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -44,6 +43,7 @@ from ..layout import EXTENSIONS, Layout
 from ..logs import register_secret
 from ..state import Row
 from ..store import Archived, Staged, StoreJob
+from ..verify import sidecar_agrees
 from . import Destination
 
 log = structlog.get_logger("archiver.destinations.s3")
@@ -179,9 +179,8 @@ class S3Destination(Destination):
             if self._empty_at_start.get(prefix) is known:  # the bucket was down: ask again next time
                 del self._empty_at_start[prefix]
             raise
-        side = await self._get_json(self.key(_sidecar_rel(rels["zip"])))
-        meta = side.get("archive") if isinstance(side, dict) else None
-        if not isinstance(meta, dict):
+        meta = await self._sidecar_meta(self.key(_sidecar_rel(rels["zip"])))
+        if meta is None:
             return None  # no sidecar: the download's commit adopts a body that is there
         if meta.get("state") == "no_audio" and meta.get("file") is None:
             log.info("existing_object_adopted", recording_id=row.id, key=self.key(_sidecar_rel(rels["zip"])),
@@ -282,21 +281,17 @@ class S3Destination(Destination):
         rel = row["path"]
         key = self.key(rel)
         if row["state"] == "no_audio":
-            side = await self._get_json(key)
-            meta = side.get("archive") if isinstance(side, dict) else None
-            if not isinstance(meta, dict):
+            meta = await self._sidecar_meta(key)
+            if meta is None:
                 return [f"{key}: sidecar of a recording without audio missing or unreadable"]
-            if (meta.get("state"), meta.get("sha256"), meta.get("size")) != ("no_audio", row["sha256"], row["size"]):
-                return [f"{key}: sidecar disagrees with the database"]
-            return []
+            return [] if sidecar_agrees(meta, row) else [f"{key}: sidecar disagrees with the database"]
         problems: list[str] = []
         side_key = self.key(_sidecar_rel(rel))
-        side = await self._get_json(side_key)
-        meta = side.get("archive") if isinstance(side, dict) else None
-        if not isinstance(meta, dict):
+        meta = await self._sidecar_meta(side_key)
+        if meta is None:
             problems.append(f"{side_key}: sidecar missing or unreadable")
             meta = {}
-        elif meta.get("sha256") != row["sha256"] or meta.get("size") != row["size"]:
+        elif not sidecar_agrees(meta, row):
             problems.append(f"{side_key}: sidecar disagrees with the database")
         head = await self._head(key)
         if head is None:
@@ -330,7 +325,7 @@ class S3Destination(Destination):
         """PUT (or multipart) the body; returns the ETag the store must then show."""
         archived = staged.archived
         if staged.body is not None and archived.size > self.s3.multipart_threshold:
-            return await self._multipart(key, staged.body, job.rec_id, archived.sha256, lock)
+            return await self._multipart(key, staged.body, archived.size, job.rec_id, archived.sha256, lock)
         path = staged.body
         await self._put_object(
             key, (lambda: job.tail) if path is None else (lambda: open(path, "rb")), archived.size,
@@ -378,7 +373,9 @@ class S3Destination(Destination):
                     raise TransientError(f"the bucket refused PUT {key}: {exc} ({attempt} times)") from None
                 log.warning("upload_checksum_refused", key=key, attempt=attempt, error=str(exc))
 
-    async def _multipart(self, key: str, path: Path, rec_id: str, sha256: str, lock: dict[str, Any]) -> str:
+    async def _multipart(
+        self, key: str, path: Path, size: int, rec_id: str, sha256: str, lock: dict[str, Any]
+    ) -> str:
         """One part in memory at a time, each with its own Content-MD5 and SHA-256. Parts are
         idempotent (a part number sent again replaces itself); the upload completes once."""
         created = await self._call(lambda: self._client.create_multipart_upload(
@@ -411,7 +408,7 @@ class S3Destination(Destination):
 
             async def landed() -> bool:
                 head = await self._head(key)
-                return head is not None and _holds(head, os.path.getsize(path), sha256, etag)
+                return head is not None and _holds(head, size, sha256, etag)
 
             await self._call(lambda: self._client.complete_multipart_upload(
                 Bucket=self.s3.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
@@ -447,6 +444,12 @@ class S3Destination(Destination):
             return None if data is None else json.loads(data)
         except ValueError:
             return None
+
+    async def _sidecar_meta(self, key: str) -> dict[str, Any] | None:
+        """The ``archive`` part of the sidecar at ``key``, or None when missing or not one."""
+        side = await self._get_json(key)
+        meta = side.get("archive") if isinstance(side, dict) else None
+        return meta if isinstance(meta, dict) else None
 
     async def _hash_object(self, key: str) -> tuple[int, str]:
         async def get() -> tuple[int, str]:
