@@ -95,12 +95,17 @@ rgw thread pool size = 64
 """)
 
     def _run(self, *args: str, timeout: float = 60) -> str:
-        out = subprocess.run(
-            [*args, "-c", str(self.conf)], capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if out.returncode:
-            raise RuntimeError(f"{' '.join(args)} exited {out.returncode}: {out.stderr[-2000:]}")
-        return out.stdout
+        deadline = time.monotonic() + timeout
+        while True:
+            out = subprocess.run(
+                [*args, "-c", str(self.conf)], capture_output=True, text=True, timeout=timeout, check=False
+            )
+            if not out.returncode:
+                return out.stdout
+            # a monitor just started, on a loaded machine, can refuse the first commands so
+            if "problem getting command descriptions" not in out.stderr or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(args)} exited {out.returncode}: {out.stderr[-2000:]}")
+            time.sleep(0.5)
 
     def _daemon(self, name: str, *args: str) -> None:
         log = open(self.dir / "log" / f"{name}.stderr", "ab")  # kept open for the process's life

@@ -207,7 +207,7 @@ class S3Destination(Destination):
         lock = self._lock()
         if archived.state == "no_audio":  # the sidecar is all there is
             side_key = self.key(archived.rel_path)
-            existing = None if self._surely_absent(side_key) else await self._head(side_key)
+            existing = None if self._surely_absent(side_key) else await self._look(side_key)
             if existing is None or existing.get("Metadata", {}).get("sha256") != archived.sha256:
                 self._unsettled.add(side_key)
                 await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
@@ -216,12 +216,12 @@ class S3Destination(Destination):
         body_key = self.key(archived.rel_path)
         side_key = self.key(_sidecar_rel(archived.rel_path))
         md5_hex = _md5_hex(result.md5)
-        existing = None if self._surely_absent(body_key) else await self._head(body_key)
-        self._unsettled.add(body_key)
+        existing = None if self._surely_absent(body_key) else await self._look(body_key, archived.size, md5_hex)
+        self._unsettled.update((body_key, side_key))
         if existing is not None and _holds(existing, archived.size, archived.sha256, md5_hex):
             # an upload whose commit was cut off: never a second copy (or version) of it
             if self._written.get(side_key) != archived.sha256:  # the store confirmed it: not twice
-                side = await self._head(side_key)
+                side = await self._look(side_key)
                 if side is None or side.get("Metadata", {}).get("sha256") != archived.sha256:
                     await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
             log.info("existing_object_adopted", recording_id=job.rec_id, key=body_key)
@@ -360,7 +360,7 @@ class S3Destination(Destination):
                     data.close()
 
         async def landed() -> bool:
-            head = await self._head(key)
+            head = await self._head_after_doubt(key, size, etag)
             return head is not None and _holds(head, size, sha256, etag)
 
         for attempt in range(1, UPLOAD_TRIES + 1):
@@ -407,7 +407,7 @@ class S3Destination(Destination):
             etag = f"{hashlib.md5(b''.join(md5s), usedforsecurity=False).hexdigest()}-{len(parts)}"
 
             async def landed() -> bool:
-                head = await self._head(key)
+                head = await self._head_after_doubt(key, size, etag)
                 return head is not None and _holds(head, size, sha256, etag)
 
             await self._call(lambda: self._client.complete_multipart_upload(
@@ -430,6 +430,42 @@ class S3Destination(Destination):
     async def _head(self, key: str) -> dict[str, Any] | None:
         return await self._call(lambda: self._client.head_object(Bucket=self.s3.bucket, Key=key), "HEAD", key,
                                 missing_ok=True)
+
+    async def _look(self, key: str, size: int | None = None, etag: str = "") -> dict[str, Any] | None:
+        """The HEAD before a write: after a doubt when an earlier attempt of ours began writing it."""
+        return await (self._head_after_doubt(key, size, etag) if key in self._unsettled else self._head(key))
+
+    async def _head_after_doubt(self, key: str, size: int | None = None, etag: str = "") -> dict[str, Any] | None:
+        """HEAD of a key an earlier request of ours may have written, after a listing of its
+        versions. A gateway that dies between writing an object and committing it to the bucket
+        index leaves the version pending: a HEAD does not show it, a listing resolves it (Ceph
+        RGW's "dir suggest"). Without that LIST, six gateway kills made a second version in one
+        run of four. One that dies after the commit and before the version is made current leaves
+        a version no HEAD or GET sees: the key must be written again, and the version left
+        behind (same bytes) is logged as ``unlinked_version_found``."""
+        listed = await self._call(lambda: self._list_versions(key), "LIST versions of", key)
+        head = await self._head(key)
+        current = None if head is None else (head.get("VersionId"), str(head.get("ETag", "")).strip('"'))
+        for version in listed:
+            theirs = (version.get("VersionId"), str(version.get("ETag", "")).strip('"'))
+            if theirs != current and (size is None or (version.get("Size") == size and theirs[1] == etag)):
+                log.warning("unlinked_version_found", key=key, version_id=theirs[0], size=version.get("Size"),
+                            etag=theirs[1], current=_describe(head),
+                            hint="not the key's current version: left by a request cut off earlier "
+                                 "(a gateway that died), or an older copy; the key is written again")
+        return head
+
+    async def _list_versions(self, key: str) -> list[dict[str, Any]]:
+        """The versions of exactly ``key`` (a plain LIST, which resolves pending entries too,
+        where ``s3:ListBucketVersions`` is not granted)."""
+        try:
+            answer = await self._client.list_object_versions(Bucket=self.s3.bucket, Prefix=key, MaxKeys=100)
+        except Exception as exc:  # classified by _call, unless it is the permission
+            if _status_code(exc)[0] != 403:
+                raise
+            answer = await self._client.list_objects_v2(Bucket=self.s3.bucket, Prefix=key, MaxKeys=100)
+            return []
+        return [v for v in answer.get("Versions", []) if v.get("Key") == key]
 
     async def _get_json(self, key: str) -> Any:
         """A small JSON object (a sidecar), or None when it is missing or not JSON."""
