@@ -310,9 +310,13 @@ class CorruptingProxy:
             pass
 
 
-async def _backfill_through(proxy: CorruptingProxy, tmp_path: Path, make_sim: Any, bucket: Bucket) -> Any:
-    """A backfill of 10 recordings to ``bucket`` with ``proxy`` between us and the gateway."""
+async def _backfill_through(proxy: CorruptingProxy, tmp_path: Path, make_sim: Any, bucket: Bucket,
+                            policy: dict[str, Any] | None = None) -> Any:
+    """A backfill of 10 recordings to ``bucket`` with ``proxy`` between us and the gateway (and
+    ``policy`` as the bucket's policy meanwhile)."""
     port = await proxy.start()
+    if policy is not None:
+        bucket.client.put_bucket_policy(Bucket=bucket.name, Policy=json.dumps(policy))
     try:
         sim = await make_sim(recordings=10, audio_bytes=10_000)
         cfg = s3_config(tmp_path, sim, bucket, endpoint=f"http://127.0.0.1:{port}",
@@ -320,6 +324,8 @@ async def _backfill_through(proxy: CorruptingProxy, tmp_path: Path, make_sim: An
         result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
     finally:
         await proxy.close()
+        if policy is not None:
+            bucket.client.delete_bucket_policy(Bucket=bucket.name)
     assert result.rc == 0, result
     assert len(proxy.corrupted) == 3
     assert_bucket_complete(sim, bucket, tmp_path / "state.sqlite3")  # one version per key
@@ -337,6 +343,17 @@ async def test_a_put_whose_answer_was_lost_is_not_sent_again(tmp_path, make_sim,
     proxy = CorruptingProxy(rgw.port, n=3, drop_answer=True)
     result = await _backfill_through(proxy, tmp_path, make_sim, Bucket(rgw, lock=True))
     assert result.err.count('"bucket_retry"') >= 3, result.err[-3000:]
+
+
+async def test_a_lost_answer_without_the_versions_listing_permission(tmp_path, make_sim, rgw):
+    """Where ``s3:ListBucketVersions`` is not granted, the check before a resend falls back to
+    a plain LIST: no pause, no second version."""
+    bucket = Bucket(rgw, lock=True)
+    deny = {"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action":
+            "s3:ListBucketVersions", "Resource": f"arn:aws:s3:::{bucket.name}"}]}
+    result = await _backfill_through(CorruptingProxy(rgw.port, n=3, drop_answer=True), tmp_path, make_sim, bucket,
+                                     policy=deny)
+    assert result.err.count('"bucket_retry"') >= 3 and '"archive_unwritable"' not in result.err, result.err[-3000:]
 
 
 async def test_a_lock_mode_on_a_bucket_without_object_lock_refuses_to_start(tmp_path, make_sim, rgw):
