@@ -73,6 +73,7 @@ class S3Destination(Destination):
         self._empty_at_start: dict[str, asyncio.Future[bool]] = {}
         self._unsettled: set[str] = set()  # keys whose upload began here and has not been recorded
         self._written: dict[str, str] = {}  # of those, the ones the store answered 200 for: key -> sha256
+        self._reported: set[Any] = set()  # version ids logged as unlinked_version_found
         for secret in self.s3.secrets():
             register_secret(secret)
 
@@ -448,7 +449,9 @@ class S3Destination(Destination):
         current = None if head is None else (head.get("VersionId"), str(head.get("ETag", "")).strip('"'))
         for version in listed:
             theirs = (version.get("VersionId"), str(version.get("ETag", "")).strip('"'))
-            if theirs != current and (size is None or (version.get("Size") == size and theirs[1] == etag)):
+            if theirs != current and theirs[0] not in self._reported and (
+                    size is None or (version.get("Size") == size and theirs[1] == etag)):
+                self._reported.add(theirs[0])  # once, not on every resend that lists it again
                 log.warning("unlinked_version_found", key=key, version_id=theirs[0], size=version.get("Size"),
                             etag=theirs[1], current=_describe(head),
                             hint="not the key's current version: left by a request cut off earlier "
@@ -463,7 +466,7 @@ class S3Destination(Destination):
         except Exception as exc:  # classified by _call, unless it is the permission
             if _status_code(exc)[0] != 403:
                 raise
-            answer = await self._client.list_objects_v2(Bucket=self.s3.bucket, Prefix=key, MaxKeys=100)
+            await self._client.list_objects_v2(Bucket=self.s3.bucket, Prefix=key, MaxKeys=100)
             return []
         return [v for v in answer.get("Versions", []) if v.get("Key") == key]
 
