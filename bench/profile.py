@@ -26,8 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Sim, env, quiet_filesystem, write_config
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _frames(line: str) -> tuple[list[str], int]:
     stack, _, count = line.rpartition(" ")

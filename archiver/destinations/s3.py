@@ -208,7 +208,7 @@ class S3Destination(Destination):
         lock = self._lock()
         if archived.state == "no_audio":  # the sidecar is all there is
             side_key = self.key(archived.rel_path)
-            existing = None if self._surely_absent(side_key) else await self._look(side_key)
+            existing = await self._check_before_write(side_key)
             if existing is None or existing.get("Metadata", {}).get("sha256") != archived.sha256:
                 self._unsettled.add(side_key)
                 await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
@@ -217,12 +217,12 @@ class S3Destination(Destination):
         body_key = self.key(archived.rel_path)
         side_key = self.key(_sidecar_rel(archived.rel_path))
         md5_hex = _md5_hex(result.md5)
-        existing = None if self._surely_absent(body_key) else await self._look(body_key, archived.size, md5_hex)
+        existing = await self._check_before_write(body_key, archived.size, md5_hex)
         self._unsettled.update((body_key, side_key))
         if existing is not None and _holds(existing, archived.size, archived.sha256, md5_hex):
             # an upload whose commit was cut off: never a second copy (or version) of it
             if self._written.get(side_key) != archived.sha256:  # the store confirmed it: not twice
-                side = await self._look(side_key)
+                side = await self._check_before_write(side_key)
                 if side is None or side.get("Metadata", {}).get("sha256") != archived.sha256:
                     await self._put(side_key, result.sidecar, job.rec_id, archived.sha256, lock, "application/json")
             log.info("existing_object_adopted", recording_id=job.rec_id, key=body_key)
@@ -432,8 +432,11 @@ class S3Destination(Destination):
         return await self._call(lambda: self._client.head_object(Bucket=self.s3.bucket, Key=key), "HEAD", key,
                                 missing_ok=True)
 
-    async def _look(self, key: str, size: int | None = None, etag: str = "") -> dict[str, Any] | None:
-        """The HEAD before a write: after a doubt when an earlier attempt of ours began writing it."""
+    async def _check_before_write(self, key: str, size: int | None = None, etag: str = "") -> dict[str, Any] | None:
+        """What ``key`` holds before we write it: nothing where it is surely absent, else its HEAD,
+        after a listing when an earlier attempt of ours began writing it."""
+        if self._surely_absent(key):
+            return None
         return await (self._head_after_doubt(key, size, etag) if key in self._unsettled else self._head(key))
 
     async def _head_after_doubt(self, key: str, size: int | None = None, etag: str = "") -> dict[str, Any] | None:
@@ -446,9 +449,9 @@ class S3Destination(Destination):
         behind (same bytes) is logged as ``unlinked_version_found``."""
         listed = await self._call(lambda: self._list_versions(key), "LIST versions of", key)
         head = await self._head(key)
-        current = None if head is None else (head.get("VersionId"), str(head.get("ETag", "")).strip('"'))
+        current = None if head is None else (head.get("VersionId"), _etag(head))
         for version in listed:
-            theirs = (version.get("VersionId"), str(version.get("ETag", "")).strip('"'))
+            theirs = (version.get("VersionId"), _etag(version))
             if theirs != current and theirs[0] not in self._reported and (
                     size is None or (version.get("Size") == size and theirs[1] == etag)):
                 self._reported.add(theirs[0])  # once, not on every resend that lists it again
@@ -581,10 +584,15 @@ def _holds(head: dict[str, Any], size: int, sha256: str, etag: str) -> bool:
     body's MD5 for a single PUT, ``md5(part MD5s)-<parts>`` right after a multipart upload."""
     if head.get("ContentLength") != size or head.get("Metadata", {}).get("sha256") != sha256:
         return False
-    theirs = str(head.get("ETag", "")).strip('"')
+    theirs = _etag(head)
     if "-" in theirs and "-" not in etag:
         return True  # a multipart ETag is no MD5 of the whole body: size and SHA-256 only (--deep re-hashes)
     return not etag or theirs == etag
+
+
+def _etag(answer: dict[str, Any]) -> str:
+    """The ETag of a HEAD or a listed version, without its quotes."""
+    return str(answer.get("ETag", "")).strip('"')
 
 
 def _describe(head: dict[str, Any] | None) -> str:
