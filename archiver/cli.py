@@ -187,7 +187,7 @@ async def _status(cfg: Config, as_json: bool) -> int:
     except FileNotFoundError:
         info = {**dict.fromkeys(STATES, 0), "total": 0, "oldest_pending": None, "last_error": None,
                 "last_cycle": None, "archived_flagged": dict.fromkeys(FLAGS, 0), "flagged_recent": [],
-                "api_refused": None, "accesskey_expires": None, "note": "no state database yet"}
+                "api_refused": None, "accesskey_expires": None, "accounts": {}, "note": "no state database yet"}
     if as_json:
         print(json.dumps(info, sort_keys=True))
         return EXIT_OK
@@ -228,13 +228,27 @@ def _status_table(info: dict[str, Any]) -> str:
             ratio = store["size"] / store["capacity"] if store.get("capacity") else 0
             rows.append(f"server store: {store['size'] / 1e9:.2f} of {store['capacity'] / 1e9:.2f} GB "
                         f"({100 * ratio:.0f}%, {store['count']} files; read {_when(store['at'])})")
-    refused = info.get("api_refused")
-    if refused:
-        rows.append(f"API REFUSES US since {_when(refused.get('since'))}: {refused.get('message')}")
-    expires = info.get("accesskey_expires")
-    warning = expiry_warning(expires)
-    rows.append(f"access key expires: {_when(expires)}" + (f"  WARNING: {warning}" if warning else ""))
+    accounts = info.get("accounts") or {}
+    if len(accounts) <= 1:
+        refused = info.get("api_refused")
+        if refused:
+            rows.append(f"API REFUSES US since {_when(refused.get('since'))}: {refused.get('message')}")
+        rows.append(_expiry_line("access key expires", info.get("accesskey_expires")))
+        return "\n".join(rows)
+    rows.append(f"{'account':<32}  " + "  ".join(f"{s:>11}" for s in STATES))
+    for name, counts in sorted(accounts.items()):
+        rows.append(f"{name:<32}  " + "  ".join(f"{counts.get(s, 0):>11}" for s in STATES))
+    for name, counts in sorted(accounts.items()):
+        refused = counts.get("api_refused")
+        if refused:
+            rows.append(f"account {name}: API REFUSES US since {_when(refused.get('since'))}: {refused.get('message')}")
+        rows.append(_expiry_line(f"account {name}: access key expires", counts.get("accesskey_expires")))
     return "\n".join(rows)
+
+
+def _expiry_line(label: str, expires: float | None) -> str:
+    warning = expiry_warning(expires)
+    return f"{label}: {_when(expires)}" + (f"  WARNING: {warning}" if warning else "")
 
 
 async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:

@@ -10,11 +10,12 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import stat
 import string
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -23,8 +24,10 @@ from .errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.voipbin.net/v1.0"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{id}.{ext}"
+DEFAULT_ACCOUNT = "default"  # the one account of a config without [[accounts]] (and of state before v5)
 STAGING_DIRECTORY = "s3-staging"  # [archive.s3] staging_directory: this, beside the state database
-LAYOUT_FIELDS = {"year", "month", "day", "hour", "id", "ext", "reference_type"}
+LAYOUT_FIELDS = {"year", "month", "day", "hour", "id", "ext", "reference_type", "account"}
+ACCOUNT_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,15 @@ class ApiConfig:
 
     def secrets(self) -> list[str]:
         return [s for s in (self.accesskey, self.token, self.password) if s]
+
+@dataclass(frozen=True)
+class AccountConfig:
+    """One VoIPbin customer account: its name (the state key, ``{account}`` in the layout) and
+    its API settings: ``[api]``'s with this account's credential and pace."""
+
+    name: str
+    api: ApiConfig
+
 
 @dataclass(frozen=True)
 class ArchiveConfig:
@@ -146,6 +158,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    accounts: tuple[AccountConfig, ...] = ()  # [[accounts]], or the one account "default" of [api]
     path: Path | None = None
     warnings: tuple[str, ...] = ()  # logged by the caller once logging is set up
 
@@ -185,13 +198,20 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
 def build_config(
     data: dict[str, Any], base_dir: Path, env: dict[str, str], path: Path | None = None
 ) -> Config:
-    known = {"api", "archive", "state", "workers", "retention", "logging", "metrics"}
+    known = {"api", "archive", "state", "workers", "retention", "logging", "metrics", "accounts"}
     for key in data:
         if key not in known:
             raise ConfigError(f"unknown section or key [{key}] (known: {', '.join(sorted(known))})")
     data = _lift_subtable(data, "archive", "s3")
+    data, account_sections = _lift_accounts(data)
     reader = _Reader(data, base_dir)
-    api = _build_api(reader, env, base_dir)
+    api = _build_api(reader, env, base_dir, need_credential=not account_sections)
+    accounts = tuple(_build_account(reader, base_dir, api, sec) for sec in account_sections) or (
+        AccountConfig(DEFAULT_ACCOUNT, api),
+    )
+    names = [a.name for a in accounts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[[accounts]] names must be unique, got {sorted(names)}")
     state = StateConfig(database=reader.path("state", "database", StateConfig.database))
     destination = reader.choice("archive", "destination", ArchiveConfig.destination, ("directory", "s3"))
     s3 = _build_s3(reader, env, base_dir, state) if destination == "s3" else None
@@ -204,7 +224,7 @@ def build_config(
         destination=destination,
         s3=s3,
         directory=s3.staging_directory if s3 else reader.path("archive", "directory", ArchiveConfig.directory),
-        layout=_check_layout(reader.text("archive", "layout", DEFAULT_LAYOUT)),
+        layout=_check_layout(reader.text("archive", "layout", default_layout(len(accounts))), len(accounts)),
         unpack=reader.flag("archive", "unpack", False),
         settle_window=reader.number("archive", "settle_window", 3600.0, minimum=0),
         max_members=reader.whole("archive", "max_members", 1000, minimum=1),
@@ -250,39 +270,22 @@ def build_config(
         warnings.append(f"config_world_readable: {path} holds a credential; chmod 600 it or use accesskey_file")
     return Config(
         api=api, archive=archive, state=state, workers=workers, retention=retention, logging=logging_cfg,
-        metrics=metrics, path=path,
+        metrics=metrics, accounts=accounts, path=path,
         warnings=tuple(warnings),
     )
 
 
-def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfig:
+def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path, need_credential: bool = True) -> ApiConfig:
     base_url = reader.text("api", "base_url", DEFAULT_BASE_URL).rstrip("/")
     parts = _check_url("api", "base_url", base_url)
-
-    accesskey = _secret(reader, env, "accesskey", "VOIPBIN_ACCESSKEY", base_dir)
-    token = _secret(reader, env, "token", "VOIPBIN_TOKEN", base_dir)
-    username = reader.text("api", "username", "") or env.get("VOIPBIN_USERNAME", "")
-    password = _secret(reader, env, "password", "VOIPBIN_PASSWORD", base_dir)
-    kinds = [name for name, on in (
-        ("accesskey", accesskey), ("token", token), ("username/password", username or password)
-    ) if on]
-    if not kinds:
-        names = [f"{kind}{suffix}" for kind in ("accesskey", "token", "password") for suffix in ("", "_file")]
-        typos = [
-            f"unknown key {key!r} (did you mean {close[0]}?)"
-            for key in reader.data.get("api", {})
-            if (close := difflib.get_close_matches(key, [*names, "username"], n=1, cutoff=0.75)) and key != close[0]
-        ]
-        raise ConfigError(
-            "[api] no credential: set accesskey (or accesskey_file, or env VOIPBIN_ACCESSKEY), "
-            "token (token_file, VOIPBIN_TOKEN) or username and password" + "".join(f"; {t}" for t in typos)
-        )
-    if len(kinds) > 1:
-        raise ConfigError(f"[api] exactly one credential kind is allowed, found: {', '.join(kinds)}")
-    if (username or password) and not (username and password):
-        raise ConfigError("[api] username and password must be set together")
-    if accesskey and (not accesskey.isprintable() or " " in accesskey):
-        raise ConfigError("[api] accesskey contains spaces or control characters")
+    if need_credential:
+        accesskey, token, username, password = _credential(reader, env, base_dir, "api")
+    else:
+        found = [key for key in _CREDENTIAL_KEYS if reader.data.get("api", {}).get(key)]
+        if found:
+            raise ConfigError(f"[api] {found[0]}: with [[accounts]], each account has its own credential; "
+                              "move it into an [[accounts]] entry")
+        accesskey = token = username = password = ""
 
     login_url = reader.text("api", "login_url", "")
     if not login_url:
@@ -310,6 +313,78 @@ def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path) -> ApiConfi
         retry_base=reader.number("api", "retry_base", 0.5, minimum=0),
         retry_max=reader.number("api", "retry_max", 30.0, minimum=0),
     )
+
+
+_CREDENTIAL_KEYS = ("accesskey", "accesskey_file", "token", "token_file", "username", "password", "password_file")
+
+
+def _credential(
+    reader: _Reader, env: dict[str, str], base_dir: Path, section: str
+) -> tuple[str, str, str, str]:
+    """(accesskey, token, username, password): exactly one kind, from ``section``; ``[api]``
+    also reads the environment (an account of [[accounts]] does not: each has its own)."""
+    env = env if section == "api" else {}
+    accesskey = _secret(reader, env, "accesskey", "VOIPBIN_ACCESSKEY", base_dir, section)
+    token = _secret(reader, env, "token", "VOIPBIN_TOKEN", base_dir, section)
+    username = reader.text(section, "username", "") or env.get("VOIPBIN_USERNAME", "")
+    password = _secret(reader, env, "password", "VOIPBIN_PASSWORD", base_dir, section)
+    kinds = [name for name, on in (
+        ("accesskey", accesskey), ("token", token), ("username/password", username or password)
+    ) if on]
+    if not kinds:
+        names = [f"{kind}{suffix}" for kind in ("accesskey", "token", "password") for suffix in ("", "_file")]
+        typos = [
+            f"unknown key {key!r} (did you mean {close[0]}?)"
+            for key in reader.data.get(section, {})
+            if (close := difflib.get_close_matches(key, [*names, "username"], n=1, cutoff=0.75)) and key != close[0]
+        ]
+        where = "(or accesskey_file, or env VOIPBIN_ACCESSKEY), token (token_file, VOIPBIN_TOKEN)" if (
+            section == "api") else "(or accesskey_file), token (or token_file)"
+        raise ConfigError(
+            f"[{section}] no credential: set accesskey {where} or username and password"
+            + "".join(f"; {t}" for t in typos)
+        )
+    if len(kinds) > 1:
+        raise ConfigError(f"[{section}] exactly one credential kind is allowed, found: {', '.join(kinds)}")
+    if (username or password) and not (username and password):
+        raise ConfigError(f"[{section}] username and password must be set together")
+    if accesskey and (not accesskey.isprintable() or " " in accesskey):
+        raise ConfigError(f"[{section}] accesskey contains spaces or control characters")
+    return accesskey, token, username, password
+
+
+def _lift_accounts(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``[[accounts]]`` arrives as a list of tables; read entry n as section ``accounts #n``."""
+    entries = data.get("accounts")
+    if entries is None:
+        return data, []
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("[[accounts]] must be one or more tables: [[accounts]] then name = ..., accesskey_file = ...")
+    sections = [f"accounts #{n}" for n in range(1, len(entries) + 1)]
+    rest = {k: v for k, v in data.items() if k != "accounts"}
+    return {**rest, **dict(zip(sections, entries, strict=True))}, sections
+
+
+def _build_account(reader: _Reader, base_dir: Path, api: ApiConfig, section: str) -> AccountConfig:
+    name = reader.text(section, "name", "")
+    if not ACCOUNT_NAME.fullmatch(name):
+        raise ConfigError(f"[{section}] name must be 1 to 32 of a-z, 0-9 and '-', got {name!r}")
+    section_label = f"accounts {name}"
+    reader.data[section_label] = reader.data.pop(section)  # errors from here on name the account
+    reader.used |= {(section_label, k) for s, k in reader.used if s == section}
+    accesskey, token, username, password = _credential(reader, {}, base_dir, section_label)
+    rps = reader.number(section_label, "requests_per_second", api.requests_per_second, minimum=0)
+    burst = reader.whole(section_label, "burst", max(1, int(rps)) if rps != api.requests_per_second else api.burst,
+                         minimum=1)
+    return AccountConfig(name, replace(
+        api, accesskey=accesskey, token=token, username=username, password=password,
+        requests_per_second=rps, burst=burst,
+    ))
+
+
+def default_layout(accounts: int) -> str:
+    """The layout when ``[archive] layout`` is not set: with several accounts, each its own directory."""
+    return DEFAULT_LAYOUT if accounts <= 1 else "{account}/" + DEFAULT_LAYOUT
 
 
 def _check_url(section: str, key: str, url: str) -> SplitResult:
@@ -405,7 +480,7 @@ def _secret(
     return value or env.get(env_name, "").strip()
 
 
-def _check_layout(layout: str) -> str:
+def _check_layout(layout: str, accounts: int = 1) -> str:
     try:
         names = {f for _, f, _, _ in string.Formatter().parse(layout) if f is not None}
     except ValueError as exc:
@@ -417,6 +492,9 @@ def _check_layout(layout: str) -> str:
         )
     if "id" not in names or "ext" not in names:
         raise ConfigError("[archive] layout must contain {id} and {ext}")
+    if accounts > 1 and "account" not in names:
+        raise ConfigError("[archive] layout must contain {account} with several [[accounts]] "
+                          f"(each account its own directory), e.g. {default_layout(accounts)!r}")
     if layout.startswith("/") or ".." in layout.split("/") or "\\" in layout:
         raise ConfigError("[archive] layout must be a relative path without '..' or '\\'")
     if not layout.endswith("{id}.{ext}"):
@@ -434,10 +512,10 @@ def _check_listen(listen: str) -> str:
 
 
 def _holds_secret(data: dict[str, Any]) -> bool:
-    api, s3 = data.get("api", {}), data.get("archive.s3", {})
-    return (isinstance(api, dict) and any(api.get(k) for k in ("accesskey", "token", "password"))) or (
-        isinstance(s3, dict) and bool(s3.get("secret_access_key"))
-    )
+    credentials = [body for name, body in data.items() if name == "api" or name.startswith("accounts ")]
+    s3 = data.get("archive.s3", {})
+    return any(isinstance(body, dict) and any(body.get(k) for k in ("accesskey", "token", "password"))
+               for body in credentials) or (isinstance(s3, dict) and bool(s3.get("secret_access_key")))
 
 
 def _world_readable(path: Path) -> bool:

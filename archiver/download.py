@@ -94,9 +94,9 @@ class Downloader:
             body = await self._stream(tmp, url)
             job = StoreJob(
                 row.id, row.raw, row.tm_create, row.tm_end, directory, tmp, body.take(), body.spilled,
-                body.expected_length, body.hashes,
+                body.expected_length, body.hashes, row.account,
             )
-            stored = await self.store.store(job)
+            stored = await self.store.store(job, row.account)
             archived = await self.destination.commit(job, stored)
         except BaseException:
             await asyncio.to_thread(remove_quietly, tmp, temp_path(directory, row.id, "unpack"))

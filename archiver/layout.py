@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
+from .config import ACCOUNT_NAME, DEFAULT_ACCOUNT
 from .errors import InvalidRecording
 from .model import check_id
 
@@ -29,7 +30,9 @@ class Layout:
         """The archive directory, resolved once (resolving per file costs an lstat per component)."""
         return self.directory.resolve()
 
-    def relative(self, rec_id: str, ext: str, tm_create: float | None, reference_type: str = "") -> str:
+    def relative(
+        self, rec_id: str, ext: str, tm_create: float | None, reference_type: str = "", account: str = DEFAULT_ACCOUNT
+    ) -> str:
         rec_id = check_id(rec_id)
         if ext not in EXTENSIONS:
             raise InvalidRecording(f"unsupported file kind {ext!r}")
@@ -37,7 +40,7 @@ class Layout:
         ref = reference_type if re.fullmatch(r"[a-z_]{1,32}", reference_type or "") else "unknown"
         rel = self.template.format(
             year=f"{when.year:04d}", month=f"{when.month:02d}", day=f"{when.day:02d}",
-            hour=f"{when.hour:02d}", id=rec_id, ext=ext, reference_type=ref,
+            hour=f"{when.hour:02d}", id=rec_id, ext=ext, reference_type=ref, account=_check_account(account),
         )
         parts = rel.split("/")
         if any(p in ("", ".", "..") for p in parts) or rel.startswith("/"):
@@ -54,9 +57,18 @@ class Layout:
             raise InvalidRecording(f"path {rel!r} leaves the archive directory")
         return self.root.joinpath(*parts)
 
-    def directory_for(self, rec_id: str, tm_create: float | None, reference_type: str = "") -> Path:
+    def directory_for(
+        self, rec_id: str, tm_create: float | None, reference_type: str = "", account: str = DEFAULT_ACCOUNT
+    ) -> Path:
         """The directory a recording's files go to (the same whatever the file kind)."""
-        return self.path(self.relative(rec_id, "zip", tm_create, reference_type)).parent
+        return self.path(self.relative(rec_id, "zip", tm_create, reference_type, account)).parent
+
+
+def _check_account(name: str) -> str:
+    """An account's name as a path component: checked in config, checked again here."""
+    if not ACCOUNT_NAME.fullmatch(name):
+        raise InvalidRecording(f"account name {name[:40]!r} is not a safe path component")
+    return name
 
 
 def sidecar_path(final: Path) -> Path:

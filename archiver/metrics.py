@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from .errors import ConfigError
 from .state import FLAGS, STATES
@@ -116,15 +117,52 @@ class Metrics:
         return True, "ok"
 
 
-async def serve_metrics(metrics: Metrics, listen: str, poll_interval: float) -> web.AppRunner:
+class _ByAccount:
+    """Every account's metrics as one exposition, each sample labelled ``account``."""
+
+    def __init__(self, metrics: dict[str, Metrics]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Any:
+        families: dict[str, Metric] = {}
+        for account, m in self.metrics.items():
+            for family in m.registry.collect():
+                out = families.get(family.name)
+                if out is None:
+                    out = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                for sample in family.samples:
+                    out.add_sample(sample.name, {"account": account, **sample.labels}, sample.value,
+                                   sample.timestamp, sample.exemplar)
+        return list(families.values())
+
+
+def exposition(metrics: dict[str, Metrics]) -> bytes:
+    """``/metrics``: one account's registry as it is; several, labelled by account."""
+    if len(metrics) == 1:
+        return generate_latest(next(iter(metrics.values())).registry)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ByAccount(metrics))  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+def health(metrics: dict[str, Metrics], poll_interval: float) -> tuple[bool, str]:
+    """``/healthz``: healthy only while every account is; the reason names each that is not."""
+    if len(metrics) == 1:
+        return next(iter(metrics.values())).healthy(poll_interval)
+    verdicts = {account: m.healthy(poll_interval) for account, m in metrics.items()}
+    bad = [f"account {account}: {reason}" for account, (ok, reason) in verdicts.items() if not ok]
+    return (False, "; ".join(bad)) if bad else (True, "ok")
+
+
+async def serve_metrics(metrics: dict[str, Metrics], listen: str, poll_interval: float) -> web.AppRunner:
     """Start ``GET /metrics`` and ``GET /healthz`` on ``host:port``; returns the runner to clean up."""
     host, _, port = listen.rpartition(":")
 
     async def h_metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=exposition(metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def h_health(_request: web.Request) -> web.Response:
-        ok, reason = metrics.healthy(poll_interval)
+        ok, reason = health(metrics, poll_interval)
         return web.Response(status=200 if ok else 503, text=reason + "\n")
 
     app = web.Application()

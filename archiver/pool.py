@@ -23,7 +23,7 @@ from typing import Literal, TypeVar
 import structlog
 
 from .client import ApiClient
-from .config import Config
+from .config import DEFAULT_ACCOUNT, Config
 from .destinations import Destination
 from .download import Downloader, remove_temporaries
 from .errors import (
@@ -79,12 +79,22 @@ class RunResult:
 class Engine:
     """One engine per process. ``backfill()`` returns when done; ``serve()`` when ``stop`` is set."""
 
-    def __init__(self, cfg: Config, client: ApiClient, state: StateDB, destination: Destination) -> None:
+    def __init__(
+        self, cfg: Config, client: ApiClient, state: StateDB, destination: Destination,
+        store_pool: StorePool | None = None,
+    ) -> None:
+        """One account's engine: ``state`` is that account's view (``StateDB.for_account``).
+        Several engines (accounts) in one process share the destination and ``store_pool``,
+        which their owner closes; without one, the engine has helpers of its own."""
         self.cfg = cfg
         self.client = client
         self.state = state
+        self.account = state.account or DEFAULT_ACCOUNT
+        if state.account is None:
+            self.state = state = state.for_account(self.account)
         self.destination = destination
-        self.store_pool = StorePool(cfg.archive, cfg.workers.store_processes, state.lock_fds())
+        self._owns_pool = store_pool is None
+        self.store_pool = store_pool or StorePool(cfg.archive, cfg.workers.store_processes, state.lock_fds())
         self.downloader = Downloader(client, cfg.archive, self.store_pool, destination)
         self.workers_cfg = cfg.workers
         # due rows -> resolvers -> (row, signed URL) -> download workers; both queues bounded
@@ -118,10 +128,16 @@ class Engine:
         if rows:
             log.info("recovered", rows=len(rows), reason="interrupted downloads reset to pending")
 
+    def _bind_account(self) -> None:
+        """With several accounts, every event of this engine's tasks says whose it is."""
+        if len(self.cfg.accounts) > 1:
+            structlog.contextvars.bind_contextvars(account=self.account)
+
     async def backfill(
         self, since: datetime | None = None, until: datetime | None = None, wait: float = 900.0
     ) -> RunResult:
         self.mode = "backfill"
+        self._bind_account()
         await self.recover()
         await self._watch_store()
         workers = self._start_workers()
@@ -151,6 +167,7 @@ class Engine:
     async def serve(self) -> RunResult:
         """The service: a cycle every ``poll_interval`` until ``self.stop`` is set."""
         self.mode = "run"
+        self._bind_account()
         await self.recover()
         workers = self._start_workers()
         feeder = asyncio.create_task(self._feed(), name="feeder")
@@ -249,7 +266,10 @@ class Engine:
             w.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
         await asyncio.gather(*self._recording, return_exceptions=True)  # files already stored: record them
-        await self.store_pool.close()  # after its last answer, no helper touches the archive
+        if self._owns_pool:
+            await self.store_pool.close()  # after its last answer, no helper touches the archive
+        else:
+            await self.store_pool.drain(self.account)  # our requests answered: no helper touches ours
         # Every claimed row goes back to pending, including a batch the feeder claimed just as it
         # was cancelled; we are the only writer, and every task has stopped.
         try:

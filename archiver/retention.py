@@ -146,6 +146,7 @@ class Pruner:
                 continue  # written before a crash
             lines.append(json.dumps({
                 "time": datetime.fromtimestamp(now, UTC).isoformat(), "recording_id": row["id"],
+                "account": self.state.account,
                 "sha256": row["sha256"], "size": row["size"], "path": row["path"],
                 "archive": self.destination.location(), "request_id": request_id, "http_status": status,
             }, sort_keys=True))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
@@ -19,63 +21,98 @@ from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
 from .retention import Pruner, PruneResult, read_store
-from .state import StateDB, waiting_count
+from .state import STATES, StateDB, waiting_count
+from .storepool import StorePool
 
 log = structlog.get_logger("archiver.service")
 
 
-def _on_signals(engine: Engine, notifier: Notifier) -> None:
+def _on_signals(engines: list[Engine], notifier: Notifier) -> None:
     loop = asyncio.get_running_loop()
 
     def stop(signame: str) -> None:
-        if not engine.stop.is_set():
+        if not all(e.stop.is_set() for e in engines):
             log.info("signal", signal=signame, action="stopping: no new work, finishing in-flight downloads")
             notifier.send("STOPPING=1")
+        for engine in engines:
             engine.result.interrupted = engine.result.interrupted or signame
-        engine.stop.set()
+            engine.stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)
+
+
+def merge_results(engines: list[Engine]) -> RunResult:
+    """One run's result over every account's engine (a single account's as it is)."""
+    if len(engines) == 1:
+        return engines[0].result
+    out = RunResult()
+    for engine in engines:
+        r = engine.result
+        out.stats.update(r.stats)
+        tag = f"account {engine.account}: "
+        out.fatal = out.fatal or (tag + r.fatal if r.fatal else "")
+        out.walk_error = out.walk_error or (tag + r.walk_error if r.walk_error else "")
+        out.refusal = out.refusal or r.refusal
+        out.interrupted = out.interrupted or r.interrupted
+        out.auth_refused = out.auth_refused or r.auth_refused
+        out.state_unusable = out.state_unusable or r.state_unusable
+        out.abandoned += r.abandoned
+    return out
 
 
 async def run_engine(
     cfg: Config, mode: str, since: datetime | None = None, until: datetime | None = None, wait: float = 900.0,
     retry_failed: bool = False, progress: bool = False, no_delete: bool = False,
 ) -> tuple[RunResult, dict[str, int], dict[str, int]]:
-    """Run ``backfill`` or ``run``; returns (result, state counts, client request counts)."""
+    """Run ``backfill`` or ``run`` for every account, one engine each; returns (result, state
+    counts, client request counts), over all accounts."""
     state = await StateDB.open(cfg.state.database)
     notifier = Notifier.from_env()
     metrics_runner = None
     try:
         if retry_failed:
             log.info("retry_failed", recordings=await state.retry_failed())
-        async with open_destination(cfg.archive) as destination, ApiClient(cfg.api, cfg.workers.concurrency) as client:
-            engine = Engine(cfg, client, state, destination)
-            engine.no_delete = no_delete
-            _on_signals(engine, notifier)
+        async with open_destination(cfg.archive) as destination, contextlib.AsyncExitStack() as clients:
+            store_pool = StorePool(cfg.archive, cfg.workers.store_processes, state.lock_fds())
+            clients.push_async_callback(store_pool.close)  # after every engine has stopped
+            engines = []
+            for account in cfg.accounts:
+                client = await clients.enter_async_context(ApiClient(account.api, cfg.workers.concurrency))
+                engine = Engine(cfg, client, state.for_account(account.name), destination, store_pool)
+                engine.no_delete = no_delete
+                engines.append(engine)
+            _on_signals(engines, notifier)
             if cfg.metrics.listen:
-                metrics_runner = await serve_metrics(engine.metrics, cfg.metrics.listen, cfg.workers.poll_interval)
+                metrics_runner = await serve_metrics({e.account: e.metrics for e in engines}, cfg.metrics.listen,
+                                                     cfg.workers.poll_interval)
                 log.info("metrics_listening", listen=cfg.metrics.listen)
-            supervisor = asyncio.create_task(_supervise(engine, state, client, notifier, mode, progress))
-            helpers = [supervisor]
-            if cfg.api.credential_kind == "accesskey":
-                helpers.append(asyncio.create_task(watch_accesskey(client, state, once=mode == "backfill")))
+            helpers = [asyncio.create_task(_supervise(engines, state, notifier, mode, progress))]
+            for account, engine in zip(cfg.accounts, engines, strict=True):
+                if account.api.credential_kind == "accesskey":
+                    helpers.append(asyncio.create_task(
+                        _with_account(engine, watch_accesskey(engine.client, engine.state, once=mode == "backfill"))
+                    ))
             started = time.monotonic()
             try:
                 if mode == "backfill":
-                    result = await engine.backfill(since, until, wait)
+                    await asyncio.gather(*(e.backfill(since, until, wait) for e in engines))
                 else:
-                    result = await engine.serve()
+                    await asyncio.gather(*(e.serve() for e in engines))
             finally:
                 notifier.send("STOPPING=1")
                 for task in helpers:
                     task.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)
+            result = merge_results(engines)
             counts = await state.counts()
+            requests: Counter[str] = Counter()
+            for engine in engines:
+                requests.update(engine.client.stats)
             result.stats["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]
             log.info(f"{mode}_done", **dict(result.stats), **{f"total_{k}": v for k, v in counts.items()},
-                     requests=client.stats["requests"], http_429=client.stats["http_429"])
-            return result, counts, dict(client.stats)
+                     requests=requests["requests"], http_429=requests["http_429"])
+            return result, counts, dict(requests)
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
@@ -83,14 +120,21 @@ async def run_engine(
         await state.close()
 
 
-async def _supervise(
-    engine: Engine, state: StateDB, client: ApiClient, notifier: Notifier, mode: str, progress: bool
-) -> None:
-    """Beside the engine: READY=1, then STATUS=/WATCHDOG=1, metrics gauges and progress."""
-    await engine.ready.wait()
+async def _with_account(engine: Engine, work: Any) -> None:
+    """``work`` with the account bound to its log events, as the engine's own are."""
+    engine._bind_account()
+    await work
+
+
+async def _supervise(engines: list[Engine], state: StateDB, notifier: Notifier, mode: str, progress: bool) -> None:
+    """Beside the engines: READY=1, then STATUS=/WATCHDOG=1, metrics gauges and progress. A
+    state database found damaged by one engine stops them all."""
+    for engine in engines:
+        await engine.ready.wait()
     notifier.send("READY=1")
+    cfg = engines[0].cfg
     watchdog = watchdog_interval()
-    every = engine.cfg.logging.progress_interval
+    every = cfg.logging.progress_interval
     tick = max(0.1, min(watchdog or 2.0, 2.0, every or 2.0))
     started = time.monotonic()
     last_progress = 0.0
@@ -99,39 +143,49 @@ async def _supervise(
         while True:
             if watchdog:
                 notifier.send("WATCHDOG=1")  # from the event loop itself: it proves the loop is alive
-            summary = await state.summary()
-            oldest = summary["oldest_pending"]
-            engine.metrics.set_counts(summary, oldest["tm_create"] if oldest else None)
-            engine.metrics.api_requests.set(client.stats["requests"])
-            engine.metrics.http_429.set(client.stats["http_429"])
-            engine.metrics.budget_shared.set(1 if client.budget_shared else 0)
-            text = _status_text(summary, engine)
+            if any(e.result.state_unusable for e in engines):
+                for engine in engines:
+                    engine._state_broken(next(e.result.fatal for e in engines if e.result.state_unusable))
+            summary = await state.summary() if len(engines) > 1 else None
+            for engine in engines:
+                mine = await engine.state.summary()
+                summary = summary or mine
+                oldest = mine["oldest_pending"]
+                engine.metrics.set_counts(mine, oldest["tm_create"] if oldest else None)
+                engine.metrics.api_requests.set(engine.client.stats["requests"])
+                engine.metrics.http_429.set(engine.client.stats["http_429"])
+                engine.metrics.budget_shared.set(1 if engine.client.budget_shared else 0)
+            assert summary is not None
+            text = _status_text(summary, engines)
             notifier.send(f"STATUS={text}")
             elapsed = time.monotonic() - started
             if live is not None:
-                live.show(_progress_text(summary, engine, elapsed))
+                live.show(_progress_text(summary, engines, elapsed))
             elif mode == "backfill" and every and elapsed - last_progress >= every:
                 last_progress = elapsed
-                log.info("progress", **_progress_fields(summary, engine, elapsed))
+                log.info("progress", **_progress_fields(summary, engines, elapsed))
             await asyncio.sleep(tick)
     finally:
         if live is not None:
             live.clear()
 
 
-def _status_text(summary: dict[str, Any], engine: Engine) -> str:
+def _status_text(summary: dict[str, Any], engines: list[Engine]) -> str:
     """systemd's ``STATUS=``: what needs the operator first, then the counts."""
     waiting = waiting_count(summary)
-    cycle = engine.metrics.last_cycle_at
+    cycles = [e.metrics.last_cycle_at for e in engines]
+    cycle = min(cycles) if all(cycles) else 0.0
     when = time.strftime("%H:%M:%S", time.gmtime(cycle)) + " UTC" if cycle else "none yet"
     alerts = []
-    if engine.metrics.refused:
-        alerts.append(f"PAUSED: the API refuses us ({engine.metrics.refused})")
-    if engine.unwritable:
-        alerts.append(f"PAUSED: cannot write ({engine.unwritable[:120]})")
-    if engine.store_near_full() and engine.store_usage is not None:
-        alerts.append(f"SERVER STORE {100 * engine.store_usage.ratio:.0f}% FULL"
-                      + ("" if engine.pruner else ": new recordings will have no audio; see [retention]"))
+    for engine in engines:
+        whose = f"account {engine.account}: " if len(engines) > 1 else ""
+        if engine.metrics.refused:
+            alerts.append(f"PAUSED: {whose}the API refuses us ({engine.metrics.refused})")
+        if engine.unwritable:
+            alerts.append(f"PAUSED: {whose}cannot write ({engine.unwritable[:120]})")
+        if engine.store_near_full() and engine.store_usage is not None:
+            alerts.append(f"{whose}SERVER STORE {100 * engine.store_usage.ratio:.0f}% FULL"
+                          + ("" if engine.pruner else ": new recordings will have no audio; see [retention]"))
     key = expiry_warning(summary.get("accesskey_expires"))
     if key:
         alerts.append(key.upper()[:1] + key[1:])
@@ -140,8 +194,10 @@ def _status_text(summary: dict[str, Any], engine: Engine) -> str:
     return "; ".join([*alerts, counts])
 
 
-def _progress_fields(summary: dict[str, Any], engine: Engine, elapsed: float) -> dict[str, Any]:
-    stats = engine.result.stats
+def _progress_fields(summary: dict[str, Any], engines: list[Engine], elapsed: float) -> dict[str, Any]:
+    stats: Counter[str] = Counter()
+    for engine in engines:
+        stats.update(engine.result.stats)
     waiting = waiting_count(summary)
     rate = stats["archived"] / elapsed if elapsed > 0 else 0.0
     return {
@@ -152,8 +208,8 @@ def _progress_fields(summary: dict[str, Any], engine: Engine, elapsed: float) ->
     }
 
 
-def _progress_text(summary: dict[str, Any], engine: Engine, elapsed: float) -> str:
-    f = _progress_fields(summary, engine, elapsed)
+def _progress_text(summary: dict[str, Any], engines: list[Engine], elapsed: float) -> str:
+    f = _progress_fields(summary, engines, elapsed)
     eta = f"{f['eta_s'] // 60}m{f['eta_s'] % 60:02d}s" if f["eta_s"] is not None else "-"
     return (f"pages {f['pages']}  known {f['known']}  archived {f['archived']}  waiting {f['waiting']}  "
             f"failed {f['failed']}  {f['mb_per_s']:.1f} MB/s  ETA {eta}")
@@ -180,27 +236,47 @@ async def status(cfg: Config) -> dict[str, Any]:
         retention = cfg.retention
         deletion = await state.deletion_summary(time.time() - retention.delete_after, retention.delete_incomplete)
         deletion["enabled"] = retention.delete_from_server
-        return {**await state.summary(), "flagged_recent": await state.flagged(), "server_deletion": deletion}
+        summary = await state.summary()
+        refused, expires = summary.pop("api_refused_by_account"), summary.pop("accesskey_expires_by_account")
+        accounts = {
+            name: {**counts, "api_refused": refused.get(name), "accesskey_expires": expires.get(name)}
+            for name, counts in (await state.counts_by_account()).items()
+        }
+        for name in (a.name for a in cfg.accounts):  # configured, nothing recorded yet
+            accounts.setdefault(name, {**dict.fromkeys(STATES, 0), "api_refused": refused.get(name),
+                                       "accesskey_expires": expires.get(name)})
+        return {**summary, "flagged_recent": await state.flagged(), "server_deletion": deletion, "accounts": accounts}
     finally:
         await state.close()
 
 
 async def prune(cfg: Config, dry_run: bool) -> PruneResult:
-    """``prune``: delete the server's copy of what is due now (``--dry-run``: count it) and exit."""
+    """``prune``: delete the server's copy of what is due now (``--dry-run``: count it), account
+    after account, and exit. A refused account (``AuthRefused``) stops the command."""
     state = await StateDB.open(cfg.state.database)
+    total = PruneResult()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        async with open_destination(cfg.archive) as destination, ApiClient(cfg.api, cfg.workers.concurrency) as client:
-            pruner = Pruner(cfg, client, state, destination)
-            if dry_run:
-                return await pruner.dry_run()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await read_store(client, state, cfg.retention.store_capacity, cfg.retention.store_warn_ratio)
-            result = await pruner.run(stop)
-            await read_store(client, state, cfg.retention.store_capacity, cfg.retention.store_warn_ratio)
-            return result
+        async with open_destination(cfg.archive) as destination:
+            for account in cfg.accounts:
+                if stop.is_set():
+                    break
+                view = state.for_account(account.name)
+                async with ApiClient(account.api, cfg.workers.concurrency) as client:
+                    pruner = Pruner(cfg, client, view, destination)
+                    if dry_run:
+                        result = await pruner.dry_run()
+                    else:
+                        await read_store(client, view, cfg.retention.store_capacity, cfg.retention.store_warn_ratio)
+                        result = await pruner.run(stop)
+                        await read_store(client, view, cfg.retention.store_capacity, cfg.retention.store_warn_ratio)
+                for name in ("deleted", "already_gone", "refused", "due", "due_bytes"):
+                    setattr(total, name, getattr(total, name) + getattr(result, name))
+                total.errors += result.errors
+            return total
     finally:
         await state.close()
 
@@ -208,11 +284,11 @@ async def prune(cfg: Config, dry_run: bool) -> PruneResult:
 async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[str]]:
     """Re-check every archived recording against SQLite and its sidecar (a directory: re-hash
     every file; a bucket: HEAD each object, ``deep`` downloads and re-hashes it). Returns
-    (checked, problems, ids of the recordings with a problem)."""
+    (checked, problems, (account, id) of each recording with a problem)."""
     state = await StateDB.open(cfg.state.database, readonly=True)
     checked = 0
     problems: list[str] = []
-    bad: list[str] = []
+    bad: list[tuple[str, str]] = []
     try:
         async with open_destination(cfg.archive) as destination:
             async for row in state.archived():
@@ -220,13 +296,15 @@ async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[
                 found = await destination.check(row, deep)
                 if found:
                     problems.extend(found)
-                    bad.append(row["id"])
+                    bad.append((row["account"], row["id"]))
     finally:
         await state.close()
     return checked, problems, bad
 
 
-async def mark_for_repair(cfg: Config, ids: list[str]) -> tuple[list[str], list[tuple[str, float]]]:
+async def mark_for_repair(
+    cfg: Config, bad: list[tuple[str, str]]
+) -> tuple[list[str], list[tuple[str, float]]]:
     """``verify --repair``: recordings whose files are missing or changed go back to ``pending``
     (downloaded again by the next backfill) unless the server's copy was deleted: those cannot
     be repaired from the server. Returns (queued ids, [(id, server deleted at)])."""
@@ -234,13 +312,15 @@ async def mark_for_repair(cfg: Config, ids: list[str]) -> tuple[list[str], list[
     queued: list[str] = []
     lost: list[tuple[str, float]] = []
     try:
-        for rec_id, deleted_at in await state.server_deleted(ids):
-            if deleted_at is not None:
-                lost.append((rec_id, deleted_at))
-                continue
-            await state.update(rec_id, state="pending", attempts=0, next_attempt_at=time.time(),
-                               last_error="verify --repair: file missing or changed; downloading it again")
-            queued.append(rec_id)
+        for account in sorted({a for a, _ in bad}):
+            view = state.for_account(account)
+            for rec_id, deleted_at in await view.server_deleted([i for a, i in bad if a == account]):
+                if deleted_at is not None:
+                    lost.append((rec_id, deleted_at))
+                    continue
+                await view.update(rec_id, state="pending", attempts=0, next_attempt_at=time.time(),
+                                  last_error="verify --repair: file missing or changed; downloading it again")
+                queued.append(rec_id)
     finally:
         await state.close()
     return queued, lost

@@ -45,7 +45,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -218,6 +218,8 @@ class Simulator:
         self.deletes: Counter[str] = Counter()  # DELETEs that deleted (a later one answers 404)
         self.delete_violations = 0  # DELETEs of a recording never downloaded whole
         self.complete_downloads: Counter[str] = Counter()  # whole final bodies served, per recording
+        self.downloading: Counter[str] = Counter()  # storage answers being sent now, per recording
+        self.overlapping_downloads = 0  # a storage GET began while another for the same recording ran
         self.store_sizes: dict[str, int] = {}  # the files each recording keeps in the customer's store
         # "repeat_token": pages repeat their token; "result_not_list": newest page is junk;
         # "echo_query" / "key_in_path": the storage redirect carries our credential;
@@ -748,6 +750,16 @@ class Simulator:
         if self._fault("storage_500"):
             self.stats["fault_storage_500"] += 1
             return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
+        self.downloading[rec_id] += 1
+        if self.downloading[rec_id] > 1:
+            self.overlapping_downloads += 1
+        try:
+            return await self._send_storage(request, rec, variant)
+        finally:
+            self.downloading[rec_id] -= 1
+
+    async def _send_storage(self, request: web.Request, rec: SimRecording, variant: str) -> web.StreamResponse:
+        rec_id = rec.id
         data, md5, crc = self.body(rec, variant)
         self.storage_gets[rec_id] += 1
         headers = {"x-goog-hash": f"crc32c={crc},md5={md5}", "Content-Type": "application/octet-stream"}
@@ -824,7 +836,8 @@ class Simulator:
     async def h_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**self.stats, "credential_leaks": self.credential_leaks,
                                   "deletes": sum(self.deletes.values()), "delete_violations": self.delete_violations,
-                                  "storage_gets_total": sum(self.storage_gets.values())})
+                                  "storage_gets_total": sum(self.storage_gets.values()),
+                                  "overlapping_downloads": self.overlapping_downloads})
 
     async def h_urls(self, request: web.Request) -> web.Response:
         """Direct signed storage URLs of every final body (for the aria2c reference run)."""
@@ -834,6 +847,81 @@ class Simulator:
             if not self.is_deleted(r) and self.is_ended(r) and not r.files_never
         ]
         return web.Response(text="\n".join(lines) + "\n")
+
+
+class MultiSimulator:
+    """Several customers' accounts behind one address, told apart by their credential, as the
+    real server serves every customer at one base URL. Each account is a ``Simulator`` of its
+    own (its recordings, rate bucket, faults and switches); ``/_sim/*`` take ``?account=``."""
+
+    ROUTES = (("POST", "/auth/login", "h_login"), ("GET", "/v1.0/recordings", "h_list"),
+              ("GET", "/v1.0/recordings/{id}", "h_detail"), ("DELETE", "/v1.0/recordings/{id}", "h_delete"),
+              ("GET", "/v1.0/storage_account", "h_storage_account"), ("GET", "/v1.0/recordingfiles/{id}", "h_files"),
+              ("GET", "/v1.0/accesskeys", "h_accesskeys"), ("GET", "/storage/{id}", "h_storage"),
+              ("GET", "/_sim/stats", "h_stats"), ("POST", "/_sim/control", "h_control"),
+              ("GET", "/_sim/urls", "h_urls"))
+
+    def __init__(self, accounts: dict[str, SimConfig]) -> None:
+        # each its own seed, so no two accounts list the same recording ids
+        self.accounts = {name: Simulator(replace(cfg, seed=cfg.seed + 7919 * n))
+                         for n, (name, cfg) in enumerate(accounts.items())}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1.0"
+
+    async def _pick(self, request: web.Request) -> Simulator | None:
+        if request.path.startswith("/_sim/"):
+            return self.accounts.get(request.query.get("account", ""))
+        if request.path.startswith("/storage/"):
+            rec_id = request.match_info.get("id", "")
+            return next((s for s in self.accounts.values() if rec_id in s.recordings), None)
+        if request.path == "/auth/login":
+            try:
+                body = await request.json()  # aiohttp keeps the body for the handler
+            except ValueError:
+                return None
+            user = body.get("username") if isinstance(body, dict) else None
+            return next((s for s in self.accounts.values() if s.cfg.username == user), None)
+        key = request.query.get("accesskey") or request.cookies.get("accesskey")
+        if key:
+            return next((s for s in self.accounts.values() if hmac.compare_digest(key, s.accesskey)), None)
+        auth = request.headers.get("Authorization", "")
+        token = request.query.get("token") or request.cookies.get("token") or (
+            auth[7:].strip() if auth.lower().startswith("bearer ") else "")
+        return next((s for s in self.accounts.values() if token and token in s.tokens), None)
+
+    def _route(self, handler: str) -> Any:
+        async def dispatch(request: web.Request) -> web.StreamResponse:
+            sim = await self._pick(request)
+            if sim is None:
+                if request.path.startswith("/_sim/"):
+                    return web.Response(status=404, text=f"?account= one of {', '.join(self.accounts)}\n")
+                return Simulator._error(request, 401, "AUTHENTICATION_REQUIRED", "invalid or expired credential")
+            response: web.StreamResponse = await getattr(sim, handler)(request)
+            return response
+
+        return dispatch
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> MultiSimulator:
+        first = next(iter(self.accounts.values()))
+        app = web.Application(middlewares=[first._request_id])
+        for method, path, handler in self.ROUTES:
+            app.router.add_route(method, path, self._route(handler))
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        for sim in self.accounts.values():
+            sim.port = self.port  # their signed storage URLs point here
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:

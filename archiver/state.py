@@ -11,6 +11,10 @@ One row per recording with its full JSON and our state:
 ``failed``      given up, ``last_error`` says why
 ``skipped``     deleted or otherwise gone, ``last_error`` says why
 
+Rows are keyed by (account, recording id): one database serves every configured account, and
+each engine works through its account's view (``StateDB.for_account``). A database opened
+without an account reports over all of them (``status``, ``verify``).
+
 WAL mode with ``synchronous=FULL``: a committed change survives power loss.  The schema is
 versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a database from version n to n+1.
 """
@@ -31,6 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 
+from .config import DEFAULT_ACCOUNT
 from .errors import LocalStorageError, StateLocked, StateUnusable
 from .model import Recording
 from .store import fsync_path, mkdir_durable
@@ -101,6 +106,65 @@ MIGRATIONS: list[str] = [
         WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL;
     CREATE INDEX recordings_server_deleted ON recordings(server_deleted_at) WHERE server_deleted_at IS NOT NULL;
     """,
+    # v5: several accounts in one database: rows, walk checkpoints and meta are keyed by account;
+    # what an older database holds is the one account "default" (its paths unchanged).
+    """
+    CREATE TABLE recordings_v5 (
+        account TEXT NOT NULL,
+        id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT '',
+        reference_type TEXT NOT NULL DEFAULT '',
+        tm_create REAL,
+        tm_end REAL,
+        discovered_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        polls INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        path TEXT,
+        size INTEGER,
+        sha256 TEXT,
+        server_hashes TEXT,
+        members INTEGER,
+        archived_at REAL,
+        updated_at REAL NOT NULL,
+        flag TEXT,
+        flag_reason TEXT,
+        delete_intent_at REAL,
+        server_deleted_at REAL,
+        delete_request_id TEXT,
+        PRIMARY KEY (account, id)
+    );
+    INSERT INTO recordings_v5 SELECT 'default', id, state, raw, status, reference_type, tm_create, tm_end,
+        discovered_at, attempts, polls, next_attempt_at, last_error, path, size, sha256, server_hashes, members,
+        archived_at, updated_at, flag, flag_reason, delete_intent_at, server_deleted_at, delete_request_id
+        FROM recordings;
+    DROP TABLE recordings;
+    ALTER TABLE recordings_v5 RENAME TO recordings;
+    CREATE INDEX recordings_due ON recordings(account, next_attempt_at) WHERE state IN ('discovered', 'pending');
+    CREATE INDEX recordings_state ON recordings(account, state);
+    CREATE INDEX recordings_waiting_created ON recordings(tm_create)
+        WHERE state IN ('discovered', 'pending', 'downloading');
+    CREATE INDEX recordings_errors ON recordings(updated_at) WHERE last_error IS NOT NULL;
+    CREATE INDEX recordings_flagged ON recordings(flag) WHERE flag IS NOT NULL;
+    CREATE INDEX recordings_deletable ON recordings(archived_at)
+        WHERE state = 'archived' AND server_deleted_at IS NULL;
+    CREATE INDEX recordings_delete_intents ON recordings(delete_intent_at)
+        WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL;
+    CREATE INDEX recordings_server_deleted ON recordings(server_deleted_at) WHERE server_deleted_at IS NOT NULL;
+    CREATE TABLE walks_v5 (account TEXT NOT NULL, name TEXT NOT NULL, token TEXT NOT NULL,
+        updated_at REAL NOT NULL, PRIMARY KEY (account, name));
+    INSERT INTO walks_v5 SELECT 'default', name, token, updated_at FROM walks;
+    DROP TABLE walks;
+    ALTER TABLE walks_v5 RENAME TO walks;
+    CREATE TABLE meta_v5 (account TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+        PRIMARY KEY (account, key));
+    INSERT INTO meta_v5 SELECT 'default', key, value FROM meta;
+    DROP TABLE meta;
+    ALTER TABLE meta_v5 RENAME TO meta;
+    """,
 ]
 _DELETABLE = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
 
@@ -138,14 +202,16 @@ class Row:
     polls: int
     tm_create: float | None
     tm_end: float | None
+    account: str = DEFAULT_ACCOUNT
 
 
-_ROW_COLUMNS = "id, state, raw, attempts, polls, tm_create, tm_end"  # what _row() reads
+_ROW_COLUMNS = "id, state, raw, attempts, polls, tm_create, tm_end, account"  # what _row() reads
 
 
 def _row(r: Any) -> Row:
     """A ``Row`` from a result row selected with ``_ROW_COLUMNS``."""
-    return Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"])
+    return Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"],
+               r["account"])
 
 
 def _epoch(ts: Any) -> float | None:
@@ -161,16 +227,36 @@ def _initial_state(rec: Recording) -> tuple[str, str | None]:
 class StateDB:
     """The archiver's SQLite state. Use ``await StateDB.open(path)``; one writer per file.
 
+    What one account's engine reads and writes goes through ``for_account(name)``, a view on the
+    same connection; the database as opened reports over every account.
+
     Every read is one ``execute_fetchall`` (a single step in aiosqlite's thread): a cursor left
     open across an await would see rows that another task updates meanwhile on the same
     connection, and SQLite's answer is then undefined (a GROUP BY once returned a NULL state)."""
 
-    def __init__(self, db: aiosqlite.Connection, lock_fd: int | None, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, lock_fd: int | None, path: Path, account: str | None = None,
+                 owner: StateDB | None = None) -> None:
         self.db = db
         self.path = path
+        self.account = account
+        self._owner = owner  # a view's database, which holds the lock and the connection
         self._lock_fd = lock_fd
         self._archived_batch: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+
+    def for_account(self, account: str) -> StateDB:
+        """The view one account's engine works through: every row it reads or writes is that account's."""
+        return StateDB(self.db, None, self.path, account, self._owner or self)
+
+    @property
+    def _acct(self) -> str:
+        if self.account is None:
+            raise RuntimeError("this needs one account's view: state.for_account(name)")
+        return self.account
+
+    def _scope(self) -> tuple[str, tuple[str, ...]]:
+        """(``account=? AND `` and its parameter) for a view, nothing for the whole database."""
+        return ("", ()) if self.account is None else ("account=? AND ", (self.account,))
 
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> StateDB:
@@ -195,7 +281,9 @@ class StateDB:
             await db.execute("PRAGMA busy_timeout=10000")
             db.row_factory = aiosqlite.Row
             state = cls(db, lock_fd, path)
-            if not readonly:
+            if readonly:
+                await state._check_readable()
+            else:
                 await state._migrate()
                 # a writer reads every page once: a truncated or damaged file is found now, not mid-run
                 check = (await db.execute_fetchall("PRAGMA quick_check"))[0][0]
@@ -215,6 +303,16 @@ class StateDB:
                 raise StateUnusable(unusable_message(path, f"{exc.strerror}: {exc.filename}")) from None
             raise
 
+    async def _check_readable(self) -> None:
+        """A reader (``status``, ``verify``) cannot migrate: an older schema says what to do."""
+        version = (await self.db.execute_fetchall("PRAGMA user_version"))[0][0]
+        if version != len(MIGRATIONS):
+            raise StateUnusable(
+                f"state database {self.path} is schema v{version}, this archiver reads v{len(MIGRATIONS)}: "
+                + ("run `backfill` or `run` once to migrate it" if version < len(MIGRATIONS)
+                   else "upgrade voipbin-archiver")
+            )
+
     async def _storage_error(self, exc: sqlite3.DatabaseError) -> BaseException:
         """What a failed write means, after a rollback: a full disk or an I/O error
         (``OperationalError``) is ``LocalStorageError``, which the engine pauses on; a damaged
@@ -232,9 +330,13 @@ class StateDB:
 
     def lock_fds(self) -> tuple[int, ...]:
         """The lock's descriptor, for helper processes to hold (see ``storeproc``)."""
+        if self._owner is not None:
+            return self._owner.lock_fds()
         return () if self._lock_fd is None else (self._lock_fd,)
 
     async def close(self) -> None:
+        if self._owner is not None:
+            return  # a view: the database it belongs to closes the connection
         await self.db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -252,13 +354,22 @@ class StateDB:
                 f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
             )
 
+    async def accounts(self) -> list[str]:
+        """Every account the database holds rows or meta for."""
+        rows = await self.db.execute_fetchall(
+            "SELECT DISTINCT account FROM recordings UNION SELECT DISTINCT account FROM meta ORDER BY 1"
+        )
+        return [r[0] for r in rows]
+
     # ---- the walk ----------------------------------------------------------------------------
 
     async def known_ids(self, ids: list[str]) -> set[str]:
         if not ids:
             return set()
         marks = ",".join("?" * len(ids))
-        rows = await self.db.execute_fetchall(f"SELECT id FROM recordings WHERE id IN ({marks})", ids)
+        rows = await self.db.execute_fetchall(
+            f"SELECT id FROM recordings WHERE account=? AND id IN ({marks})", (self._acct, *ids)
+        )
         return {r[0] for r in rows}
 
     @_writes
@@ -266,6 +377,7 @@ class StateDB:
         """Insert unknown recordings and checkpoint the walk, in one transaction. Returns (new,
         known). A known ``discovered`` row that the listing now shows ended or deleted moves on
         (no detail request needed). A few statements per page, not one per recording."""
+        account = self._acct
         now = time.time()
         known = await self.known_ids([r.id for r in recordings])
         inserts = []
@@ -274,53 +386,61 @@ class StateDB:
             state, reason = _initial_state(rec)
             if rec.id not in known:
                 known.add(rec.id)  # a page may (in theory) list an id twice
-                inserts.append((rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
+                inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
                                 _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
             elif rec.ended or rec.deleted:
-                moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now, rec.id))
+                moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now,
+                              account, rec.id))
         if inserts:
             await self.db.executemany(
-                "INSERT OR IGNORE INTO recordings (id, state, raw, status, reference_type, tm_create,"
-                " tm_end, discovered_at, next_attempt_at, last_error, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO recordings (account, id, state, raw, status, reference_type, tm_create,"
+                " tm_end, discovered_at, next_attempt_at, last_error, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 inserts,
             )
         if moves:
             await self.db.executemany(
                 "UPDATE recordings SET state=?, raw=?, status=?, tm_end=?, last_error=?,"
-                " next_attempt_at=?, updated_at=? WHERE id=? AND state='discovered'",
+                " next_attempt_at=?, updated_at=? WHERE account=? AND id=? AND state='discovered'",
                 moves,
             )
         if walk is not None:
             if next_token:
                 await self.db.execute(
-                    "INSERT OR REPLACE INTO walks (name, token, updated_at) VALUES (?,?,?)", (walk, next_token, now)
+                    "INSERT OR REPLACE INTO walks (account, name, token, updated_at) VALUES (?,?,?,?)",
+                    (account, walk, next_token, now),
                 )
             else:
-                await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
+                await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (account, walk))
         await self.db.commit()
         return len(inserts), len(recordings) - len(inserts)
 
     async def walk_checkpoint(self, walk: str) -> str | None:
-        rows = await self.db.execute_fetchall("SELECT token FROM walks WHERE name=?", (walk,))
+        rows = await self.db.execute_fetchall(
+            "SELECT token FROM walks WHERE account=? AND name=?", (self._acct, walk)
+        )
         return rows[0][0] if rows else None
 
     @_writes
     async def end_walk(self, walk: str) -> None:
-        await self.db.execute("DELETE FROM walks WHERE name=?", (walk,))
+        await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (self._acct, walk))
         await self.set_meta(f"walk_done:{walk}", str(time.time()))
 
     async def get_meta(self, key: str) -> str | None:
-        rows = await self.db.execute_fetchall("SELECT value FROM meta WHERE key=?", (key,))
+        rows = await self.db.execute_fetchall(
+            "SELECT value FROM meta WHERE account=? AND key=?", (self._acct, key)
+        )
         return rows[0][0] if rows else None
 
     @_writes
     async def set_meta(self, key: str, value: str) -> None:
-        await self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?,?)", (key, value))
+        await self.db.execute(
+            "INSERT OR REPLACE INTO meta (account, key, value) VALUES (?,?,?)", (self._acct, key, value)
+        )
         await self.db.commit()
 
     @_writes
     async def delete_meta(self, key: str) -> None:
-        await self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+        await self.db.execute("DELETE FROM meta WHERE account=? AND key=?", (self._acct, key))
         await self.db.commit()
 
     # ---- the worker pool ---------------------------------------------------------------------
@@ -329,9 +449,9 @@ class StateDB:
         """Rows whose next attempt is due, oldest first, skipping those already in flight."""
         rows = await self.db.execute_fetchall(
             f"SELECT {_ROW_COLUMNS} FROM recordings INDEXED BY recordings_due"
-            " WHERE state IN ('discovered', 'pending') AND next_attempt_at <= ?"
+            " WHERE account=? AND state IN ('discovered', 'pending') AND next_attempt_at <= ?"
             " ORDER BY next_attempt_at LIMIT ?",
-            (now, limit + len(exclude)),
+            (self._acct, now, limit + len(exclude)),
         )
         picked = [r for r in rows if r["id"] not in exclude][:limit]  # parse only what is returned
         return [_row(r) for r in picked]
@@ -339,7 +459,8 @@ class StateDB:
     async def next_due_time(self) -> float | None:
         rows = await self.db.execute_fetchall(
             "SELECT min(next_attempt_at) FROM recordings INDEXED BY recordings_due"
-            " WHERE state IN ('discovered', 'pending')"
+            " WHERE account=? AND state IN ('discovered', 'pending')",
+            (self._acct,),
         )
         return rows[0][0]
 
@@ -349,9 +470,9 @@ class StateDB:
         if ids:
             marks = ",".join("?" * len(ids))
             await self.db.execute(
-                f"UPDATE recordings SET state='downloading', updated_at=? WHERE id IN ({marks})"
+                f"UPDATE recordings SET state='downloading', updated_at=? WHERE account=? AND id IN ({marks})"
                 " AND state='pending'",
-                (time.time(), *ids),
+                (time.time(), self._acct, *ids),
             )
             await self.db.commit()
 
@@ -362,7 +483,9 @@ class StateDB:
             fields["raw"] = json.dumps(fields["raw"])
         fields["updated_at"] = time.time()
         sets = ", ".join(f"{k}=?" for k in fields)
-        await self.db.execute(f"UPDATE recordings SET {sets} WHERE id=?", (*fields.values(), rec_id))
+        await self.db.execute(
+            f"UPDATE recordings SET {sets} WHERE account=? AND id=?", (*fields.values(), self._acct, rec_id)
+        )
         await self.db.commit()
 
     async def mark_archived(
@@ -374,7 +497,7 @@ class StateDB:
         now = time.time()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         values = (state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None)
-        self._archived_batch.append(((*values, now, now, rec_id), future))
+        self._archived_batch.append(((*values, now, now, self._acct, rec_id), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_archived())
         await asyncio.shield(future)
@@ -386,7 +509,7 @@ class StateDB:
             try:
                 await self.db.executemany(
                     "UPDATE recordings SET state=?, path=?, size=?, sha256=?, server_hashes=?, members=?,"
-                    " flag=?, flag_reason=?, archived_at=?, last_error=NULL, updated_at=? WHERE id=?",
+                    " flag=?, flag_reason=?, archived_at=?, last_error=NULL, updated_at=? WHERE account=? AND id=?",
                     [values for values, _ in batch],
                 )
                 await self.db.commit()
@@ -410,26 +533,29 @@ class StateDB:
     async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]:
         """Recordings whose server copy may go: an interrupted deletion first, then those
         archived (complete, unless ``include_flagged``) before ``before``, oldest first."""
+        account = self._acct
         rows = await self.db.execute_fetchall(
             f"SELECT {_DELETABLE} FROM recordings INDEXED BY recordings_delete_intents"
-            " WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL AND state = 'archived' LIMIT ?",
-            (limit,),
+            " WHERE account=? AND delete_intent_at IS NOT NULL AND server_deleted_at IS NULL"
+            " AND state = 'archived' LIMIT ?",
+            (account, limit),
         )
         if len(rows) < limit:
             rows += await self.db.execute_fetchall(
                 f"SELECT {_DELETABLE} FROM recordings INDEXED BY recordings_deletable"
-                f" WHERE {self._deletable_where(include_flagged)} AND delete_intent_at IS NULL"
+                f" WHERE account=? AND {self._deletable_where(include_flagged)} AND delete_intent_at IS NULL"
                 " ORDER BY archived_at LIMIT ?",
-                (before, limit - len(rows)),
+                (account, before, limit - len(rows)),
             )
         return [dict(r) for r in rows]
 
     async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]:
         """(count, bytes) of what ``deletable`` would hand out now."""
+        scope, params = self._scope()
         rows = await self.db.execute_fetchall(
             f"SELECT count(*), coalesce(sum(size), 0) FROM recordings INDEXED BY recordings_deletable"
-            f" WHERE {self._deletable_where(include_flagged)}",
-            (before,),
+            f" WHERE {scope}{self._deletable_where(include_flagged)}",
+            (*params, before),
         )
         return rows[0][0], rows[0][1]
 
@@ -440,43 +566,57 @@ class StateDB:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = await self.db.execute_fetchall(
-                f"SELECT id, server_deleted_at FROM recordings WHERE id IN ({marks})", chunk
+                f"SELECT id, server_deleted_at FROM recordings WHERE account=? AND id IN ({marks})",
+                (self._acct, *chunk),
             )
             out += [(r[0], r[1]) for r in rows]
         return out
 
     async def delete_intents(self) -> list[str]:
+        scope, params = self._scope()
         rows = await self.db.execute_fetchall(
             "SELECT id FROM recordings INDEXED BY recordings_delete_intents"
-            " WHERE delete_intent_at IS NOT NULL AND server_deleted_at IS NULL"
+            f" WHERE {scope}delete_intent_at IS NOT NULL AND server_deleted_at IS NULL",
+            params,
         )
         return [r[0] for r in rows]
 
     @_writes
     async def mark_server_deleted(self, rows: list[tuple[float, str, str]]) -> None:
         """(deleted_at, request id, recording id) for each: one transaction."""
+        account = self._acct
         await self.db.executemany(
-            "UPDATE recordings SET server_deleted_at=?, delete_request_id=? WHERE id=?", rows
+            "UPDATE recordings SET server_deleted_at=?, delete_request_id=? WHERE account=? AND id=?",
+            [(at, request_id, account, rec_id) for at, request_id, rec_id in rows],
         )
         await self.db.commit()
 
     async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]:
         due, due_bytes = await self.deletable_totals(before, include_flagged)
+        scope, params = self._scope()
         deleted = (await self.db.execute_fetchall(
-            "SELECT count(*) FROM recordings INDEXED BY recordings_server_deleted WHERE server_deleted_at IS NOT NULL"
+            "SELECT count(*) FROM recordings INDEXED BY recordings_server_deleted"
+            f" WHERE {scope}server_deleted_at IS NOT NULL", params,
         ))[0][0]
-        store = await self.get_meta("server_store")
+        stores = [json.loads(r[0]) for r in await self.db.execute_fetchall(
+            f"SELECT value FROM meta WHERE {scope}key='server_store' ORDER BY account", params
+        )]
         return {"due": due, "due_bytes": due_bytes, "deleted": deleted,
-                "interrupted": len(await self.delete_intents()), "server_store": json.loads(store) if store else None}
+                "interrupted": len(await self.delete_intents()), "server_store": stores[0] if stores else None}
 
     @_writes
     async def release_downloading(self, in_flight: set[str]) -> int:
         """Rows left ``downloading`` by work that ended while the database could not be written:
         back to ``pending`` (those still in flight excepted)."""
-        rows = await self.db.execute_fetchall("SELECT id FROM recordings WHERE state='downloading'")
-        stale = [(r[0],) for r in rows if r[0] not in in_flight]
+        account = self._acct
+        rows = await self.db.execute_fetchall(
+            "SELECT id FROM recordings INDEXED BY recordings_state WHERE account=? AND state='downloading'", (account,)
+        )
+        stale = [(account, r[0]) for r in rows if r[0] not in in_flight]
         if stale:
-            await self.db.executemany("UPDATE recordings SET state='pending' WHERE id=? AND state='downloading'", stale)
+            await self.db.executemany(
+                "UPDATE recordings SET state='pending' WHERE account=? AND id=? AND state='downloading'", stale
+            )
             await self.db.commit()
         return len(stale)
 
@@ -484,19 +624,26 @@ class StateDB:
     async def recover(self) -> list[Row]:
         """After a crash: rows left ``downloading`` go back to ``pending``. Returns them, so
         the caller can remove their temporary files."""
+        account = self._acct
         rows = [
             _row(r)
-            for r in await self.db.execute_fetchall(f"SELECT {_ROW_COLUMNS} FROM recordings WHERE state='downloading'")
+            for r in await self.db.execute_fetchall(
+                f"SELECT {_ROW_COLUMNS} FROM recordings INDEXED BY recordings_state"
+                " WHERE account=? AND state='downloading'", (account,)
+            )
         ]
-        await self.db.execute("UPDATE recordings SET state='pending' WHERE state='downloading'")
+        await self.db.execute(
+            "UPDATE recordings SET state='pending' WHERE account=? AND state='downloading'", (account,)
+        )
         await self.db.commit()
         return rows
 
     @_writes
     async def retry_failed(self) -> int:
+        scope, params = self._scope()
         cur = await self.db.execute(
-            "UPDATE recordings SET state='pending', attempts=0, next_attempt_at=? WHERE state='failed'",
-            (time.time(),),
+            f"UPDATE recordings SET state='pending', attempts=0, next_attempt_at=? WHERE {scope}state='failed'",
+            (time.time(), *params),
         )
         await self.db.commit()
         return cur.rowcount
@@ -505,65 +652,106 @@ class StateDB:
 
     async def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
-        rows = await self.db.execute_fetchall("SELECT state, count(*) FROM recordings GROUP BY state")
+        scope, params = self._scope()
+        rows = await self.db.execute_fetchall(
+            f"SELECT state, count(*) FROM recordings WHERE {scope}1 GROUP BY state", params
+        )
         for state, n in rows:
             out[str(state)] = n
         return out
 
+    async def counts_by_account(self) -> dict[str, dict[str, int]]:
+        """Counts per state for each account (``status --json``, metrics)."""
+        out: dict[str, dict[str, int]] = {}
+        rows = await self.db.execute_fetchall(
+            "SELECT account, state, count(*) FROM recordings INDEXED BY recordings_state GROUP BY account, state"
+        )
+        for account, state, n in rows:
+            out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
+        return out
+
     async def summary(self) -> dict[str, Any]:
-        """Counts per state, the oldest waiting recording and the last error, for ``status``."""
+        """Counts per state, the oldest waiting recording and the last error, for ``status``.
+        The whole database's: refusals and key expiry are each account's, keyed by account."""
+        scope, params = self._scope()
         out: dict[str, Any] = await self.counts()
         out["total"] = sum(out[s] for s in STATES)
         rows = await self.db.execute_fetchall(
-            "SELECT id, tm_create FROM recordings INDEXED BY recordings_waiting_created"
-            " WHERE state IN ('discovered', 'pending', 'downloading') ORDER BY tm_create LIMIT 1"
+            "SELECT id, tm_create, account FROM recordings INDEXED BY recordings_waiting_created"
+            f" WHERE {scope}state IN ('discovered', 'pending', 'downloading') ORDER BY tm_create LIMIT 1", params
         )
-        out["oldest_pending"] = {"id": rows[0][0], "tm_create": rows[0][1]} if rows else None
+        out["oldest_pending"] = (
+            {"id": rows[0][0], "tm_create": rows[0][1], "account": rows[0][2]} if rows else None
+        )
         rows = await self.db.execute_fetchall(
-            "SELECT id, state, last_error, updated_at FROM recordings INDEXED BY recordings_errors"
-            " WHERE last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
-            " ORDER BY updated_at DESC LIMIT 1"
+            "SELECT id, state, last_error, updated_at, account FROM recordings INDEXED BY recordings_errors"
+            f" WHERE {scope}last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
+            " ORDER BY updated_at DESC LIMIT 1", params
         )
         out["last_error"] = (
-            {"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3]} if rows else None
+            {"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3], "account": rows[0][4]}
+            if rows else None
         )
-        out["last_cycle"] = await self.get_meta("last_cycle")
         flags = dict.fromkeys(FLAGS, 0)
         for flag, n in await self.db.execute_fetchall(
-            "SELECT flag, count(*) FROM recordings INDEXED BY recordings_flagged WHERE flag IS NOT NULL GROUP BY flag"
+            "SELECT flag, count(*) FROM recordings INDEXED BY recordings_flagged"
+            f" WHERE {scope}flag IS NOT NULL GROUP BY flag", params
         ):
             flags[str(flag)] = n
         out["archived_flagged"] = flags
-        refused = await self.get_meta("api_refused")
-        out["api_refused"] = json.loads(refused) if refused else None
-        expires = await self.get_meta("accesskey_expires")
-        out["accesskey_expires"] = float(expires) if expires else None
+        meta = await self._meta_by_account(("last_cycle", "api_refused", "accesskey_expires"))
+        cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
+        out["last_cycle"] = str(min(cycles)) if cycles else None  # the account longest without one
+        refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
+        expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
+        one = self.account or (next(iter(meta)) if len(meta) == 1 else None)
+        if one is not None:  # one account: as before v5
+            out["api_refused"] = refused.get(one)
+            out["accesskey_expires"] = expires.get(one)
+        else:
+            out["api_refused"] = next(iter(refused.values()), None)
+            out["accesskey_expires"] = min(expires.values(), default=None)  # the first to expire
+        out["api_refused_by_account"] = refused
+        out["accesskey_expires_by_account"] = expires
+        return out
+
+    async def _meta_by_account(self, keys: tuple[str, ...]) -> dict[str, dict[str, str]]:
+        scope, params = self._scope()
+        marks = ",".join("?" * len(keys))
+        out: dict[str, dict[str, str]] = {}
+        for account, key, value in await self.db.execute_fetchall(
+            f"SELECT account, key, value FROM meta WHERE {scope}key IN ({marks})", (*params, *keys)
+        ):
+            out.setdefault(str(account), {})[str(key)] = value
         return out
 
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         """The latest recordings kept imperfect or without audio, with why (``status``)."""
+        scope, params = self._scope()
         rows = await self.db.execute_fetchall(
-            "SELECT id, state, flag, flag_reason FROM recordings WHERE flag_reason IS NOT NULL"
+            f"SELECT id, state, flag, flag_reason, account FROM recordings WHERE {scope}flag_reason IS NOT NULL"
             " ORDER BY updated_at DESC LIMIT ?",
-            (limit,),
+            (*params, limit),
         )
         return [dict(r) for r in rows]
 
     async def archived(self, batch: int = 1000) -> Any:
         """Yield rows with files in the archive (``archived``, ``no_audio``) in batches
         (``verify``); never the whole table in memory."""
-        last = ""
+        scope, params = self._scope()
+        last = ("", "")
         while True:
             rows = await self.db.execute_fetchall(
-                f"SELECT id, state, path, size, sha256 FROM recordings WHERE state IN ({_STORED_SQL})"
-                " AND id > ? ORDER BY id LIMIT ?",
-                (last, batch),
+                f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}state IN ({_STORED_SQL})"
+                " AND (account, id) > (?, ?) ORDER BY account, id LIMIT ?",
+                (*params, *last, batch),
             )
             if not rows:
                 return
             for r in rows:
                 yield dict(r)
-            last = rows[-1]["id"]
+            last = (rows[-1]["account"], rows[-1]["id"])
+
 
 def unusable_message(path: Path, exc: BaseException | str) -> str:
     """What is wrong with the state database and what the operator can do about it."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import __version__
-from .config import ArchiveConfig
+from .config import DEFAULT_ACCOUNT, ArchiveConfig
 from .errors import LocalStorageError, NotReady, VerificationError
 from .inspect import (
     CHUNK,
@@ -92,6 +92,7 @@ class StoreJob:
     spilled: bool
     expected_length: int | None  # Content-Length
     hashes: dict[str, str]  # x-goog-hash
+    account: str = DEFAULT_ACCOUNT  # whose recording ({account} in the layout)
 
     @property
     def ref_type(self) -> str:
@@ -316,6 +317,7 @@ class Store:
         state: str, flag: str, reason: str, unpacked: bool,
     ) -> bytes:
         meta = {
+            "account": job.account,
             "file": file,
             "kind": kind,
             "state": state,
@@ -339,7 +341,8 @@ class Store:
     ) -> Archived | Staged:
         """No audio, for good: the sidecar alone is kept (the recording's metadata proves that
         the call was recorded); the served body is described in it, not stored."""
-        rel = self.layout.relative(job.rec_id, "zip" if kind == "empty" else kind, job.tm_create, job.ref_type)
+        rel = self.layout.relative(job.rec_id, "zip" if kind == "empty" else kind, job.tm_create, job.ref_type,
+                                   job.account)
         side = sidecar_path(self.layout.path(rel))
         reason = f"{reason}: {NO_AUDIO_CAUSE}"
         data = self._sidecar(job, kind, digest, members, None, "no_audio", "", reason, False)
@@ -361,7 +364,7 @@ class Store:
     ) -> Archived | Staged:
         """Sidecar, then unpacked members (``unpack_tmp``, when unpacking), then the body: each
         renamed into place only once written and fsynced. With ``stage_only``, handed back."""
-        rel = self.layout.relative(job.rec_id, kind, job.tm_create, job.ref_type)
+        rel = self.layout.relative(job.rec_id, kind, job.tm_create, job.ref_type, job.account)
         final = self.layout.path(rel)
         unpack = kind == "zip" and unpack_tmp is not None
         sidecar = self._sidecar(job, kind, digest, members, final.name, "archived", flag, reason, unpack)

@@ -50,8 +50,9 @@ class StorePool:
         self._next_id = 0
         self._starting = asyncio.Lock()
         self._closed = False
+        self._outstanding: dict[str, set[asyncio.Future[Archived | Staged]]] = {}  # by account
 
-    async def store(self, job: StoreJob) -> Archived | Staged:
+    async def store(self, job: StoreJob, account: str = "") -> Archived | Staged:
         helper = await self._helper()
         if helper.reader is None or helper.reader.done():  # it died while another one started
             raise TransientError("the store helper exited before it was asked")
@@ -60,6 +61,9 @@ class StorePool:
         future: asyncio.Future[Archived | Staged] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieved)  # the caller may have gone (shutdown): no "never retrieved"
         helper.waiting[request] = future
+        outstanding = self._outstanding.setdefault(account, set())
+        outstanding.add(future)
+        future.add_done_callback(outstanding.discard)
         try:
             assert helper.proc.stdin is not None
             helper.proc.stdin.write(frame((request, job)))
@@ -68,6 +72,15 @@ class StorePool:
             helper.waiting.pop(request, None)
             raise TransientError(f"store helper unreachable: {type(exc).__name__}") from None
         return await asyncio.shield(future)  # a cancelled caller must not lose the helper's answer
+
+    async def drain(self, account: str) -> None:
+        """Wait (up to ``CLOSE_WAIT``) until every request for ``account`` is answered: an engine
+        that shares the pool stops without closing it, and then no helper touches its files."""
+        pending = self._outstanding.get(account)
+        if pending:
+            _, late = await asyncio.wait(set(pending), timeout=CLOSE_WAIT)
+            if late:
+                log.error("store_requests_unanswered", requests=len(late), reason=f"still busy after {CLOSE_WAIT} s")
 
     async def close(self) -> None:
         """Let every helper finish what it has (for up to ``CLOSE_WAIT`` seconds), then reap it:

@@ -81,7 +81,8 @@ async def test_backfill_resumes_at_the_checkpointed_page(make_sim, tmp_path):
     pages = await _walk(sim, 10)
     db = tmp_path / "state.sqlite3"
     state = await StateDB.open(db)
-    await state.store_page(pages[0].recordings + pages[1].recordings, "full", pages[1].next_token)
+    first_two = pages[0].recordings + pages[1].recordings
+    await state.for_account("default").store_page(first_two, "full", pages[1].next_token)
     await state.close()
     sim.stats.clear()
     cfg = write_config(tmp_path, sim, api={"page_size": 10})

@@ -45,7 +45,7 @@ class DirectoryDestination(Destination):
         return str(self.layout.root)
 
     def staging_directory(self, row: Row) -> Path:
-        return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "")
+        return self.layout.directory_for(row.id, row.tm_create, row.raw.get("reference_type", "") or "", row.account)
 
     async def commit(self, job: StoreJob, result: Archived | Staged) -> Archived:
         assert isinstance(result, Archived), "a directory's helpers store the body themselves"

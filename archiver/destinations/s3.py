@@ -168,7 +168,7 @@ class S3Destination(Destination):
         sidecar that agree, or a ``no_audio`` sidecar. One LIST per key prefix first, so a
         prefix this process found empty costs no HEAD per recording."""
         ref = row.raw.get("reference_type", "") or ""
-        rels = {ext: self.layout.relative(row.id, ext, row.tm_create, ref) for ext in EXTENSIONS}
+        rels = {ext: self.layout.relative(row.id, ext, row.tm_create, ref, row.account) for ext in EXTENSIONS}
         prefix = self.key(rels["zip"]).rpartition("/")[0] + "/"
         known = self._empty_at_start.get(prefix)
         if known is None:

@@ -1,0 +1,243 @@
+"""Several accounts in one daemon: each its own credential, pace, walk and refusals; one state
+database keyed by (account, recording id); the layout's ``{account}/``; an older database."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from archiver.config import build_config
+from archiver.errors import ConfigError
+from archiver.simulator import MultiSimulator, SimConfig
+from archiver.state import MIGRATIONS
+from tests.conftest import cli_command, cli_env, db_rows, free_port, http_get, run_cli, toml_value, wait_until
+
+ROWS_SQL = "SELECT account, id, state, path, sha256 FROM recordings"
+
+
+@pytest.fixture
+async def multi_sim():
+    started: list[MultiSimulator] = []
+
+    async def factory(names: list[str], **kwargs: Any) -> MultiSimulator:
+        kwargs.setdefault("rate_limit", False)
+        sim = MultiSimulator({name: SimConfig(**kwargs) for name in names})
+        await sim.start()
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        await sim.stop()
+
+
+def write_accounts_config(directory: Path, sim: MultiSimulator, accounts: list[str] | None = None,
+                          **sections: dict[str, Any]) -> Path:
+    """A config with one [[accounts]] entry per simulated account, each key in a file of its own."""
+    base: dict[str, dict[str, Any]] = {
+        "api": {"base_url": sim.base_url, "requests_per_second": 0, "retry_base": 0.01, "retry_max": 0.05,
+                "timeout": 10},
+        "archive": {"directory": "archive", "settle_window": 60},
+        "state": {"database": "state.sqlite3"},
+        "workers": {"concurrency": 4, "poll_backoff_min": 0.2, "poll_backoff_max": 0.5,
+                    "retry_backoff_min": 0.05, "retry_backoff_max": 0.2, "poll_interval": 0.5},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in base.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+    for name in accounts or list(sim.accounts):
+        key_file = directory / f"{name}.key"
+        key_file.write_text(sim.accounts[name].accesskey + "\n")
+        lines += ["[[accounts]]", f"name = {toml_value(name)}", f"accesskey_file = {toml_value(str(key_file))}"]
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def assert_accounts_archived(sim: MultiSimulator, root: Path, db: Path, names: list[str] | None = None,
+                             prefixed: bool = True) -> None:
+    """Every account's recordings archived once under its own key, byte-identical, in ``<account>/``."""
+    rows = {(r[0], r[1]): r for r in db_rows(db, ROWS_SQL)}
+    for name in names or list(sim.accounts):
+        expected = sim.accounts[name].expected_archives()
+        mine = {k[1]: r for k, r in rows.items() if k[0] == name and r[2] == "archived"}
+        assert set(mine) == set(expected), f"{name}: missing {sorted(set(expected) - set(mine))[:3]}"
+        for rec_id, body in expected.items():
+            rel, sha = mine[rec_id][3], mine[rec_id][4]
+            assert rel.startswith(f"{name}/") == prefixed, rel
+            assert (root / rel).read_bytes() == body and sha == hashlib.sha256(body).hexdigest()
+            sidecar = json.loads((root / rel).with_suffix(".json").read_text())
+            assert sidecar["recording"]["id"] == rec_id and sidecar["archive"]["account"] == name
+
+
+def test_accounts_config_errors():
+    base = {"api": {"base_url": "http://127.0.0.1:1/v1.0"}}
+    cases = [
+        ({"accounts": [{"name": "Acme", "accesskey": "k"}]}, "name must be 1 to 32"),
+        ({"accounts": [{"name": "a"}]}, r"\[accounts a\] no credential"),
+        ({"accounts": [{"name": "a", "accesskey": "k", "colour": 1}]}, r"\[accounts a\] unknown key 'colour'"),
+        ({"api": {"accesskey": "k"}, "accounts": [{"name": "a", "accesskey": "k"}]}, "move it into"),
+        ({"accounts": [{"name": "a", "accesskey": "k"}, {"name": "a", "accesskey": "j"}]}, "unique"),
+        ({"accounts": [{"name": "a", "accesskey": "k"}, {"name": "b", "accesskey": "j"}],
+          "archive": {"layout": "{year}/{id}.{ext}"}}, "must contain {account}"),
+        ({"accounts": []}, "one or more tables"),
+        ({"accounts": [{"name": "a", "accesskey": "k", "requests_per_second": -1}]}, ">= 0"),
+    ]
+    for extra, message in cases:
+        data = {**base, **extra, "api": {**base["api"], **extra.get("api", {})}}
+        with pytest.raises(ConfigError, match=message):
+            build_config(data, Path("/tmp"), {})
+    cfg = build_config({**base, "accounts": [{"name": "a", "accesskey": "k"},
+                                             {"name": "b", "token": "t", "requests_per_second": 3}]}, Path("/tmp"), {})
+    assert cfg.archive.layout == "{account}/{year}/{month}/{day}/{id}.{ext}"
+    assert [(a.name, a.api.accesskey, a.api.token, a.api.requests_per_second, a.api.burst) for a in cfg.accounts] == [
+        ("a", "k", "", 8.0, 8), ("b", "", "t", 3.0, 3)]
+    single = build_config({"api": {"accesskey": "k"}}, Path("/tmp"), {})
+    assert [a.name for a in single.accounts] == ["default"]
+    assert single.archive.layout == "{year}/{month}/{day}/{id}.{ext}", "one account: paths as before"
+
+
+async def test_a_backfill_of_three_accounts_keeps_each_apart(tmp_path, multi_sim):
+    sim = await multi_sim(["acme", "beta", "gamma"], recordings=15, audio_bytes=3000)
+    cfg = write_accounts_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    assert_accounts_archived(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+    for account in sim.accounts.values():
+        assert account.stats["api_requests"] > 0 and account.credential_leaks == 0
+        assert account.overlapping_downloads == 0
+    status = json.loads((await run_cli("--config", str(cfg), "status", "--json")).out)
+    assert set(status["accounts"]) == {"acme", "beta", "gamma"}
+    for name, counts in status["accounts"].items():
+        assert counts["archived"] == len(sim.accounts[name].expected_archives()), name
+    assert status["archived"] == sum(c["archived"] for c in status["accounts"].values())
+    table = (await run_cli("--config", str(cfg), "status")).out
+    assert "acme" in table and "gamma" in table
+    verify = await run_cli("--config", str(cfg), "verify")
+    assert verify.rc == 0 and "0 problem(s)" in verify.out, verify
+    gets = {name: sum(s.storage_gets.values()) for name, s in sim.accounts.items()}
+    again = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert again.rc == 0, again
+    assert {name: sum(s.storage_gets.values()) for name, s in sim.accounts.items()} == gets, "nothing fetched twice"
+
+
+async def test_a_frozen_account_stops_only_its_own_backfill(tmp_path, multi_sim):
+    sim = await multi_sim(["acme", "frozen"], recordings=12, audio_bytes=2000)
+    sim.accounts["frozen"].refusal = "ACCOUNT_FROZEN"
+    cfg = write_accounts_config(tmp_path, sim)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 3, result
+    assert "ACCOUNT_FROZEN" in result.out
+    assert_accounts_archived(sim, tmp_path / "archive", tmp_path / "state.sqlite3", ["acme"])
+    status = json.loads((await run_cli("--config", str(cfg), "status", "--json")).out)
+    assert status["accounts"]["frozen"]["api_refused"]["reason"] == "ACCOUNT_FROZEN"
+    assert status["accounts"]["acme"]["api_refused"] is None
+    assert not [r for r in db_rows(tmp_path / "state.sqlite3", ROWS_SQL) if r[2] == "failed"]
+    sim.accounts["frozen"].refusal = ""
+    thawed = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert thawed.rc == 0, thawed
+    assert_accounts_archived(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+
+
+async def test_the_service_pauses_a_frozen_account_and_serves_the_others(tmp_path, multi_sim):
+    sim = await multi_sim(["acme", "beta", "frozen"], recordings=10, audio_bytes=2000)
+    frozen = sim.accounts["frozen"]
+    frozen.refusal = "ACCOUNT_FROZEN"
+    port = free_port()
+    cfg = write_accounts_config(tmp_path, sim, metrics={"listen": f"127.0.0.1:{port}"},
+                                workers={"trouble_pause": 0.5, "poll_interval": 0.5})
+    log_file = open(tmp_path / "run.log", "wb")
+    proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
+                                                stdout=log_file, stderr=log_file, env=cli_env())
+    base = f"http://127.0.0.1:{port}"
+    db = tmp_path / "state.sqlite3"
+
+    def archived(name: str) -> int:
+        try:
+            return sum(1 for r in db_rows(db, ROWS_SQL) if r[0] == name and r[2] == "archived")
+        except sqlite3.Error:
+            return 0
+
+    try:
+        await wait_until(lambda: archived("acme") == 10 and archived("beta") == 10, 60, "the others archived")
+        assert archived("frozen") == 0
+        async with aiohttp.ClientSession() as http:
+            metrics = ""
+            for _ in range(400):
+                _, metrics = await http_get(http, base + "/metrics")
+                if 'voipbin_archiver_recordings{account="acme",state="archived"} 10.0' in metrics:
+                    break
+                await asyncio.sleep(0.05)
+            assert 'voipbin_archiver_credential_refused{account="frozen",reason="ACCOUNT_FROZEN"} 1.0' in metrics
+            assert 'credential_refused{account="acme"' not in metrics
+            status, text = await http_get(http, base + "/healthz")
+            assert status == 503 and "account frozen" in text and "acme" not in text
+            frozen.refusal = ""
+            await wait_until(lambda: archived("frozen") == 10, 60, "the thawed account archived")
+            for _ in range(400):
+                status, text = await http_get(http, base + "/healthz")
+                if status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == 200, text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        log_file.close()
+    assert_accounts_archived(sim, tmp_path / "archive", db)
+    log = (tmp_path / "run.log").read_text()
+    assert '"account": "frozen"' in log or "account=frozen" in log, "refusals say whose they are"
+    assert all(s.accesskey not in log for s in sim.accounts.values())
+
+
+def _downgrade_to_v4(db: Path) -> None:
+    """Rewrite a current database as the v4 schema the single-account release wrote."""
+    old = db.with_name("old.sqlite3")
+    con = sqlite3.connect(old)
+    for number in range(4):
+        con.executescript(f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")
+    con.execute("ATTACH DATABASE ? AS cur", (str(db),))
+    columns = [r[1] for r in con.execute("PRAGMA main.table_info(recordings)")]
+    con.execute(f"INSERT INTO main.recordings ({', '.join(columns)}) SELECT {', '.join(columns)} FROM cur.recordings")
+    con.execute("INSERT INTO main.meta (key, value) SELECT key, value FROM cur.meta")
+    con.commit()
+    con.execute("DETACH DATABASE cur")
+    con.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    old.rename(db)
+
+
+async def test_a_single_account_archive_migrates_and_keeps_its_paths(tmp_path, multi_sim):
+    sim = await multi_sim(["default", "newco"], recordings=12, audio_bytes=2000)
+    single = write_accounts_config(tmp_path, sim, ["default"])
+    first = await run_cli("--config", str(single), "backfill", "--wait", "5")
+    assert first.rc == 0, first
+    db = tmp_path / "state.sqlite3"
+    _downgrade_to_v4(db)  # as the single-account release left it
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 4
+    stale = await run_cli("--config", str(single), "status")
+    assert stale.rc == 2 and "run `backfill` or `run` once to migrate" in stale.err, stale
+
+    both = write_accounts_config(tmp_path, sim, ["default", "newco"])
+    fetched_before = sum(sim.accounts["default"].storage_gets.values())
+    second = await run_cli("--config", str(both), "backfill", "--wait", "5")
+    assert second.rc == 0, second
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert sum(sim.accounts["default"].storage_gets.values()) == fetched_before, "nothing downloaded again"
+    assert_accounts_archived(sim, tmp_path / "archive", db, ["default"], prefixed=False)
+    assert_accounts_archived(sim, tmp_path / "archive", db, ["newco"], prefixed=True)
+    verify = await run_cli("--config", str(both), "verify")
+    assert verify.rc == 0, verify
