@@ -31,7 +31,7 @@ from .errors import (
 )
 from .logs import redact, register_secret
 from .model import check_id, parse_timestamp
-from .ratelimit import TokenBucket
+from .ratelimit import Grant, TokenBucket
 
 log = structlog.get_logger("archiver.client")
 
@@ -77,9 +77,10 @@ def _retry_after(value: str | None) -> float:
 class ApiClient:
     """Async client for the parts of the VoIPbin API the archiver needs."""
 
-    def __init__(self, cfg: ApiConfig, concurrency: int = 8) -> None:
+    def __init__(self, cfg: ApiConfig, concurrency: int = 8, grant: Grant | None = None) -> None:
+        """``grant``: the account's pace is shared with other daemons (``ratelimit.TokenBucket``)."""
         self.cfg = cfg
-        self.bucket = TokenBucket(cfg.requests_per_second, cfg.burst)
+        self.bucket = TokenBucket(cfg.requests_per_second, cfg.burst, grant)
         self.stats: Counter[str] = Counter()
         self._jwt = cfg.token
         self._login_lock = asyncio.Lock()

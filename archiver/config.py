@@ -82,11 +82,15 @@ class ArchiveConfig:
     max_member_bytes: int = 4 * 1024**3
     max_total_bytes: int = 16 * 1024**3
     max_ratio: float = 1000.0
+    temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 
 @dataclass(frozen=True)
 class StateConfig:
     database: Path = Path("/var/lib/voipbin-archiver/state.sqlite3")
+    url: str = field(default="", repr=False)  # postgresql://...: the shared state instead of SQLite
+    password: str = field(default="", repr=False)  # for url: password_file or env PGPASSWORD
+    lease: float = 300.0  # seconds a claimed recording stays ours without a heartbeat (url only)
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,7 @@ def build_config(
     names = [a.name for a in accounts]
     if len(set(names)) != len(names):
         raise ConfigError(f"[[accounts]] names must be unique, got {sorted(names)}")
-    state = StateConfig(database=reader.path("state", "database", StateConfig.database))
+    state = _build_state(reader, env, base_dir)
     destination = reader.choice("archive", "destination", ArchiveConfig.destination, ("directory", "s3"))
     s3 = _build_s3(reader, env, base_dir, state) if destination == "s3" else None
     if s3 is None and "archive.s3" in data:
@@ -256,6 +260,9 @@ def build_config(
         store_warn_ratio=reader.number("retention", "store_warn_ratio", RetentionConfig.store_warn_ratio, minimum=0),
         store_capacity=reader.whole("retention", "store_capacity", RetentionConfig.store_capacity, minimum=1),
     )
+    if state.url and retention.delete_from_server:
+        raise ConfigError("[retention] delete_from_server is not supported yet with a shared state ([state] url): "
+                          "deletions are not claimed across daemons; run it from one daemon on SQLite")
     if retention.store_warn_ratio > 1:
         raise ConfigError(f"[retention] store_warn_ratio must be <= 1, got {retention.store_warn_ratio}")
     logging_cfg = LoggingConfig(
@@ -408,6 +415,23 @@ def _lift_subtable(data: dict[str, Any], section: str, sub: str) -> dict[str, An
     if not isinstance(inner, dict):
         raise ConfigError(f"[{section}.{sub}] must be a table")
     return {**data, section: {k: v for k, v in body.items() if k != sub}, f"{section}.{sub}": inner}
+
+
+def _build_state(reader: _Reader, env: dict[str, str], base_dir: Path) -> StateConfig:
+    database = reader.path("state", "database", StateConfig.database)
+    url = reader.text("state", "url", "")
+    lease = reader.number("state", "lease", StateConfig.lease, minimum=1)
+    password = _secret(reader, env, "password", "PGPASSWORD", base_dir, "state")
+    if not url:
+        if {"password", "password_file", "lease"} & set(reader.data.get("state", {})):
+            raise ConfigError("[state] password and lease are for url (PostgreSQL); SQLite needs neither")
+        return StateConfig(database=database)
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise ConfigError("[state] url must be postgresql://user@host/database")
+    if parts.password:
+        raise ConfigError("[state] url must not carry a password: use password_file or env PGPASSWORD")
+    return StateConfig(database=database, url=url, password=password, lease=lease)
 
 
 LOCK_MODES = ("", "GOVERNANCE", "COMPLIANCE")
@@ -588,6 +612,7 @@ class _Reader:
 
     def reject_unknown(self) -> None:
         secret_files = {("api", "accesskey_file"), ("api", "token_file"), ("api", "password_file"),
+                        ("state", "password_file"),
                         ("archive.s3", "access_key_id_file"), ("archive.s3", "secret_access_key_file")}
         for section, body in self.data.items():
             for key in body:

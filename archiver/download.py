@@ -39,11 +39,11 @@ def remove_temporaries(destination: Destination, row: Row) -> None:
         directory = destination.staging_directory(row)
     except Exception:  # noqa: BLE001 - a row we cannot place has no temporaries either
         return
-    remove_quietly(
-        temp_path(directory, row.id, "download"),
-        temp_path(directory, row.id, "unpack"),
-        directory / f".{row.id}.json.partial",  # see store.write_file_atomic
-    )
+    try:  # ours and any other daemon's (a shared state: each marks its own names)
+        left = [p for p in directory.iterdir() if p.name.startswith(f".{row.id}.") and p.name.endswith(".partial")]
+    except OSError:
+        return
+    remove_quietly(*left)
 
 
 class Downloader:

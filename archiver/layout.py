@@ -75,9 +75,25 @@ def sidecar_path(final: Path) -> Path:
     return final.with_suffix(".json")
 
 
+_temp_tag = ""  # this process's mark in temporary names, when other daemons write beside it
+
+
+def set_temp_tag(tag: str) -> None:
+    """Daemons sharing a state (and a directory) each put their own mark in temporary names:
+    a daemon that lost its lease, still writing, then never renames another's partial file."""
+    global _temp_tag
+    _temp_tag = f".{tag}" if tag else ""
+
+
+def temp_name(name: str) -> str:
+    """The temporary name for a file called ``name``: ``.<name>[.<tag>].partial``."""
+    return f".{name}{_temp_tag}.partial"
+
+
 def temp_path(directory: Path, rec_id: str, what: str) -> Path:
-    """A deterministic temporary name, so start-up recovery can find and remove it."""
-    return directory / f".{rec_id}.{what}.partial"
+    """A deterministic temporary name (for this process), so start-up recovery can find and
+    remove it; recovery removes every process's (``.<id>.*.partial``)."""
+    return directory / temp_name(f"{rec_id}.{what}")
 
 
 def sanitize_member_name(name: str) -> str:

@@ -49,6 +49,7 @@ from .storepool import StorePool
 log = structlog.get_logger("archiver.pool")
 T = TypeVar("T")
 
+WALKED_ELSEWHERE = -1  # _walk's answer when another daemon walks the account (a shared state)
 SHUTDOWN_GRACE = 6.0  # seconds in-flight downloads get to finish on SIGTERM before they are abandoned
 
 
@@ -145,7 +146,8 @@ class Engine:
         self.ready.set()
         try:
             try:
-                if await self._walk_unless_stopped(full=True, since=since, until=until) is not None:
+                walked = await self._walk_unless_stopped(full=True, since=since, until=until)
+                if walked is not None and walked != WALKED_ELSEWHERE:
                     await self._succeeded()
             except (AuthRefused, LocalStorageError) as exc:
                 await self._halt(exc)
@@ -200,8 +202,8 @@ class Engine:
                 self.metrics.unwritable.set(0)
             full = await self._full_walk_due()
             new = await self._walk_unless_stopped(full=full)
-            if new is None:
-                return  # stopped mid-walk: the checkpoint keeps its place
+            if new is None or new == WALKED_ELSEWHERE:
+                return  # stopped mid-walk (the checkpoint keeps its place), or not ours to walk
             await self.state.set_meta("last_cycle", str(time.time()))
             await self._succeeded()
             await self._watch_store()
@@ -226,9 +228,20 @@ class Engine:
 
     def _start_workers(self) -> list[asyncio.Task[None]]:
         n = self.workers_cfg.concurrency
-        return [asyncio.create_task(self._resolver(), name=f"resolver-{i}") for i in range(n)] + [
+        keeper = [asyncio.create_task(self._keep_leases(), name="leases")] if self.state.lease else []
+        return keeper + [asyncio.create_task(self._resolver(), name=f"resolver-{i}") for i in range(n)] + [
             asyncio.create_task(self._downloader(), name=f"downloader-{i}") for i in range(n)
         ]
+
+    async def _keep_leases(self) -> None:
+        """A shared state: renew the leases of what is in flight every third of ``lease``, so
+        no other daemon takes over a slow transfer; a failed renewal is tried again next time."""
+        while True:
+            await asyncio.sleep(self.state.lease / 3)
+            try:
+                await self.state.renew(set(self.in_flight))
+            except Exception as exc:  # noqa: BLE001 - logged; the next round tries again
+                log.warning("lease_renewal_failed", error=redact(str(exc)))
 
     async def _wait_first(self, feeder: asyncio.Task[None], wait: float) -> None:
         """Until the feeder has nothing left, a stop, or the backfill's ``--wait`` is over: then
@@ -395,6 +408,15 @@ class Engine:
         return None
 
     async def _walk(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int:
+        """``_walk_pages`` unless another daemon walks this account now (a shared state): one
+        walker per account; the others only download."""
+        async with self.state.walk_lock() as mine:
+            if not mine:
+                log.debug("walk_skipped", reason="another daemon walks this account now")
+                return WALKED_ELSEWHERE
+            return await self._walk_pages(full, since, until)
+
+    async def _walk_pages(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int:
         """Store listed recordings. Full walks checkpoint each page; incremental ones stop at
         known recordings (after ``overlap`` of them). Returns how many were new."""
         name = None

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import structlog
 
 from .client import ApiClient
-from .config import Config
+from .config import ApiConfig, Config
 from .destinations import open_destination
 from .expiry import expiry_warning, watch_accesskey
+from .layout import set_temp_tag
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
+from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
-from .state import STATES, StateDB, waiting_count
+from .state import STATES, StateDB, open_state, waiting_count
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.service")
@@ -67,7 +71,10 @@ async def run_engine(
 ) -> tuple[RunResult, dict[str, int], dict[str, int]]:
     """Run ``backfill`` or ``run`` for every account, one engine each; returns (result, state
     counts, client request counts), over all accounts."""
-    state = await StateDB.open(cfg.state.database)
+    state = await open_state(cfg.state)
+    if state.shared:  # other daemons write beside us: our temporary names carry our mark
+        cfg = replace(cfg, archive=replace(cfg.archive, temp_tag=secrets.token_hex(4)))
+        set_temp_tag(cfg.archive.temp_tag)
     notifier = Notifier.from_env()
     metrics_runner = None
     try:
@@ -78,8 +85,11 @@ async def run_engine(
             clients.push_async_callback(store_pool.close)  # after every engine has stopped
             engines = []
             for account in cfg.accounts:
-                client = await clients.enter_async_context(ApiClient(account.api, cfg.workers.concurrency))
-                engine = Engine(cfg, client, state.for_account(account.name), destination, store_pool)
+                view = state.for_account(account.name)
+                client = await clients.enter_async_context(
+                    ApiClient(account.api, cfg.workers.concurrency, _shared_pace(view, account.api))
+                )
+                engine = Engine(cfg, client, view, destination, store_pool)
                 engine.no_delete = no_delete
                 engines.append(engine)
             _on_signals(engines, notifier)
@@ -118,6 +128,18 @@ async def run_engine(
             await metrics_runner.cleanup()
         notifier.close()
         await state.close()
+
+
+def _shared_pace(view: Any, api: ApiConfig) -> Grant | None:
+    """With a shared state, the account's pace is one bucket for every daemon (in the database)."""
+    if not view.shared or api.requests_per_second <= 0:
+        return None
+
+    async def grant(wanted: int) -> tuple[int, float]:
+        granted: tuple[int, float] = await view.grant(wanted, api.requests_per_second, api.burst)
+        return granted
+
+    return grant
 
 
 async def _with_account(engine: Engine, work: Any) -> None:
@@ -231,7 +253,7 @@ class ProgressLine:
 
 
 async def status(cfg: Config) -> dict[str, Any]:
-    state = await StateDB.open(cfg.state.database, readonly=True)
+    state = await open_state(cfg.state, readonly=True)
     try:
         retention = cfg.retention
         deletion = await state.deletion_summary(time.time() - retention.delete_after, retention.delete_incomplete)
@@ -253,7 +275,7 @@ async def status(cfg: Config) -> dict[str, Any]:
 async def prune(cfg: Config, dry_run: bool) -> PruneResult:
     """``prune``: delete the server's copy of what is due now (``--dry-run``: count it), account
     after account, and exit. A refused account (``AuthRefused``) stops the command."""
-    state = await StateDB.open(cfg.state.database)
+    state = await open_state(cfg.state)
     total = PruneResult()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -285,7 +307,7 @@ async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[
     """Re-check every archived recording against SQLite and its sidecar (a directory: re-hash
     every file; a bucket: HEAD each object, ``deep`` downloads and re-hashes it). Returns
     (checked, problems, (account, id) of each recording with a problem)."""
-    state = await StateDB.open(cfg.state.database, readonly=True)
+    state = await open_state(cfg.state, readonly=True)
     checked = 0
     problems: list[str] = []
     bad: list[tuple[str, str]] = []
@@ -308,7 +330,7 @@ async def mark_for_repair(
     """``verify --repair``: recordings whose files are missing or changed go back to ``pending``
     (downloaded again by the next backfill) unless the server's copy was deleted: those cannot
     be repaired from the server. Returns (queued ids, [(id, server deleted at)])."""
-    state = await StateDB.open(cfg.state.database)
+    state = await open_state(cfg.state)
     queued: list[str] = []
     lost: list[tuple[str, float]] = []
     try:

@@ -22,12 +22,13 @@ versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a database from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 
-from .config import DEFAULT_ACCOUNT
+from .config import DEFAULT_ACCOUNT, StateConfig
 from .errors import LocalStorageError, StateLocked, StateUnusable
 from .model import Recording
 from .store import fsync_path, mkdir_durable
@@ -234,6 +235,10 @@ class StateDB:
     open across an await would see rows that another task updates meanwhile on the same
     connection, and SQLite's answer is then undefined (a GROUP BY once returned a NULL state)."""
 
+    shared = False  # one daemon per file (a ``pgstate.PgState`` is shared by many)
+    lease = 0.0  # no leases to renew
+    round_trips = 0
+
     def __init__(self, db: aiosqlite.Connection, lock_fd: int | None, path: Path, account: str | None = None,
                  owner: StateDB | None = None) -> None:
         self.db = db
@@ -362,6 +367,14 @@ class StateDB:
         return [r[0] for r in rows]
 
     # ---- the walk ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def walk_lock(self) -> AsyncIterator[bool]:
+        """Whether this process walks the account now: always (one process per database)."""
+        yield True
+
+    async def renew(self, ids: set[str]) -> None:
+        """Nothing to renew: no other process can take our rows."""
 
     async def known_ids(self, ids: list[str]) -> set[str]:
         if not ids:
@@ -751,6 +764,16 @@ class StateDB:
             for r in rows:
                 yield dict(r)
             last = (rows[-1]["account"], rows[-1]["id"])
+
+
+async def open_state(cfg: StateConfig, *, readonly: bool = False) -> Any:
+    """The state the config names: SQLite at ``database``, or PostgreSQL at ``url`` (``pgstate``),
+    which several daemons share. Both offer the same methods."""
+    if cfg.url:
+        from .pgstate import PgState
+
+        return await PgState.open(cfg, readonly=readonly)
+    return await StateDB.open(cfg.database, readonly=readonly)
 
 
 def unusable_message(path: Path, exc: BaseException | str) -> str:

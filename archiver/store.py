@@ -40,7 +40,7 @@ from .inspect import (
     list_zip_members,
     write_all,
 )
-from .layout import Layout, sidecar_path, temp_path
+from .layout import Layout, sidecar_path, temp_name, temp_path
 from .model import expected_members
 
 NO_AUDIO_CAUSE = (
@@ -164,7 +164,7 @@ def fsync_path(path: Path) -> None:
 
 def write_file_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
     """Write ``data`` to a temporary name beside ``path``, fsync, rename (no directory fsync)."""
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(temp_name(path.name))
     try:
         fd = create_exclusive(tmp, mode)
         try:

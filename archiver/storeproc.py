@@ -25,6 +25,7 @@ from typing import Any
 from .config import ArchiveConfig
 from .errors import ArchiverError
 from .inspect import write_all
+from .layout import set_temp_tag
 from .store import Archived, Staged, Store, StoreJob
 
 PIPE_SIZE = 1 << 20
@@ -85,6 +86,7 @@ def main() -> None:
     if not first:
         return
     cfg: ArchiveConfig = first[0]
+    set_temp_tag(cfg.temp_tag)
     store = Store(cfg)
     pending = first[1:]
     while True:

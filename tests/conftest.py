@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from archiver.simulator import SimConfig, Simulator
+from archiver.simulator import MultiSimulator, SimConfig, Simulator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,22 @@ async def make_sim() -> AsyncIterator[Callable[..., Any]]:
     async def factory(**kwargs: Any) -> Simulator:
         kwargs.setdefault("rate_limit", False)
         sim = Simulator(SimConfig(**kwargs))
+        await sim.start()
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        await sim.stop()
+
+
+@pytest.fixture
+async def multi_sim() -> AsyncIterator[Callable[..., Any]]:
+    started: list[MultiSimulator] = []
+
+    async def factory(names: list[str], **kwargs: Any) -> MultiSimulator:
+        kwargs.setdefault("rate_limit", False)
+        sim = MultiSimulator({name: SimConfig(**kwargs) for name in names})
         await sim.start()
         started.append(sim)
         return sim

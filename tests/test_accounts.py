@@ -16,30 +16,15 @@ import pytest
 
 from archiver.config import build_config
 from archiver.errors import ConfigError
-from archiver.simulator import MultiSimulator, SimConfig
+from archiver.simulator import MultiSimulator
 from archiver.state import MIGRATIONS
 from tests.conftest import cli_command, cli_env, db_rows, free_port, http_get, run_cli, toml_value, wait_until
 
 ROWS_SQL = "SELECT account, id, state, path, sha256 FROM recordings"
 
 
-@pytest.fixture
-async def multi_sim():
-    started: list[MultiSimulator] = []
-
-    async def factory(names: list[str], **kwargs: Any) -> MultiSimulator:
-        kwargs.setdefault("rate_limit", False)
-        sim = MultiSimulator({name: SimConfig(**kwargs) for name in names})
-        await sim.start()
-        started.append(sim)
-        return sim
-
-    yield factory
-    for sim in started:
-        await sim.stop()
-
-
 def write_accounts_config(directory: Path, sim: MultiSimulator, accounts: list[str] | None = None,
+                          per_account: dict[str, Any] | None = None, name: str = "config.toml",
                           **sections: dict[str, Any]) -> Path:
     """A config with one [[accounts]] entry per simulated account, each key in a file of its own."""
     base: dict[str, dict[str, Any]] = {
@@ -56,11 +41,12 @@ def write_accounts_config(directory: Path, sim: MultiSimulator, accounts: list[s
     for section, values in base.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
-    for name in accounts or list(sim.accounts):
-        key_file = directory / f"{name}.key"
-        key_file.write_text(sim.accounts[name].accesskey + "\n")
-        lines += ["[[accounts]]", f"name = {toml_value(name)}", f"accesskey_file = {toml_value(str(key_file))}"]
-    path = directory / "config.toml"
+    for account in accounts or list(sim.accounts):
+        key_file = directory / f"{account}.key"
+        key_file.write_text(sim.accounts[account].accesskey + "\n")
+        lines += ["[[accounts]]", f"name = {toml_value(account)}", f"accesskey_file = {toml_value(str(key_file))}"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in (per_account or {}).items()]
+    path = directory / name
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
     return path

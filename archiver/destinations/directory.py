@@ -62,7 +62,8 @@ class DirectoryDestination(Destination):
         """A file already under the final name (a crash after the rename, before the database
         commit; or an archive whose database was lost) is re-verified and adopted, or removed;
         None when there is none."""
-        if await asyncio.shield(self._started_empty(staging)):  # shared: a cancel must not reach it
+        # other daemons write here too (a shared state): any file may be one of theirs to adopt
+        if not self.cfg.temp_tag and await asyncio.shield(self._started_empty(staging)):  # a cancel must not reach it
             return None  # the common case: no stat per recording, no thread hop
         return await asyncio.to_thread(self._adopt_existing, row, staging)
 

@@ -1,0 +1,529 @@
+"""The state in PostgreSQL (``[state] url``), shared by several daemons on several machines.
+
+The same rows, states and reports as ``state.StateDB`` (SQLite), plus what sharing needs:
+
+* **Claims.** ``due()`` takes rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` and gives each a
+  lease (``lease_owner``, ``lease_until``, the database's clock). The engine renews the leases of
+  what it has in flight every ``lease / 3`` (``renew``); a daemon that dies loses them, and once
+  ``lease`` has passed another daemon claims those rows (a ``downloading`` row goes back to
+  ``pending`` as it is claimed).
+* **Writes by the lease holder.** A worker's ``update`` applies only while the row is ours (or
+  nobody's), and releases the lease unless the row stays ``downloading``. A lease lost under a
+  stalled daemon makes its late writes no-ops.
+* **Idempotent archiving.** ``mark_archived`` of a row already archived with the same SHA-256
+  changes nothing; with another, the first stays and the conflict is logged.
+* **One walker per account**: ``walk_lock()`` holds ``pg_try_advisory_lock`` for the walk.
+* **One pace per account across daemons**: ``grant(n)`` takes tokens from a bucket row per
+  account (``pace``), refilled at the account's rate by the database's clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from .config import StateConfig
+from .errors import LocalStorageError, StateUnusable
+from .model import Recording
+from .state import _ROW_COLUMNS, FLAGS, STATES, STORED, Row, _epoch, _initial_state, _row
+
+log = structlog.get_logger("archiver.pgstate")
+
+NOW = "extract(epoch from clock_timestamp())"  # the database's clock: one for every daemon's leases
+_STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE recordings (
+        account text NOT NULL,
+        id text NOT NULL,
+        state text NOT NULL,
+        raw text NOT NULL,
+        status text NOT NULL DEFAULT '',
+        reference_type text NOT NULL DEFAULT '',
+        tm_create double precision,
+        tm_end double precision,
+        discovered_at double precision NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        polls integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL DEFAULT 0,
+        last_error text,
+        path text,
+        size bigint,
+        sha256 text,
+        server_hashes text,
+        members integer,
+        archived_at double precision,
+        updated_at double precision NOT NULL,
+        flag text,
+        flag_reason text,
+        delete_intent_at double precision,
+        server_deleted_at double precision,
+        delete_request_id text,
+        lease_owner text,
+        lease_until double precision,
+        PRIMARY KEY (account, id)
+    );
+    CREATE INDEX recordings_due ON recordings(account, next_attempt_at)
+        WHERE state IN ('discovered', 'pending', 'downloading');
+    CREATE INDEX recordings_state ON recordings(account, state);
+    CREATE INDEX recordings_owner ON recordings(lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE INDEX recordings_waiting_created ON recordings(tm_create)
+        WHERE state IN ('discovered', 'pending', 'downloading');
+    CREATE INDEX recordings_errors ON recordings(updated_at) WHERE last_error IS NOT NULL;
+    CREATE INDEX recordings_flagged ON recordings(flag) WHERE flag IS NOT NULL;
+    CREATE INDEX recordings_deletable ON recordings(archived_at)
+        WHERE state = 'archived' AND server_deleted_at IS NULL;
+    CREATE TABLE walks (account text NOT NULL, name text NOT NULL, token text NOT NULL,
+        updated_at double precision NOT NULL, PRIMARY KEY (account, name));
+    CREATE TABLE meta (account text NOT NULL, key text NOT NULL, value text NOT NULL, PRIMARY KEY (account, key));
+    CREATE TABLE pace (account text PRIMARY KEY, tokens double precision NOT NULL, at double precision NOT NULL);
+    """,
+]
+_MIGRATE_LOCK = 0x766F6970  # advisory lock key while migrating ("voip")
+
+
+def _asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError:
+        raise StateUnusable(
+            '[state] url needs PostgreSQL\'s driver: pip install "voipbin-archiver[postgresql]"'
+        ) from None
+    return asyncpg
+
+
+def redact_url(url: str) -> str:
+    """The URL without a password, for messages."""
+    head, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    return f"{head}{sep}{creds.split(':', 1)[0]}{at}{host}" if at else url
+
+
+class PgState:
+    """The shared state. ``await PgState.open(cfg)``; ``for_account(name)`` as for ``StateDB``."""
+
+    shared = True
+
+    def __init__(self, pool: Any, cfg: StateConfig, account: str | None = None, owner: str = "",
+                 root: PgState | None = None) -> None:
+        self.pool = pool
+        self.cfg = cfg
+        self.lease = cfg.lease
+        self.account = account
+        self.path = cfg.database  # beside which the audit trail and S3 staging live
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._root = root
+        self._views: list[PgState] = []
+        self._lock_con: Any = None  # walk_lock's connection
+        self.round_trips = 0
+
+    @classmethod
+    async def open(cls, cfg: StateConfig, *, readonly: bool = False) -> PgState:
+        asyncpg = _asyncpg()
+        try:
+            pool = await asyncpg.create_pool(cfg.url, password=cfg.password or None, min_size=1, max_size=4,
+                                             timeout=30, command_timeout=60)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StateUnusable(f"cannot reach the state database {redact_url(cfg.url)}: {exc}") from None
+        state = cls(pool, cfg)
+        try:
+            await state._migrate(readonly)
+        except BaseException:
+            await pool.close()
+            raise
+        return state
+
+    def for_account(self, account: str) -> PgState:
+        root = self._root or self
+        view = PgState(self.pool, self.cfg, account, self.owner, root)
+        root._views.append(view)
+        return view
+
+    @property
+    def _acct(self) -> str:
+        if self.account is None:
+            raise RuntimeError("this needs one account's view: state.for_account(name)")
+        return self.account
+
+    def _scope(self, n: int) -> tuple[str, tuple[str, ...]]:
+        """(``account=$n AND ``, its parameter) for a view, nothing for the whole database."""
+        return ("", ()) if self.account is None else (f"account=${n} AND ", (self.account,))
+
+    def lock_fds(self) -> tuple[int, ...]:
+        return ()
+
+    async def close(self) -> None:
+        if self._root is None:
+            for view in self._views:
+                if view._lock_con is not None:
+                    view._lock_con.terminate()
+            await self.pool.close()
+
+    async def _migrate(self, readonly: bool) -> None:
+        async with self.pool.acquire() as con:
+            if readonly:
+                exists = await con.fetchval("SELECT to_regclass('archiver_schema') IS NOT NULL")
+                version = await con.fetchval("SELECT version FROM archiver_schema") if exists else 0
+                if version != len(MIGRATIONS):
+                    raise StateUnusable(f"state database {redact_url(self.cfg.url)} is schema v{version}, this "
+                                        f"archiver reads v{len(MIGRATIONS)}: run `backfill` or `run` once")
+                return
+            async with con.transaction():
+                await con.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)  # one daemon migrates
+                await con.execute("CREATE TABLE IF NOT EXISTS archiver_schema (version integer NOT NULL)")
+                version = await con.fetchval("SELECT version FROM archiver_schema")
+                if version is None:
+                    await con.execute("INSERT INTO archiver_schema VALUES (0)")
+                    version = 0
+                if version > len(MIGRATIONS):
+                    raise StateUnusable(f"state database schema v{version} is newer than this archiver knows "
+                                        f"(v{len(MIGRATIONS)}): upgrade voipbin-archiver")
+                for number in range(version, len(MIGRATIONS)):
+                    await con.execute(MIGRATIONS[number])
+                    await con.execute("UPDATE archiver_schema SET version=$1", number + 1)
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Any:
+        """A database that cannot be reached (down, restarting, the network) is
+        ``LocalStorageError``: the engine pauses and tries again, as for a full disk."""
+        asyncpg = _asyncpg()
+        try:
+            yield
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
+            raise LocalStorageError(f"the state database {redact_url(self.cfg.url)} cannot be reached: "
+                                    f"{type(exc).__name__}: {exc}") from None
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        self.round_trips += 1
+        with self._reachable():
+            return list(await self.pool.fetch(sql, *args))
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        self.round_trips += 1
+        with self._reachable():
+            return str(await self.pool.execute(sql, *args))
+
+    async def accounts(self) -> list[str]:
+        rows = await self._fetch("SELECT account FROM recordings UNION SELECT account FROM meta ORDER BY 1")
+        return [r[0] for r in rows]
+
+    # ---- the walk ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def walk_lock(self) -> AsyncIterator[bool]:
+        """Whether this daemon walks the account now: one daemon at a time (an advisory lock
+        held on a connection of its own for the walk; a dead daemon's goes with its session)."""
+        key = f"voipbin-archiver:walk:{self._acct}"
+        with self._reachable():
+            if self._lock_con is None or self._lock_con.is_closed():
+                # a connection of the account's own, not the pool's: the walk needs the pool
+                self._lock_con = await _asyncpg().connect(self.cfg.url, password=self.cfg.password or None,
+                                                          timeout=30)
+            got = await self._lock_con.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key)
+        try:
+            yield bool(got)
+        finally:
+            if got:
+                with self._reachable():
+                    await self._lock_con.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+    async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]:
+        account = self._acct
+        now = time.time()
+        self.round_trips += 1
+        with self._reachable():
+            return await self._store_page(account, now, recordings, walk, next_token)
+
+    async def _store_page(
+        self, account: str, now: float, recordings: list[Recording], walk: str | None, next_token: str
+    ) -> tuple[int, int]:
+        async with self.pool.acquire() as con, con.transaction():
+            ids = [r.id for r in recordings]
+            known = {r[0] for r in await con.fetch(
+                "SELECT id FROM recordings WHERE account=$1 AND id = ANY($2::text[])", account, ids)}
+            inserts, moves = [], []
+            for rec in recordings:
+                state, reason = _initial_state(rec)
+                if rec.id not in known:
+                    known.add(rec.id)
+                    inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
+                                    _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
+                elif rec.ended or rec.deleted:
+                    moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now,
+                                  account, rec.id))
+            if inserts:
+                await con.executemany(
+                    "INSERT INTO recordings (account, id, state, raw, status, reference_type, tm_create, tm_end,"
+                    " discovered_at, next_attempt_at, last_error, updated_at)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT DO NOTHING", inserts)
+            if moves:
+                await con.executemany(
+                    "UPDATE recordings SET state=$1, raw=$2, status=$3, tm_end=$4, last_error=$5, next_attempt_at=$6,"
+                    " updated_at=$7 WHERE account=$8 AND id=$9 AND state='discovered'", moves)
+            if walk is not None:
+                if next_token:
+                    await con.execute(
+                        "INSERT INTO walks (account, name, token, updated_at) VALUES ($1,$2,$3,$4) ON CONFLICT"
+                        " (account, name) DO UPDATE SET token=excluded.token, updated_at=excluded.updated_at",
+                        account, walk, next_token, now)
+                else:
+                    await con.execute("DELETE FROM walks WHERE account=$1 AND name=$2", account, walk)
+        return len(inserts), len(recordings) - len(inserts)
+
+    async def walk_checkpoint(self, walk: str) -> str | None:
+        rows = await self._fetch("SELECT token FROM walks WHERE account=$1 AND name=$2", self._acct, walk)
+        return rows[0][0] if rows else None
+
+    async def end_walk(self, walk: str) -> None:
+        await self._execute("DELETE FROM walks WHERE account=$1 AND name=$2", self._acct, walk)
+        await self.set_meta(f"walk_done:{walk}", str(time.time()))
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM meta WHERE account=$1 AND key=$2", self._acct, key)
+        return rows[0][0] if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._execute("INSERT INTO meta (account, key, value) VALUES ($1,$2,$3)"
+                            " ON CONFLICT (account, key) DO UPDATE SET value=excluded.value", self._acct, key, value)
+
+    async def delete_meta(self, key: str) -> None:
+        await self._execute("DELETE FROM meta WHERE account=$1 AND key=$2", self._acct, key)
+
+    # ---- the pace ----------------------------------------------------------------------------
+
+    async def grant(self, wanted: int, rate: float, burst: int) -> tuple[int, float]:
+        """Take up to ``wanted`` tokens of the account's shared bucket: (granted, seconds until
+        one more is there when none was)."""
+        account = self._acct
+        await self._execute(f"INSERT INTO pace (account, tokens, at) VALUES ($1, $2, {NOW}) ON CONFLICT DO NOTHING",
+                            account, float(burst))
+        rows = await self._fetch(
+            f"""
+            WITH cur AS (
+                SELECT account, least($2::float8, tokens + ({NOW} - at) * $3::float8) AS avail
+                FROM pace WHERE account=$1 FOR UPDATE
+            ), upd AS (
+                UPDATE pace p SET tokens = cur.avail - least($4::float8, floor(cur.avail)), at = {NOW}
+                FROM cur WHERE p.account = cur.account RETURNING cur.avail
+            )
+            SELECT avail, least($4::float8, floor(avail)) AS got FROM upd
+            """,
+            account, float(burst), float(rate), float(wanted),
+        )
+        avail, granted = float(rows[0]["avail"]), int(rows[0]["got"])
+        return granted, 0.0 if granted else max(0.01, (1.0 - avail) / rate)
+
+    # ---- the worker pool ---------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
+        """Claim up to ``limit`` due rows for this daemon: nobody's, or a dead claimant's (its
+        lease over); locked rows another daemon is claiming now are skipped, not waited for."""
+        rows = await self._fetch(
+            f"""
+            WITH picked AS (
+                SELECT account, id FROM recordings
+                WHERE account=$1 AND next_attempt_at <= $2
+                  AND state IN ('discovered', 'pending', 'downloading')
+                  AND (lease_until IS NULL AND state <> 'downloading' OR lease_until < {NOW})
+                ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED
+            )
+            UPDATE recordings r SET lease_owner=$4, lease_until={NOW} + $5::float8,
+                state = CASE WHEN r.state = 'downloading' THEN 'pending' ELSE r.state END
+            FROM picked WHERE r.account = picked.account AND r.id = picked.id
+            RETURNING {", ".join("r." + c.strip() for c in _ROW_COLUMNS.split(","))}
+            """,
+            self._acct, now, limit, self.owner, float(self.lease),
+        )
+        return sorted((_row(r) for r in rows if r["id"] not in exclude), key=lambda r: r.id)
+
+    async def next_due_time(self) -> float | None:
+        rows = await self._fetch(
+            "SELECT min(next_attempt_at) FROM recordings WHERE account=$1 AND state IN ('discovered', 'pending')",
+            self._acct,
+        )
+        return rows[0][0]
+
+    async def claim(self, ids: list[str]) -> None:
+        if ids:
+            await self._execute(
+                "UPDATE recordings SET state='downloading', updated_at=$1 WHERE account=$2 AND id = ANY($3::text[])"
+                " AND state='pending' AND lease_owner=$4", time.time(), self._acct, ids, self.owner)
+
+    async def renew(self, ids: set[str]) -> None:
+        """Our leases on what is in flight, extended by ``lease`` from now."""
+        if ids:
+            await self._execute(
+                f"UPDATE recordings SET lease_until = {NOW} + $1::float8 WHERE account=$2 AND id = ANY($3::text[])"
+                " AND lease_owner=$4", float(self.lease), self._acct, list(ids), self.owner)
+
+    async def update(self, rec_id: str, **fields: Any) -> None:
+        """Set columns of one row while it is ours (or nobody's); the lease goes with the row
+        unless it stays ``downloading``. Lost to another daemon: nothing changes, and it is logged."""
+        if "raw" in fields and not isinstance(fields["raw"], str):
+            fields["raw"] = json.dumps(fields["raw"])
+        fields["updated_at"] = time.time()
+        sets = [f"{k}=${n}" for n, k in enumerate(fields, start=1)]
+        if fields.get("state") != "downloading":
+            sets += ["lease_owner=NULL", "lease_until=NULL"]
+        n = len(fields)
+        done = await self._execute(
+            f"UPDATE recordings SET {', '.join(sets)} WHERE account=${n + 1} AND id=${n + 2}"
+            f" AND (lease_owner IS NULL OR lease_owner=${n + 3})",
+            *fields.values(), self._acct, rec_id, self.owner,
+        )
+        if done.endswith(" 0"):
+            log.warning("lease_lost", recording_id=rec_id, change=sorted(fields),
+                        reason="another daemon took the recording over after our lease ran out; ours is dropped")
+
+    async def mark_archived(
+        self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
+        state: str = "archived", flag: str = "", flag_reason: str = "",
+    ) -> None:
+        """Idempotent: an archived row with the same SHA-256 is left as it is; with another
+        SHA-256 the first is kept and the conflict logged (never two answers for one recording)."""
+        now = time.time()
+        rows = await self._fetch(
+            "UPDATE recordings SET state=$1, path=$2, size=$3, sha256=$4, server_hashes=$5, members=$6, flag=$7,"
+            " flag_reason=$8, archived_at=$9, last_error=NULL, updated_at=$9, lease_owner=NULL, lease_until=NULL"
+            " WHERE account=$10 AND id=$11 AND state NOT IN ('archived', 'no_audio') RETURNING id",
+            state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None, now,
+            self._acct, rec_id,
+        )
+        if rows:
+            return
+        kept = await self._fetch("SELECT state, sha256 FROM recordings WHERE account=$1 AND id=$2", self._acct, rec_id)
+        if kept and kept[0]["sha256"] != sha256:
+            log.error("archived_twice_differently", recording_id=rec_id, kept_sha256=kept[0]["sha256"],
+                      other_sha256=sha256, hint="the first record stands; `verify` checks the file against it")
+
+    # ---- deleting the server's copy: refused with a shared state (config.py) ------------------
+
+    async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]:
+        return []
+
+    async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]:
+        return 0, 0
+
+    async def delete_intents(self) -> list[str]:
+        return []
+
+    async def server_deleted(self, ids: list[str]) -> list[tuple[str, float | None]]:
+        rows = await self._fetch("SELECT id, server_deleted_at FROM recordings WHERE account=$1 AND id = ANY($2)",
+                                 self._acct, ids)
+        return [(r[0], r[1]) for r in rows]
+
+    async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]:
+        return {"due": 0, "due_bytes": 0, "deleted": 0, "interrupted": 0, "server_store": None}
+
+    # ---- start-up and shutdown ---------------------------------------------------------------
+
+    async def release_downloading(self, in_flight: set[str]) -> int:
+        rows = await self._fetch(
+            "UPDATE recordings SET state='pending', lease_owner=NULL, lease_until=NULL WHERE account=$1"
+            " AND lease_owner=$2 AND state='downloading' AND NOT (id = ANY($3::text[])) RETURNING id",
+            self._acct, self.owner, list(in_flight))
+        return len(rows)
+
+    async def recover(self) -> list[Row]:
+        """Our own claims (at shutdown) and dead daemons' whose lease ran out, back to
+        ``pending``; returned, so the caller can remove their temporary files."""
+        rows = await self._fetch(
+            f"""
+            UPDATE recordings SET state = CASE WHEN state = 'downloading' THEN 'pending' ELSE state END,
+                lease_owner=NULL, lease_until=NULL
+            WHERE account=$1 AND (lease_owner=$2 OR state='downloading' AND lease_until < {NOW})
+            RETURNING {_ROW_COLUMNS}
+            """, self._acct, self.owner)
+        return [_row(r) for r in rows if r["state"] == "pending"]
+
+    async def retry_failed(self) -> int:
+        scope, params = self._scope(2)
+        done = await self._execute(
+            f"UPDATE recordings SET state='pending', attempts=0, next_attempt_at=$1 WHERE {scope}state='failed'",
+            time.time(), *params)
+        return int(done.split()[-1])
+
+    # ---- reports -----------------------------------------------------------------------------
+
+    async def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        scope, params = self._scope(1)
+        for state, n in await self._fetch(f"SELECT state, count(*) FROM recordings WHERE {scope}true GROUP BY state",
+                                          *params):
+            out[str(state)] = n
+        return out
+
+    async def counts_by_account(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for account, state, n in await self._fetch(
+            "SELECT account, state, count(*) FROM recordings GROUP BY account, state"
+        ):
+            out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
+        return out
+
+    async def summary(self) -> dict[str, Any]:
+        scope, params = self._scope(1)
+        out: dict[str, Any] = await self.counts()
+        out["total"] = sum(out[s] for s in STATES)
+        rows = await self._fetch(
+            f"SELECT id, tm_create, account FROM recordings WHERE {scope}state IN ('discovered', 'pending',"
+            " 'downloading') ORDER BY tm_create LIMIT 1", *params)
+        out["oldest_pending"] = dict(rows[0]) if rows else None
+        rows = await self._fetch(
+            f"SELECT id, state, last_error AS error, updated_at AS at, account FROM recordings WHERE {scope}"
+            "last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered') ORDER BY updated_at DESC LIMIT 1",
+            *params)
+        out["last_error"] = dict(rows[0]) if rows else None
+        flags = dict.fromkeys(FLAGS, 0)
+        for flag, n in await self._fetch(
+            f"SELECT flag, count(*) FROM recordings WHERE {scope}flag IS NOT NULL GROUP BY flag", *params
+        ):
+            flags[str(flag)] = n
+        out["archived_flagged"] = flags
+        meta: dict[str, dict[str, str]] = {}
+        for account, key, value in await self._fetch(
+            f"SELECT account, key, value FROM meta WHERE {scope}key IN ('last_cycle', 'api_refused',"
+            " 'accesskey_expires')", *params
+        ):
+            meta.setdefault(str(account), {})[str(key)] = value
+        cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
+        out["last_cycle"] = str(min(cycles)) if cycles else None
+        refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
+        expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
+        one = self.account or (next(iter(meta)) if len(meta) == 1 else None)
+        out["api_refused"] = refused.get(one) if one else next(iter(refused.values()), None)
+        out["accesskey_expires"] = expires.get(one) if one else min(expires.values(), default=None)
+        out["api_refused_by_account"] = refused
+        out["accesskey_expires_by_account"] = expires
+        return out
+
+    async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
+        scope, params = self._scope(2)
+        rows = await self._fetch(
+            f"SELECT id, state, flag, flag_reason, account FROM recordings WHERE {scope}flag_reason IS NOT NULL"
+            " ORDER BY updated_at DESC LIMIT $1", limit, *params)
+        return [dict(r) for r in rows]
+
+    async def archived(self, batch: int = 1000) -> Any:
+        scope, params = self._scope(4)
+        last = ("", "")
+        while True:
+            rows = await self._fetch(
+                f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}"
+                f"state IN ({_STORED_SQL}) AND (account, id) > ($1, $2) ORDER BY account, id LIMIT $3",
+                *last, batch, *params)
+            if not rows:
+                return
+            for r in rows:
+                yield dict(r)
+            last = (rows[-1]["account"], rows[-1]["id"])

@@ -1,0 +1,209 @@
+"""Several daemons on one PostgreSQL state (``[state] url``): claims with SKIP LOCKED and leases,
+one walker per account, one pace per account across daemons. A real PostgreSQL 15 cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from archiver.config import build_config
+from archiver.errors import ConfigError
+from tests.conftest import cli_command, cli_env, run_cli
+from tests.pg import PgCluster
+from tests.test_accounts import write_accounts_config
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    if not PgCluster.installed():
+        pytest.skip("needs PostgreSQL (Debian: apt-get install postgresql-15)")
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def pg_url(pg_cluster):
+    """A database of its own for each test."""
+    name = "t_" + secrets.token_hex(4)
+    con = await asyncpg.connect(pg_cluster.url())
+    await con.execute(f"CREATE DATABASE {name}")
+    await con.close()
+    return pg_cluster.url(name)
+
+
+async def _rows(url: str) -> list[Any]:
+    con = await asyncpg.connect(url)
+    try:
+        return list(await con.fetch("SELECT account, id, state, path, sha256 FROM recordings"))
+    except asyncpg.UndefinedTableError:
+        return []
+    finally:
+        await con.close()
+
+
+def _archived(rows: list[Any], account: str | None = None) -> int:
+    return sum(1 for r in rows if r["state"] == "archived" and account in (None, r["account"]))
+
+
+def _max_in_window(times: list[float], window: float) -> int:
+    """The most requests that arrived within any ``window`` seconds."""
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] > window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_state_url_config_errors():
+    base = {"api": {"accesskey": "k"}}
+    for state, message in [
+        ({"url": "mysql://db/x"}, "postgresql://"),
+        ({"url": "postgresql://u:secret@db/x"}, "must not carry a password"),
+        ({"lease": 10}, "for url"),
+        ({"url": "postgresql://u@db/x", "lease": 0.5}, ">= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build_config({**base, "state": state}, Path("/tmp"), {})
+    with pytest.raises(ConfigError, match="not supported yet with a shared state"):
+        build_config({**base, "state": {"url": "postgresql://u@db/x"}, "retention": {"delete_from_server": True}},
+                     Path("/tmp"), {})
+    cfg = build_config({**base, "state": {"url": "postgresql://u@db/x"}}, Path("/tmp"), {"PGPASSWORD": "pw"})
+    assert cfg.state.url and cfg.state.password == "pw" and cfg.state.lease == 300
+    assert "pw" not in repr(cfg)
+
+
+async def _start(cfg: Path, log: Path) -> asyncio.subprocess.Process:
+    out = open(log, "wb")  # the daemon writes to it until it exits
+    try:
+        return await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"), stdout=out,
+                                                    stderr=out, env=cli_env())
+    finally:
+        out.close()
+
+
+async def test_three_daemons_share_four_accounts_and_survive_a_kill(tmp_path, multi_sim, pg_url):
+    names = ["acme", "beta", "gamma", "frozen"]
+    sim = await multi_sim(names, recordings=24, audio_bytes=3000)
+    sim.accounts["frozen"].refusal = "ACCOUNT_FROZEN"
+    rate, burst = 4, 4
+    configs = [
+        write_accounts_config(tmp_path, sim, name=f"daemon{n}.toml",
+                              per_account={"requests_per_second": rate, "burst": burst},
+                              state={"url": pg_url, "lease": 2},
+                              workers={"trouble_pause": 0.5, "poll_interval": 0.3, "concurrency": 3})
+        for n in range(3)
+    ]
+    logs = [tmp_path / f"daemon{n}.log" for n in range(3)]
+    daemons = [await _start(cfg, log) for cfg, log in zip(configs, logs, strict=True)]
+    rows: list[Any] = []
+
+    async def poll() -> None:
+        rows[:] = await _rows(pg_url)
+
+    async def until(predicate: Any, timeout: float, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await poll()
+            if predicate():
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {_archived(rows)} archived")
+            await asyncio.sleep(0.1)
+
+    try:
+        await until(lambda: _archived(rows) >= 15, 60, "a first part archived")
+        daemons[0].send_signal(signal.SIGKILL)  # its leases run out; the others take its rows over
+        assert await asyncio.wait_for(daemons[0].wait(), 10) == -signal.SIGKILL
+        await until(lambda: _archived(rows) >= 40, 60, "more archived after the kill")
+        daemons[1].send_signal(signal.SIGTERM)  # hands its claims back at once
+        assert await asyncio.wait_for(daemons[1].wait(), 20) == 0
+        await until(lambda: all(_archived(rows, a) == 24 for a in names[:3]), 90, "the three accounts archived")
+        assert _archived(rows, "frozen") == 0, "the frozen account pauses itself only"
+        sim.accounts["frozen"].refusal = ""
+        await until(lambda: _archived(rows, "frozen") == 24, 60, "the thawed account archived")
+    finally:
+        for daemon in daemons:
+            if daemon.returncode is None:
+                daemon.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(daemon.wait(), 20)
+    assert daemons[2].returncode == 0
+    rows = await _rows(pg_url)
+    assert len({(r["account"], r["id"]) for r in rows}) == len(rows) == 4 * 24
+    _check_files(sim, tmp_path, rows)
+    text = "".join(log.read_text() for log in logs)
+    for name, account in sim.accounts.items():
+        assert account.overlapping_downloads == 0, f"{name}: two downloads of one recording at once"
+        assert account.credential_leaks == 0 and account.accesskey not in text
+        # one pace per account across the three daemons: the bucket's rate and burst, plus at
+        # most the one token each daemon may hold from its last grant
+        most = _max_in_window(account.api_times, 2.0)
+        assert most <= rate * 2 + burst + 3, f"{name}: {most} API requests within 2 s at {rate}/s"
+
+
+def _check_files(sim: Any, tmp_path: Path, rows: list[Any]) -> None:
+    """Every recording archived once under its account's directory, byte-identical."""
+    by_key = {(r["account"], r["id"]): r for r in rows}
+    for name, account in sim.accounts.items():
+        for rec_id, body in account.expected_archives().items():
+            row = by_key[(name, rec_id)]
+            assert row["state"] == "archived" and row["path"].startswith(f"{name}/") == (len(sim.accounts) > 1)
+            assert (tmp_path / "archive" / row["path"]).read_bytes() == body
+            assert json.loads((tmp_path / "archive" / row["path"]).with_suffix(".json").read_text())[
+                "recording"]["id"] == rec_id
+    leftovers = [p for p in (tmp_path / "archive").rglob("*.partial")]
+    assert not leftovers, leftovers[:3]
+
+
+async def test_a_slow_transfer_keeps_its_lease(tmp_path, multi_sim, pg_url):
+    """Transfers stall for longer than the lease: the heartbeat keeps them ours, so the other
+    daemon never starts a second download of the same recording."""
+    sim = await multi_sim(["acme"], recordings=6, audio_bytes=3000, faults={"storage_stall": 1.0},
+                          stall_seconds=3.5)
+    configs = [write_accounts_config(tmp_path, sim, name=f"d{n}.toml", state={"url": pg_url, "lease": 1.2},
+                                     workers={"concurrency": 2, "poll_interval": 0.3}) for n in range(2)]
+    daemons = [await _start(cfg, tmp_path / f"d{n}.log") for n, cfg in enumerate(configs)]
+    acme = sim.accounts["acme"]
+    try:
+        rows: list[Any] = []
+
+        async def done() -> bool:
+            rows[:] = await _rows(pg_url)
+            return _archived(rows) == 6
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await done():
+            assert asyncio.get_running_loop().time() < deadline, f"{_archived(rows)} archived"
+            await asyncio.sleep(0.2)
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.wait(), 20) == 0
+    assert acme.stats["fault_storage_stall"] >= 6
+    assert acme.overlapping_downloads == 0
+    assert set(acme.storage_gets.values()) == {1}, "one download per recording"
+    _check_files(sim, tmp_path, await _rows(pg_url))
+
+
+async def test_status_and_verify_read_the_shared_state(tmp_path, multi_sim, pg_url):
+    sim = await multi_sim(["acme", "beta"], recordings=5, audio_bytes=2000)
+    cfg = write_accounts_config(tmp_path, sim, state={"url": pg_url})
+    early = await run_cli("--config", str(cfg), "status")
+    assert early.rc == 2 and "run `backfill` or `run` once" in early.err, early
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 0, result
+    status = json.loads((await run_cli("--config", str(cfg), "status", "--json")).out)
+    assert {n: c["archived"] for n, c in status["accounts"].items()} == {"acme": 5, "beta": 5}
+    verify = await run_cli("--config", str(cfg), "verify")
+    assert verify.rc == 0 and "verified 10 archived" in verify.out, verify
