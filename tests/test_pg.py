@@ -207,3 +207,43 @@ async def test_status_and_verify_read_the_shared_state(tmp_path, multi_sim, pg_u
     assert {n: c["archived"] for n, c in status["accounts"].items()} == {"acme": 5, "beta": 5}
     verify = await run_cli("--config", str(cfg), "verify")
     assert verify.rc == 0 and "verified 10 archived" in verify.out, verify
+
+
+async def test_a_daemon_stopped_past_its_lease_is_taken_over_without_a_second_copy(tmp_path, multi_sim, pg_url):
+    """A daemon frozen (SIGSTOP) mid-transfer for longer than its lease: another takes its
+    recordings over and archives them; the first, resumed, finishes its own transfers, and its
+    late commits change nothing: one row per recording, the same bytes, no temporaries left."""
+    sim = await multi_sim(["acme"], recordings=6, audio_bytes=3000, faults={"storage_stall": 1.0},
+                          stall_seconds=2.0)
+    acme = sim.accounts["acme"]
+    configs = [write_accounts_config(tmp_path, sim, name=f"d{n}.toml", state={"url": pg_url, "lease": 1.0},
+                                     workers={"concurrency": 6, "poll_interval": 0.3}) for n in range(2)]
+    first = await _start(configs[0], tmp_path / "d0.log")
+    deadline = asyncio.get_running_loop().time() + 30
+    while sum(acme.downloading.values()) < 3:
+        assert asyncio.get_running_loop().time() < deadline, "no transfers began"
+        await asyncio.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)
+    second = await _start(configs[1], tmp_path / "d1.log")
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while _archived(await _rows(pg_url)) < 6:
+            assert asyncio.get_running_loop().time() < deadline, "the second daemon did not take over"
+            await asyncio.sleep(0.2)
+        taken_over = acme.overlapping_downloads
+        first.send_signal(signal.SIGCONT)
+        deadline = asyncio.get_running_loop().time() + 30
+        while sum(acme.downloading.values()):  # the first one's transfers finish too
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+    finally:
+        for daemon in (first, second):
+            daemon.send_signal(signal.SIGCONT)
+            daemon.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.wait(), 20) == 0
+    assert taken_over >= 1, "the stopped daemon's recordings were downloaded again by the other"
+    rows = await _rows(pg_url)
+    assert len(rows) == 6 and _archived(rows) == 6
+    _check_files(sim, tmp_path, rows)
+    log = (tmp_path / "d0.log").read_text() + (tmp_path / "d1.log").read_text()
+    assert "archived_twice_differently" not in log and "Traceback" not in log
