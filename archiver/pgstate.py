@@ -37,7 +37,7 @@ from .state import _ROW_COLUMNS, FLAGS, STATES, STORED, Row, _epoch, _initial_st
 
 log = structlog.get_logger("archiver.pgstate")
 
-NOW = "extract(epoch from clock_timestamp())"  # the database's clock: one for every daemon's leases
+NOW = "extract(epoch from statement_timestamp())"  # the database's clock: one for every daemon's leases
 _STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
 
 MIGRATIONS: list[str] = [
@@ -85,7 +85,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE walks (account text NOT NULL, name text NOT NULL, token text NOT NULL,
         updated_at double precision NOT NULL, PRIMARY KEY (account, name));
     CREATE TABLE meta (account text NOT NULL, key text NOT NULL, value text NOT NULL, PRIMARY KEY (account, key));
-    CREATE TABLE pace (account text PRIMARY KEY, tokens double precision NOT NULL, at double precision NOT NULL);
+    CREATE TABLE pace (account text PRIMARY KEY, tokens double precision NOT NULL, at double precision NOT NULL,
+        granted double precision NOT NULL DEFAULT 0);
     """,
 ]
 _MIGRATE_LOCK = 0x766F6970  # advisory lock key while migrating ("voip")
@@ -304,24 +305,20 @@ class PgState:
     async def grant(self, wanted: int, rate: float, burst: int) -> tuple[int, float]:
         """Take up to ``wanted`` tokens of the account's shared bucket: (granted, seconds until
         one more is there when none was)."""
-        account = self._acct
-        await self._execute(f"INSERT INTO pace (account, tokens, at) VALUES ($1, $2, {NOW}) ON CONFLICT DO NOTHING",
-                            account, float(burst))
+        avail = f"least($2::float8, p.tokens + ({NOW} - p.at) * $3::float8)"  # refilled up to the burst
         rows = await self._fetch(
             f"""
-            WITH cur AS (
-                SELECT account, least($2::float8, tokens + ({NOW} - at) * $3::float8) AS avail
-                FROM pace WHERE account=$1 FOR UPDATE
-            ), upd AS (
-                UPDATE pace p SET tokens = cur.avail - least($4::float8, floor(cur.avail)), at = {NOW}
-                FROM cur WHERE p.account = cur.account RETURNING cur.avail
-            )
-            SELECT avail, least($4::float8, floor(avail)) AS got FROM upd
+            INSERT INTO pace AS p (account, tokens, at, granted)
+            VALUES ($1, $2::float8 - least($4::float8, $2::float8), {NOW}, least($4::float8, $2::float8))
+            ON CONFLICT (account) DO UPDATE SET
+                tokens = {avail} - least($4::float8, floor({avail})),
+                granted = least($4::float8, floor({avail})), at = {NOW}
+            RETURNING tokens, granted
             """,
-            account, float(burst), float(rate), float(wanted),
+            self._acct, float(burst), float(rate), float(wanted),
         )
-        avail, granted = float(rows[0]["avail"]), int(rows[0]["got"])
-        return granted, 0.0 if granted else max(0.01, (1.0 - avail) / rate)
+        left, granted = float(rows[0]["tokens"]), int(rows[0]["granted"])
+        return granted, 0.0 if granted else max(0.01, (1.0 - left) / rate)
 
     # ---- the worker pool ---------------------------------------------------------------------
 

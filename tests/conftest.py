@@ -63,8 +63,10 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_config(directory: Path, sim: Simulator | None, **sections: dict[str, Any]) -> Path:
-    """A config for ``sim`` in ``directory``, fast test defaults, overridable per section."""
+def write_config(directory: Path, sim: Simulator | None, name: str = "config.toml", extra: list[str] | None = None,
+                 **sections: dict[str, Any]) -> Path:
+    """A config for ``sim`` in ``directory``, fast test defaults, overridable per section;
+    ``extra`` lines (``[[accounts]]`` tables) at the end."""
     base: dict[str, dict[str, Any]] = {
         "api": {"requests_per_second": 0, "retry_base": 0.01, "retry_max": 0.05, "timeout": 10},
         "archive": {"directory": "archive", "settle_window": 60},
@@ -80,8 +82,8 @@ def write_config(directory: Path, sim: Simulator | None, **sections: dict[str, A
     for section, values in base.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
-    path = directory / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path = directory / name
+    path.write_text("\n".join([*lines, *(extra or [])]) + "\n")
     path.chmod(0o600)
     return path
 

@@ -18,7 +18,17 @@ from archiver.config import build_config
 from archiver.errors import ConfigError
 from archiver.simulator import MultiSimulator
 from archiver.state import MIGRATIONS
-from tests.conftest import cli_command, cli_env, db_rows, free_port, http_get, run_cli, toml_value, wait_until
+from tests.conftest import (
+    cli_command,
+    cli_env,
+    db_rows,
+    free_port,
+    http_get,
+    run_cli,
+    toml_value,
+    wait_until,
+    write_config,
+)
 
 ROWS_SQL = "SELECT account, id, state, path, sha256 FROM recordings"
 
@@ -27,29 +37,15 @@ def write_accounts_config(directory: Path, sim: MultiSimulator, accounts: list[s
                           per_account: dict[str, Any] | None = None, name: str = "config.toml",
                           **sections: dict[str, Any]) -> Path:
     """A config with one [[accounts]] entry per simulated account, each key in a file of its own."""
-    base: dict[str, dict[str, Any]] = {
-        "api": {"base_url": sim.base_url, "requests_per_second": 0, "retry_base": 0.01, "retry_max": 0.05,
-                "timeout": 10},
-        "archive": {"directory": "archive", "settle_window": 60},
-        "state": {"database": "state.sqlite3"},
-        "workers": {"concurrency": 4, "poll_backoff_min": 0.2, "poll_backoff_max": 0.5,
-                    "retry_backoff_min": 0.05, "retry_backoff_max": 0.2, "poll_interval": 0.5},
-    }
-    for section, values in sections.items():
-        base.setdefault(section, {}).update(values)
     lines = []
-    for section, values in base.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
     for account in accounts or list(sim.accounts):
         key_file = directory / f"{account}.key"
         key_file.write_text(sim.accounts[account].accesskey + "\n")
         lines += ["[[accounts]]", f"name = {toml_value(account)}", f"accesskey_file = {toml_value(str(key_file))}"]
         lines += [f"{k} = {toml_value(v)}" for k, v in (per_account or {}).items()]
-    path = directory / name
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return path
+    sections = {**sections, "api": {"base_url": sim.base_url, **sections.get("api", {})},
+                "workers": {"concurrency": 4, **sections.get("workers", {})}}
+    return write_config(directory, None, name=name, extra=lines, **sections)
 
 
 def assert_accounts_archived(sim: MultiSimulator, root: Path, db: Path, names: list[str] | None = None,
