@@ -131,7 +131,7 @@ class PgState:
     async def open(cls, cfg: StateConfig, *, readonly: bool = False) -> PgState:
         asyncpg = _asyncpg()
         try:
-            pool = await asyncpg.create_pool(cfg.url, password=cfg.password or None, min_size=1, max_size=4,
+            pool = await asyncpg.create_pool(cfg.url, password=cfg.password or None, min_size=0, max_size=4,
                                              timeout=30, command_timeout=60)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StateUnusable(f"cannot reach the state database {redact_url(cfg.url)}: {exc}") from None
@@ -199,8 +199,9 @@ class PgState:
         asyncpg = _asyncpg()
         try:
             yield
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError, asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
+            # (InternalClientError: a connection left mid-operation by the server going away)
             raise LocalStorageError(f"the state database {redact_url(self.cfg.url)} cannot be reached: "
                                     f"{type(exc).__name__}: {exc}") from None
 

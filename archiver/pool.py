@@ -213,6 +213,12 @@ class Engine:
         except (TransientError, RecordingRefused, RecordingGone, InvalidRecording) as exc:
             log.error("cycle_walk_failed", error=redact(str(exc)))
             return
+        except StateUnusable as exc:
+            self._state_broken(str(exc))
+            return
+        except Exception:  # a bug must not stop the service: logged, and the next cycle tries again
+            log.exception("cycle_unexpected_error")
+            return
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
             seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4),
@@ -386,7 +392,7 @@ class Engine:
         log.error(
             event, reason=redact(reason),
             paused_seconds=round(pause), hint="retrying slowly; nothing is counted against any recording"
-            if auth else "free disk space or fix permissions (or bring the bucket back)",
+            if auth else "free disk space or fix permissions (or bring the bucket or the state database back)",
         )
 
     # ---- the walk ----------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import structlog
 from .client import ApiClient
 from .config import ApiConfig, Config
 from .destinations import open_destination
+from .errors import LocalStorageError
 from .expiry import expiry_warning, watch_accesskey
 from .layout import set_temp_tag
+from .logs import redact
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
@@ -168,16 +170,12 @@ async def _supervise(engines: list[Engine], state: StateDB, notifier: Notifier, 
             if any(e.result.state_unusable for e in engines):
                 for engine in engines:
                     engine._state_broken(next(e.result.fatal for e in engines if e.result.state_unusable))
-            summary = await state.summary() if len(engines) > 1 else None
-            for engine in engines:
-                mine = await engine.state.summary()
-                summary = summary or mine
-                oldest = mine["oldest_pending"]
-                engine.metrics.set_counts(mine, oldest["tm_create"] if oldest else None)
-                engine.metrics.api_requests.set(engine.client.stats["requests"])
-                engine.metrics.http_429.set(engine.client.stats["http_429"])
-                engine.metrics.budget_shared.set(1 if engine.client.budget_shared else 0)
-            assert summary is not None
+            try:
+                summary = await _read_summaries(engines, state)
+            except LocalStorageError as exc:  # the state database is away: the engines pause on it too
+                notifier.send(f"STATUS=PAUSED: {redact(str(exc))[:200]}")
+                await asyncio.sleep(tick)
+                continue
             text = _status_text(summary, engines)
             notifier.send(f"STATUS={text}")
             elapsed = time.monotonic() - started
@@ -190,6 +188,21 @@ async def _supervise(engines: list[Engine], state: StateDB, notifier: Notifier, 
     finally:
         if live is not None:
             live.clear()
+
+
+async def _read_summaries(engines: list[Engine], state: StateDB) -> dict[str, Any]:
+    """Each account's counts into its metrics; returns the summary over all of them."""
+    summary = await state.summary() if len(engines) > 1 else None
+    for engine in engines:
+        mine = await engine.state.summary()
+        summary = summary or mine
+        oldest = mine["oldest_pending"]
+        engine.metrics.set_counts(mine, oldest["tm_create"] if oldest else None)
+        engine.metrics.api_requests.set(engine.client.stats["requests"])
+        engine.metrics.http_429.set(engine.client.stats["http_429"])
+        engine.metrics.budget_shared.set(1 if engine.client.budget_shared else 0)
+    assert summary is not None
+    return summary
 
 
 def _status_text(summary: dict[str, Any], engines: list[Engine]) -> str:

@@ -47,10 +47,17 @@ class PgCluster:
     def start(self) -> PgCluster:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres",
                   "--no-sync", "-E", "UTF8")
+        self.resume()
+        return self
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown: sessions are cut), keeping its data for ``resume``."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
         options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c max_connections=200"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
                   str(self.base / "log"), "-w", "-t", "60", "start")
-        return self
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

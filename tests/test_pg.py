@@ -247,3 +247,39 @@ async def test_a_daemon_stopped_past_its_lease_is_taken_over_without_a_second_co
     _check_files(sim, tmp_path, rows)
     log = (tmp_path / "d0.log").read_text() + (tmp_path / "d1.log").read_text()
     assert "archived_twice_differently" not in log and "Traceback" not in log
+
+
+async def test_the_database_going_away_pauses_the_service_and_loses_nothing(tmp_path, multi_sim, pg_cluster, pg_url):
+    """PostgreSQL stopped mid-run and started again: the daemon pauses (no crash, no failed
+    recording), then carries on; every recording archived once."""
+    sim = await multi_sim(["acme", "beta"], recordings=30, audio_bytes=3000, latency=0.05)
+    cfg = write_accounts_config(tmp_path, sim, state={"url": pg_url, "lease": 3},
+                                per_account={"requests_per_second": 10},
+                                workers={"concurrency": 2, "poll_interval": 0.3, "trouble_pause": 0.5})
+    daemon = await _start(cfg, tmp_path / "d.log")
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while _archived(await _rows(pg_url)) < 10:
+            assert asyncio.get_running_loop().time() < deadline, "nothing archived"
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(pg_cluster.pause)
+        deadline = asyncio.get_running_loop().time() + 20  # the daemon keeps running meanwhile
+        while asyncio.get_running_loop().time() < deadline and "cannot be reached" not in (
+                tmp_path / "d.log").read_text():
+            await asyncio.sleep(0.1)
+        assert daemon.returncode is None, "the daemon lives on without its database"
+        await asyncio.to_thread(pg_cluster.resume)
+        deadline = asyncio.get_running_loop().time() + 90
+        while _archived(rows := await _rows(pg_url)) < 60:
+            assert daemon.returncode is None
+            assert asyncio.get_running_loop().time() < deadline, f"{_archived(rows)} archived after the outage"
+            await asyncio.sleep(0.2)
+    finally:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.wait(), 20) == 0
+    log = (tmp_path / "d.log").read_text()
+    assert "cannot be reached" in log and "Traceback" not in log
+    rows = await _rows(pg_url)
+    assert not [r for r in rows if r["state"] == "failed"]
+    _check_files(sim, tmp_path, rows)
