@@ -260,9 +260,6 @@ def build_config(
         store_warn_ratio=reader.number("retention", "store_warn_ratio", RetentionConfig.store_warn_ratio, minimum=0),
         store_capacity=reader.whole("retention", "store_capacity", RetentionConfig.store_capacity, minimum=1),
     )
-    if state.url and retention.delete_from_server:
-        raise ConfigError("[retention] delete_from_server is not supported yet with a shared state ([state] url): "
-                          "deletions are not claimed across daemons; run it from one daemon on SQLite")
     if retention.store_warn_ratio > 1:
         raise ConfigError(f"[retention] store_warn_ratio must be <= 1, got {retention.store_warn_ratio}")
     logging_cfg = LoggingConfig(

@@ -33,7 +33,7 @@ import structlog
 from .config import StateConfig
 from .errors import LocalStorageError, StateUnusable
 from .model import Recording
-from .state import _ROW_COLUMNS, FLAGS, STATES, STORED, Row, _epoch, _initial_state, _row
+from .state import _DELETABLE, _ROW_COLUMNS, FLAGS, STATES, STORED, Row, _epoch, _initial_state, _row
 
 log = structlog.get_logger("archiver.pgstate")
 
@@ -85,6 +85,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE walks (account text NOT NULL, name text NOT NULL, token text NOT NULL,
         updated_at double precision NOT NULL, PRIMARY KEY (account, name));
     CREATE TABLE meta (account text NOT NULL, key text NOT NULL, value text NOT NULL, PRIMARY KEY (account, key));
+    CREATE TABLE deletions (account text NOT NULL, recording_id text NOT NULL, line text NOT NULL,
+        PRIMARY KEY (account, recording_id));
     CREATE TABLE pace (account text PRIMARY KEY, tokens double precision NOT NULL, at double precision NOT NULL,
         granted double precision NOT NULL DEFAULT 0);
     """,
@@ -124,7 +126,7 @@ class PgState:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._root = root
         self._views: list[PgState] = []
-        self._lock_con: Any = None  # walk_lock's connection
+        self._lock_cons: dict[str, Any] = {}  # the advisory locks' connections, by lock
         self.round_trips = 0
 
     @classmethod
@@ -165,8 +167,8 @@ class PgState:
     async def close(self) -> None:
         if self._root is None:
             for view in self._views:
-                if view._lock_con is not None:
-                    view._lock_con.terminate()
+                for con in view._lock_cons.values():
+                    con.terminate()
             await self.pool.close()
 
     async def _migrate(self, readonly: bool) -> None:
@@ -223,21 +225,27 @@ class PgState:
 
     @contextlib.asynccontextmanager
     async def walk_lock(self) -> AsyncIterator[bool]:
-        """Whether this daemon walks the account now: one daemon at a time (an advisory lock
-        held on a connection of its own for the walk; a dead daemon's goes with its session)."""
-        key = f"voipbin-archiver:walk:{self._acct}"
+        """Whether this daemon walks the account now: one daemon at a time (a dead daemon's
+        lock goes with its session)."""
+        async with self._advisory(f"voipbin-archiver:walk:{self._acct}") as got:
+            yield got
+
+    @contextlib.asynccontextmanager
+    async def _advisory(self, key: str) -> AsyncIterator[bool]:
+        """``pg_try_advisory_lock`` held on a connection of the account's own, not the pool's:
+        the work under it needs the pool."""
         with self._reachable():
-            if self._lock_con is None or self._lock_con.is_closed():
-                # a connection of the account's own, not the pool's: the walk needs the pool
-                self._lock_con = await _asyncpg().connect(self.cfg.url, password=self.cfg.password or None,
-                                                          timeout=30)
-            got = await self._lock_con.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key)
+            con = self._lock_cons.get(key)
+            if con is None or con.is_closed():  # one per lock: a walk and a prune may run at once
+                con = self._lock_cons[key] = await _asyncpg().connect(
+                    self.cfg.url, password=self.cfg.password or None, timeout=30)
+            got = await con.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key)
         try:
             yield bool(got)
         finally:
             if got:
                 with self._reachable():
-                    await self._lock_con.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+                    await con.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
     async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]:
         account = self._acct
@@ -404,24 +412,70 @@ class PgState:
             log.error("archived_twice_differently", recording_id=rec_id, kept_sha256=kept[0]["sha256"],
                       other_sha256=sha256, hint="the first record stands; `verify` checks the file against it")
 
-    # ---- deleting the server's copy: refused with a shared state (config.py) ------------------
+    # ---- deleting the server's copy (retention.py): one pruner per account ---------------------
+
+    @contextlib.asynccontextmanager
+    async def prune_lock(self) -> AsyncIterator[bool]:
+        """Whether this daemon deletes the account's server copies now: one daemon at a time."""
+        async with self._advisory(f"voipbin-archiver:prune:{self._acct}") as got:
+            yield got
+
+    def _deletable_where(self, include_flagged: bool, n: int) -> str:
+        flags = "" if include_flagged else " AND flag IS NULL"
+        return f"state = 'archived' AND server_deleted_at IS NULL AND archived_at <= ${n}{flags}"
 
     async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]:
-        return []
+        rows = await self._fetch(
+            f"SELECT {_DELETABLE} FROM recordings WHERE account=$1 AND delete_intent_at IS NOT NULL"
+            " AND server_deleted_at IS NULL AND state = 'archived' LIMIT $2", self._acct, limit)
+        if len(rows) < limit:
+            rows += await self._fetch(
+                f"SELECT {_DELETABLE} FROM recordings WHERE account=$1 AND {self._deletable_where(include_flagged, 2)}"
+                " AND delete_intent_at IS NULL ORDER BY archived_at LIMIT $3", self._acct, before, limit - len(rows))
+        return [dict(r) for r in rows]
 
     async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]:
-        return 0, 0
+        scope, params = self._scope(2)
+        rows = await self._fetch(
+            f"SELECT count(*), coalesce(sum(size), 0) FROM recordings WHERE {scope}"
+            f"{self._deletable_where(include_flagged, 1)}", before, *params)
+        return int(rows[0][0]), int(rows[0][1])
 
     async def delete_intents(self) -> list[str]:
-        return []
+        scope, params = self._scope(1)
+        rows = await self._fetch(
+            f"SELECT id FROM recordings WHERE {scope}delete_intent_at IS NOT NULL AND server_deleted_at IS NULL",
+            *params)
+        return [r[0] for r in rows]
 
     async def server_deleted(self, ids: list[str]) -> list[tuple[str, float | None]]:
         rows = await self._fetch("SELECT id, server_deleted_at FROM recordings WHERE account=$1 AND id = ANY($2)",
                                  self._acct, ids)
         return [(r[0], r[1]) for r in rows]
 
+    async def mark_server_deleted(self, rows: list[tuple[float, str, str]], audit: list[str] | None = None) -> None:
+        """(deleted_at, request id, recording id) for each, with the audit lines (the trail of
+        every daemon, ``deletions``): one transaction; a line already there is not added again."""
+        account = self._acct
+        self.round_trips += 1
+        with self._reachable():
+            async with self.pool.acquire() as con, con.transaction():
+                await con.executemany(
+                    "UPDATE recordings SET server_deleted_at=$1, delete_request_id=$2 WHERE account=$3 AND id=$4",
+                    [(at, request_id, account, rec_id) for at, request_id, rec_id in rows])
+                await con.executemany(
+                    "INSERT INTO deletions (account, recording_id, line) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    [(account, json.loads(line)["recording_id"], line) for line in audit or []])
+
     async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]:
-        return {"due": 0, "due_bytes": 0, "deleted": 0, "interrupted": 0, "server_store": None}
+        due, due_bytes = await self.deletable_totals(before, include_flagged)
+        scope, params = self._scope(1)
+        deleted = (await self._fetch(
+            f"SELECT count(*) FROM recordings WHERE {scope}server_deleted_at IS NOT NULL", *params))[0][0]
+        stores = [json.loads(r[0]) for r in await self._fetch(
+            f"SELECT value FROM meta WHERE {scope}key='server_store' ORDER BY account", *params)]
+        return {"due": due, "due_bytes": due_bytes, "deleted": deleted,
+                "interrupted": len(await self.delete_intents()), "server_store": stores[0] if stores else None}
 
     # ---- start-up and shutdown ---------------------------------------------------------------
 

@@ -219,10 +219,13 @@ class Engine:
         except Exception:  # a bug must not stop the service: logged, and the next cycle tries again
             log.exception("cycle_unexpected_error")
             return
+        try:
+            counts = await self.state.counts()
+        except LocalStorageError:  # the state database went away just now: the next cycle pauses on it
+            counts = {}
         log.info(
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
-            seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4),
-            **await self.state.counts(),
+            seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4), **counts,
         )
 
     async def _full_walk_due(self) -> bool:
@@ -319,7 +322,10 @@ class Engine:
         by taking one token at a time from the shared bucket, one deletion after another."""
         assert self.pruner is not None
         try:
-            done = await self.pruner.run(self.stop)
+            async with self.state.prune_lock() as mine:
+                if not mine:
+                    return  # another daemon prunes this account now
+                done = await self.pruner.run(self.stop)
         except (AuthRefused, LocalStorageError) as exc:
             await self._halt(exc)
             return

@@ -88,7 +88,7 @@ class Pruner:
         with the recordings still due (and any intent kept for the next run)."""
         result = PruneResult()
         interrupted = await self.state.delete_intents()
-        if interrupted and self._audited is None:
+        if interrupted and self._audited is None and not self.state.shared:  # a shared state dedupes itself
             self._audited = await asyncio.to_thread(_audited_ids, self.audit, set(interrupted))
         while not stop.is_set():
             batch = await self.due(BATCH)
@@ -150,9 +150,13 @@ class Pruner:
                 "sha256": row["sha256"], "size": row["size"], "path": row["path"],
                 "archive": self.destination.location(), "request_id": request_id, "http_status": status,
             }, sort_keys=True))
+        marks = [(now, request_id, row["id"]) for row, request_id, _ in done]
+        if self.state.shared:  # several daemons, one trail: in the database, in the same transaction
+            await self.state.mark_server_deleted(marks, audit=lines)
+            return
         if lines:
             await asyncio.to_thread(_append_lines, self.audit, lines)
-        await self.state.mark_server_deleted([(now, request_id, row["id"]) for row, request_id, _ in done])
+        await self.state.mark_server_deleted(marks)
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:

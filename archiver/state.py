@@ -373,6 +373,11 @@ class StateDB:
         """Whether this process walks the account now: always (one process per database)."""
         yield True
 
+    @contextlib.asynccontextmanager
+    async def prune_lock(self) -> AsyncIterator[bool]:
+        """Whether this process deletes the account's server copies now: always (one process)."""
+        yield True
+
     async def renew(self, ids: set[str]) -> None:
         """Nothing to renew: no other process can take our rows."""
 

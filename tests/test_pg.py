@@ -76,9 +76,6 @@ def test_state_url_config_errors():
     ]:
         with pytest.raises(ConfigError, match=message):
             build_config({**base, "state": state}, Path("/tmp"), {})
-    with pytest.raises(ConfigError, match="not supported yet with a shared state"):
-        build_config({**base, "state": {"url": "postgresql://u@db/x"}, "retention": {"delete_from_server": True}},
-                     Path("/tmp"), {})
     cfg = build_config({**base, "state": {"url": "postgresql://u@db/x"}}, Path("/tmp"), {"PGPASSWORD": "pw"})
     assert cfg.state.url and cfg.state.password == "pw" and cfg.state.lease == 300
     assert "pw" not in repr(cfg)
@@ -257,24 +254,29 @@ async def test_the_database_going_away_pauses_the_service_and_loses_nothing(tmp_
                                 per_account={"requests_per_second": 10},
                                 workers={"concurrency": 2, "poll_interval": 0.3, "trouble_pause": 0.5})
     daemon = await _start(cfg, tmp_path / "d.log")
+    paused = False
     try:
         deadline = asyncio.get_running_loop().time() + 60
         while _archived(await _rows(pg_url)) < 10:
             assert asyncio.get_running_loop().time() < deadline, "nothing archived"
             await asyncio.sleep(0.1)
         await asyncio.to_thread(pg_cluster.pause)
+        paused = True
         deadline = asyncio.get_running_loop().time() + 20  # the daemon keeps running meanwhile
         while asyncio.get_running_loop().time() < deadline and "cannot be reached" not in (
                 tmp_path / "d.log").read_text():
             await asyncio.sleep(0.1)
         assert daemon.returncode is None, "the daemon lives on without its database"
         await asyncio.to_thread(pg_cluster.resume)
+        paused = False
         deadline = asyncio.get_running_loop().time() + 90
         while _archived(rows := await _rows(pg_url)) < 60:
             assert daemon.returncode is None
             assert asyncio.get_running_loop().time() < deadline, f"{_archived(rows)} archived after the outage"
             await asyncio.sleep(0.2)
     finally:
+        if paused:  # for the tests after this one
+            await asyncio.to_thread(pg_cluster.resume)
         if daemon.returncode is None:
             daemon.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(daemon.wait(), 20) == 0
@@ -283,3 +285,42 @@ async def test_the_database_going_away_pauses_the_service_and_loses_nothing(tmp_
     rows = await _rows(pg_url)
     assert not [r for r in rows if r["state"] == "failed"]
     _check_files(sim, tmp_path, rows)
+
+
+async def test_two_daemons_delete_each_server_copy_once_with_one_audit_trail(tmp_path, multi_sim, pg_url):
+    """[retention] on a shared state: one daemon prunes an account at a time (an advisory lock);
+    each copy is deleted once, after its download, with one line each in the database's trail;
+    `prune --dry-run` and `status` read it."""
+    sim = await multi_sim(["acme", "beta"], recordings=15, audio_bytes=2000)
+    retention = {"delete_from_server": True, "delete_after": 0}
+    configs = [write_accounts_config(tmp_path, sim, name=f"d{n}.toml", state={"url": pg_url, "lease": 3},
+                                     retention=retention, workers={"concurrency": 3, "poll_interval": 0.2})
+               for n in range(2)]
+    daemons = [await _start(cfg, tmp_path / f"d{n}.log") for n, cfg in enumerate(configs)]
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while sum(len(s.deletes) for s in sim.accounts.values()) < 30:
+            assert asyncio.get_running_loop().time() < deadline, "not every server copy was deleted"
+            await asyncio.sleep(0.1)
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(daemon.wait(), 20) == 0
+    for account in sim.accounts.values():
+        assert set(account.deletes.values()) == {1}, "each deleted exactly once"
+        assert account.delete_violations == 0, "never before a complete download"
+    assert sum(s.stats["delete"] for s in sim.accounts.values()) == 30, "one DELETE each: one pruner per account"
+    con = await asyncpg.connect(pg_url)
+    try:
+        trail = [json.loads(r["line"]) for r in await con.fetch("SELECT line FROM deletions")]
+        marked = await con.fetchval("SELECT count(*) FROM recordings WHERE server_deleted_at IS NOT NULL")
+    finally:
+        await con.close()
+    assert marked == 30 and len(trail) == 30
+    assert {(t["account"], t["recording_id"]) for t in trail} == {
+        (name, rec_id) for name, s in sim.accounts.items() for rec_id in s.deletes}
+    assert all(t["sha256"] and t["request_id"] and t["http_status"] == 200 for t in trail)
+    dry = await run_cli("--config", str(configs[0]), "prune", "--dry-run")
+    assert dry.rc == 0 and "due for deletion from the server now: 0 recordings" in dry.out, dry
+    status = json.loads((await run_cli("--config", str(configs[0]), "status", "--json")).out)
+    assert status["server_deletion"]["deleted"] == 30
