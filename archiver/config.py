@@ -533,7 +533,7 @@ def _check_listen(listen: str) -> str:
 
 
 def _holds_secret(data: dict[str, Any]) -> bool:
-    credentials = [body for name, body in data.items() if name == "api" or name.startswith("accounts ")]
+    credentials = [body for name, body in data.items() if name in ("api", "state") or name.startswith("accounts ")]
     s3 = data.get("archive.s3", {})
     return any(isinstance(body, dict) and any(body.get(k) for k in ("accesskey", "token", "password"))
                for body in credentials) or (isinstance(s3, dict) and bool(s3.get("secret_access_key")))
