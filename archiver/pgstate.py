@@ -122,7 +122,7 @@ class PgState:
         self.cfg = cfg
         self.lease = cfg.lease
         self.account = account
-        self.path = cfg.database  # beside which the audit trail and S3 staging live
+        self.path = cfg.database  # beside which S3 staging lives (the audit trail is the table deletions)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._root = root
         self._views: list[PgState] = []
@@ -350,12 +350,20 @@ class PgState:
             """,
             self._acct, now, limit, self.owner, float(self.lease),
         )
-        return sorted((_row(r) for r in rows if r["id"] not in exclude), key=lambda r: r.id)
+        return [_row(r) for r in rows if r["id"] not in exclude]
 
     async def next_due_time(self) -> float | None:
+        """When ``due()`` may next find work: a row another daemon holds is due when its lease
+        runs out, not at its ``next_attempt_at`` (ours are in flight). A dead daemon's
+        ``downloading`` rows count too, so a backfill waits for them instead of ending."""
         rows = await self._fetch(
-            "SELECT min(next_attempt_at) FROM recordings WHERE account=$1 AND state IN ('discovered', 'pending')",
-            self._acct,
+            f"""
+            SELECT min(CASE WHEN lease_until > {NOW} THEN greatest(next_attempt_at, lease_until)
+                            ELSE next_attempt_at END)
+            FROM recordings WHERE account=$1 AND (lease_owner IS NULL OR lease_owner <> $2)
+              AND (state IN ('discovered', 'pending') OR state = 'downloading' AND lease_owner IS NOT NULL)
+            """,
+            self._acct, self.owner,
         )
         return rows[0][0]
 

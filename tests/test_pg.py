@@ -324,3 +324,4 @@ async def test_two_daemons_delete_each_server_copy_once_with_one_audit_trail(tmp
     assert dry.rc == 0 and "due for deletion from the server now: 0 recordings" in dry.out, dry
     status = json.loads((await run_cli("--config", str(configs[0]), "status", "--json")).out)
     assert status["server_deletion"]["deleted"] == 30
+
