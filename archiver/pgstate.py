@@ -32,13 +32,26 @@ import structlog
 
 from .config import StateConfig
 from .errors import LocalStorageError, StateUnusable
+from .logs import register_secret
 from .model import Recording
-from .state import _DELETABLE, _ROW_COLUMNS, FLAGS, STATES, STORED, Row, _epoch, _initial_state, _row
+from .state import (
+    _DELETABLE,
+    _ROW_COLUMNS,
+    _STORED_SQL,
+    FLAGS,
+    STATES,
+    SUMMARY_META,
+    Row,
+    _epoch,
+    _initial_state,
+    _row,
+    counts_by_account,
+    summary_meta,
+)
 
 log = structlog.get_logger("archiver.pgstate")
 
 NOW = "extract(epoch from statement_timestamp())"  # the database's clock: one for every daemon's leases
-_STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
 
 MIGRATIONS: list[str] = [
     """
@@ -104,13 +117,6 @@ def _asyncpg() -> Any:
     return asyncpg
 
 
-def redact_url(url: str) -> str:
-    """The URL without a password, for messages."""
-    head, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    return f"{head}{sep}{creds.split(':', 1)[0]}{at}{host}" if at else url
-
-
 class PgState:
     """The shared state. ``await PgState.open(cfg)``; ``for_account(name)`` as for ``StateDB``."""
 
@@ -127,16 +133,17 @@ class PgState:
         self._root = root
         self._views: list[PgState] = []
         self._lock_cons: dict[str, Any] = {}  # the advisory locks' connections, by lock
-        self.round_trips = 0
 
     @classmethod
     async def open(cls, cfg: StateConfig, *, readonly: bool = False) -> PgState:
         asyncpg = _asyncpg()
+        if cfg.password:  # (the URL carries none: config refuses it)
+            register_secret(cfg.password)
         try:
             pool = await asyncpg.create_pool(cfg.url, password=cfg.password or None, min_size=0, max_size=4,
                                              timeout=30, command_timeout=60)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StateUnusable(f"cannot reach the state database {redact_url(cfg.url)}: {exc}") from None
+            raise StateUnusable(f"cannot reach the state database {cfg.url}: {exc}") from None
         state = cls(pool, cfg)
         try:
             await state._migrate(readonly)
@@ -177,7 +184,7 @@ class PgState:
                 exists = await con.fetchval("SELECT to_regclass('archiver_schema') IS NOT NULL")
                 version = await con.fetchval("SELECT version FROM archiver_schema") if exists else 0
                 if version != len(MIGRATIONS):
-                    raise StateUnusable(f"state database {redact_url(self.cfg.url)} is schema v{version}, this "
+                    raise StateUnusable(f"state database {self.cfg.url} is schema v{version}, this "
                                         f"archiver reads v{len(MIGRATIONS)}: run `backfill` or `run` once")
                 return
             async with con.transaction():
@@ -204,22 +211,16 @@ class PgState:
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.InternalClientError, asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
             # (InternalClientError: a connection left mid-operation by the server going away)
-            raise LocalStorageError(f"the state database {redact_url(self.cfg.url)} cannot be reached: "
+            raise LocalStorageError(f"the state database {self.cfg.url} cannot be reached: "
                                     f"{type(exc).__name__}: {exc}") from None
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        self.round_trips += 1
         with self._reachable():
             return list(await self.pool.fetch(sql, *args))
 
     async def _execute(self, sql: str, *args: Any) -> str:
-        self.round_trips += 1
         with self._reachable():
             return str(await self.pool.execute(sql, *args))
-
-    async def accounts(self) -> list[str]:
-        rows = await self._fetch("SELECT account FROM recordings UNION SELECT account FROM meta ORDER BY 1")
-        return [r[0] for r in rows]
 
     # ---- the walk ----------------------------------------------------------------------------
 
@@ -250,7 +251,6 @@ class PgState:
     async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]:
         account = self._acct
         now = time.time()
-        self.round_trips += 1
         with self._reachable():
             return await self._store_page(account, now, recordings, walk, next_token)
 
@@ -465,7 +465,6 @@ class PgState:
         """(deleted_at, request id, recording id) for each, with the audit lines (the trail of
         every daemon, ``deletions``): one transaction; a line already there is not added again."""
         account = self._acct
-        self.round_trips += 1
         with self._reachable():
             async with self.pool.acquire() as con, con.transaction():
                 await con.executemany(
@@ -524,12 +523,8 @@ class PgState:
         return out
 
     async def counts_by_account(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for account, state, n in await self._fetch(
-            "SELECT account, state, count(*) FROM recordings GROUP BY account, state"
-        ):
-            out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
-        return out
+        return counts_by_account(await self._fetch(
+            "SELECT account, state, count(*) FROM recordings GROUP BY account, state"))
 
     async def summary(self) -> dict[str, Any]:
         scope, params = self._scope(1)
@@ -550,22 +545,10 @@ class PgState:
         ):
             flags[str(flag)] = n
         out["archived_flagged"] = flags
-        meta: dict[str, dict[str, str]] = {}
-        for account, key, value in await self._fetch(
-            f"SELECT account, key, value FROM meta WHERE {scope}key IN ('last_cycle', 'api_refused',"
-            " 'accesskey_expires')", *params
-        ):
-            meta.setdefault(str(account), {})[str(key)] = value
-        cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
-        out["last_cycle"] = str(min(cycles)) if cycles else None
-        refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
-        expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
-        one = self.account or (next(iter(meta)) if len(meta) == 1 else None)
-        out["api_refused"] = refused.get(one) if one else next(iter(refused.values()), None)
-        out["accesskey_expires"] = expires.get(one) if one else min(expires.values(), default=None)
-        out["api_refused_by_account"] = refused
-        out["accesskey_expires_by_account"] = expires
-        return out
+        scope, params = self._scope(2)
+        rows = await self._fetch(
+            f"SELECT account, key, value FROM meta WHERE {scope}key = ANY($1::text[])", list(SUMMARY_META), *params)
+        return {**out, **summary_meta(rows, self.account)}
 
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         scope, params = self._scope(2)

@@ -237,7 +237,6 @@ class StateDB:
 
     shared = False  # one daemon per file (a ``pgstate.PgState`` is shared by many)
     lease = 0.0  # no leases to renew
-    round_trips = 0
 
     def __init__(self, db: aiosqlite.Connection, lock_fd: int | None, path: Path, account: str | None = None,
                  owner: StateDB | None = None) -> None:
@@ -358,13 +357,6 @@ class StateDB:
             await self.db.executescript(
                 f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
             )
-
-    async def accounts(self) -> list[str]:
-        """Every account the database holds rows or meta for."""
-        rows = await self.db.execute_fetchall(
-            "SELECT DISTINCT account FROM recordings UNION SELECT DISTINCT account FROM meta ORDER BY 1"
-        )
-        return [r[0] for r in rows]
 
     # ---- the walk ----------------------------------------------------------------------------
 
@@ -680,13 +672,9 @@ class StateDB:
 
     async def counts_by_account(self) -> dict[str, dict[str, int]]:
         """Counts per state for each account (``status --json``, metrics)."""
-        out: dict[str, dict[str, int]] = {}
-        rows = await self.db.execute_fetchall(
+        return counts_by_account(await self.db.execute_fetchall(
             "SELECT account, state, count(*) FROM recordings INDEXED BY recordings_state GROUP BY account, state"
-        )
-        for account, state, n in rows:
-            out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
-        return out
+        ))
 
     async def summary(self) -> dict[str, Any]:
         """Counts per state, the oldest waiting recording and the last error, for ``status``.
@@ -717,31 +705,11 @@ class StateDB:
         ):
             flags[str(flag)] = n
         out["archived_flagged"] = flags
-        meta = await self._meta_by_account(("last_cycle", "api_refused", "accesskey_expires"))
-        cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
-        out["last_cycle"] = str(min(cycles)) if cycles else None  # the account longest without one
-        refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
-        expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
-        one = self.account or (next(iter(meta)) if len(meta) == 1 else None)
-        if one is not None:  # one account: as before v5
-            out["api_refused"] = refused.get(one)
-            out["accesskey_expires"] = expires.get(one)
-        else:
-            out["api_refused"] = next(iter(refused.values()), None)
-            out["accesskey_expires"] = min(expires.values(), default=None)  # the first to expire
-        out["api_refused_by_account"] = refused
-        out["accesskey_expires_by_account"] = expires
-        return out
-
-    async def _meta_by_account(self, keys: tuple[str, ...]) -> dict[str, dict[str, str]]:
-        scope, params = self._scope()
-        marks = ",".join("?" * len(keys))
-        out: dict[str, dict[str, str]] = {}
-        for account, key, value in await self.db.execute_fetchall(
-            f"SELECT account, key, value FROM meta WHERE {scope}key IN ({marks})", (*params, *keys)
-        ):
-            out.setdefault(str(account), {})[str(key)] = value
-        return out
+        marks = ",".join("?" * len(SUMMARY_META))
+        rows = await self.db.execute_fetchall(
+            f"SELECT account, key, value FROM meta WHERE {scope}key IN ({marks})", (*params, *SUMMARY_META)
+        )
+        return {**out, **summary_meta(rows, self.account)}
 
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         """The latest recordings kept imperfect or without audio, with why (``status``)."""
@@ -769,6 +737,37 @@ class StateDB:
             for r in rows:
                 yield dict(r)
             last = (rows[-1]["account"], rows[-1]["id"])
+
+
+SUMMARY_META = ("last_cycle", "api_refused", "accesskey_expires")  # the meta keys ``summary`` reports
+
+
+def summary_meta(rows: Any, account: str | None) -> dict[str, Any]:
+    """``summary``'s part from meta (rows of account, key, value for ``SUMMARY_META``): the
+    oldest last cycle; each account's refusal and key expiry, and for one account (a view, or
+    a database of one) its own, as before v5, else the first refusal and the first expiry."""
+    meta: dict[str, dict[str, str]] = {}
+    for acct, key, value in rows:
+        meta.setdefault(str(acct), {})[str(key)] = value
+    cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
+    refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
+    expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
+    one = account or (next(iter(meta)) if len(meta) == 1 else None)
+    return {
+        "last_cycle": str(min(cycles)) if cycles else None,  # the account longest without one
+        "api_refused": refused.get(one) if one is not None else next(iter(refused.values()), None),
+        "accesskey_expires": expires.get(one) if one is not None else min(expires.values(), default=None),
+        "api_refused_by_account": refused,
+        "accesskey_expires_by_account": expires,
+    }
+
+
+def counts_by_account(rows: Any) -> dict[str, dict[str, int]]:
+    """Counts per state for each account, from rows of (account, state, count)."""
+    out: dict[str, dict[str, int]] = {}
+    for account, state, n in rows:
+        out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
+    return out
 
 
 async def open_state(cfg: StateConfig, *, readonly: bool = False) -> Any:
