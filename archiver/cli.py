@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", parents=[after],
                         help="delete the server's copy of what is archived and due ([retention]), then exit")
     pr.add_argument("--dry-run", action="store_true", help="only count what is due and the bytes it would free")
+    im = sub.add_parser("import-state", parents=[after],
+                        help="copy a SQLite state into the PostgreSQL state of [state] url (one daemon to several)")
+    im.add_argument("sqlite", type=Path, help="the SQLite state database to copy (left as it is)")
+    im.add_argument("--account", action="append", default=[], metavar="OLD=NEW",
+                    help="import the SQLite file's account OLD as NEW (repeatable; a single-account file's is default)")
     d = sub.add_parser("demo", help="archive from the bundled simulator into ./demo-archive (no account needed)")
     d.add_argument("--recordings", type=int, default=60)
     d.add_argument("--directory", type=Path, default=Path("demo-archive"))
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_verify(cfg, args.repair, args.deep))
         if args.command == "prune":
             return asyncio.run(_prune(cfg, args.dry_run))
+        if args.command == "import-state":
+            return asyncio.run(_import_state(cfg, args.sqlite, args.account))
         if args.command == "backfill":
             if args.since and args.until and args.since >= args.until:
                 raise ConfigError("--since must be before --until")
@@ -179,6 +186,24 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
     if result.interrupted:
         lines.append(f"interrupted by {result.interrupted}: the next run resumes where this one stopped")
     print("\n".join(lines), flush=True)
+
+
+async def _import_state(cfg: Config, source: Path, renames: list[str]) -> int:
+    from .statemove import import_sqlite, parse_renames
+
+    report = await import_sqlite(cfg, source, parse_renames(renames))
+    lines = [f"imported {source} into the PostgreSQL state:"]
+    for account, counts in sorted(report.counts.items()):
+        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        lines.append(f"  {account}: {sum(counts.values())} recordings ({states}), "
+                     f"{report.archived_bytes.get(account, 0) / 1e6:.1f} MB archived")
+    lines.append(f"  {report.walks} walk checkpoint(s), {report.meta} meta value(s), "
+                 f"{report.audit_lines} deletion audit line(s)")
+    lines += [f"warning: {w}" for w in report.warnings]
+    lines.append(f"{source} is left as it was: keep it as the backup of this moment, and start every daemon with "
+                 "this config; none of it is downloaded again")
+    print("\n".join(lines), flush=True)
+    return EXIT_OK
 
 
 async def _status(cfg: Config, as_json: bool) -> int:

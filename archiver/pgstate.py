@@ -104,7 +104,7 @@ MIGRATIONS: list[str] = [
         granted double precision NOT NULL DEFAULT 0);
     """,
 ]
-_MIGRATE_LOCK = 0x766F6970  # advisory lock key while migrating ("voip")
+MIGRATE_LOCK = 0x766F6970  # advisory lock key while migrating or importing ("voip")
 
 
 def _asyncpg() -> Any:
@@ -188,7 +188,7 @@ class PgState:
                                         f"archiver reads v{len(MIGRATIONS)}: run `backfill` or `run` once")
                 return
             async with con.transaction():
-                await con.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)  # one daemon migrates
+                await con.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)  # one daemon migrates
                 await con.execute("CREATE TABLE IF NOT EXISTS archiver_schema (version integer NOT NULL)")
                 version = await con.fetchval("SELECT version FROM archiver_schema")
                 if version is None:
@@ -213,6 +213,13 @@ class PgState:
             # (InternalClientError: a connection left mid-operation by the server going away)
             raise LocalStorageError(f"the state database {self.cfg.url} cannot be reached: "
                                     f"{type(exc).__name__}: {exc}") from None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A connection of the pool, its failures ``LocalStorageError`` (``import-state``)."""
+        with self._reachable():
+            async with self.pool.acquire() as con:
+                yield con
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         with self._reachable():

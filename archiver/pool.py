@@ -15,7 +15,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -688,7 +688,7 @@ class Engine:
             return None
         tm_end = rec.tm_end.timestamp() if rec.tm_end else None
         await self.state.update(row.id, state="downloading", raw=raw, status=rec.status, tm_end=tm_end, polls=0)
-        return Row(row.id, "downloading", raw, row.attempts, 0, row.tm_create, tm_end)
+        return replace(row, state="downloading", raw=raw, polls=0, tm_end=tm_end)  # the account kept
 
     async def _finish(self, row: Row, state: str, reason: str) -> None:
         reason = redact(reason)

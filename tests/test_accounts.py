@@ -93,8 +93,10 @@ def test_accounts_config_errors():
 
 async def test_a_backfill_of_three_accounts_keeps_each_apart(tmp_path, multi_sim):
     sim = await multi_sim(["acme", "beta", "gamma"], recordings=15, audio_bytes=3000)
+    for account in sim.accounts.values():  # polled until it ends, then downloaded: still in its account's place
+        account.add_recording(ends_in=1.0)
     cfg = write_accounts_config(tmp_path, sim)
-    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
     assert result.rc == 0, result
     assert_accounts_archived(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
     for account in sim.accounts.values():

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ import pytest
 
 from archiver.config import build_config
 from archiver.errors import ConfigError
-from tests.conftest import cli_command, cli_env, run_cli
+from archiver.state import _lock as sqlite_lock
+from tests.conftest import cli_command, cli_env, db_rows, run_cli, write_config
 from tests.pg import PgCluster
 from tests.test_accounts import write_accounts_config
 
@@ -325,3 +328,69 @@ async def test_two_daemons_delete_each_server_copy_once_with_one_audit_trail(tmp
     status = json.loads((await run_cli("--config", str(configs[0]), "status", "--json")).out)
     assert status["server_deletion"]["deleted"] == 30
 
+
+
+async def test_a_sqlite_state_moves_into_postgresql_without_downloading_again(tmp_path, multi_sim, pg_url):
+    """One daemon on SQLite (one account, [retention] on) grows into several accounts on
+    PostgreSQL: `import-state` carries every row, the walk, the meta and the deletion audit trail
+    over; the old account keeps its paths; only what was still waiting is downloaded."""
+    sim = await multi_sim(["acme", "beta"], recordings=10, audio_bytes=2000)
+    acme = sim.accounts["acme"]
+    late = [acme.add_recording(ends_in=3600) for _ in range(2)]  # still recording when the SQLite run ends
+    old = write_config(tmp_path, None, name="old.toml", api={"base_url": sim.base_url, "accesskey": acme.accesskey},
+                       retention={"delete_from_server": True, "delete_after": 0})
+    first = await run_cli("--config", str(old), "backfill", "--wait", "0")
+    assert first.rc == 0, first
+    sql = "SELECT id, state, path, sha256 FROM recordings"
+    before = {r[0]: tuple(r[1:]) for r in db_rows(tmp_path / "state.sqlite3", sql)}
+    assert len(before) == 12 and sum(1 for r in before.values() if r[0] == "archived") == 10
+    assert len(acme.deletes) == 10
+    sqlite_bytes = (tmp_path / "state.sqlite3").read_bytes()
+
+    new = write_accounts_config(tmp_path, sim, name="new.toml", state={"url": pg_url},
+                                retention={"delete_from_server": True, "delete_after": 0})
+    src = str(tmp_path / "state.sqlite3")
+    no_url = await run_cli("--config", str(old), "import-state", src)
+    assert no_url.rc == 2 and "needs [state] url" in no_url.err, no_url
+    bad = await run_cli("--config", str(new), "import-state", src, "--account", "default")
+    assert bad.rc == 2 and "use OLD=NEW" in bad.err, bad
+    unnamed = await run_cli("--config", str(new), "import-state", src)
+    assert unnamed.rc == 2 and "holds account 'default'" in unnamed.err and "--account default=" in unnamed.err, unnamed
+    lock = sqlite_lock(tmp_path / "state.sqlite3")  # a daemon still running on the file
+    try:
+        busy = await run_cli("--config", str(new), "import-state", src, "--account", "default=acme")
+        assert busy.rc == 2 and "in use by another voipbin-archiver process" in busy.err, busy
+    finally:
+        os.close(lock)
+    assert await _rows(pg_url) == [], "a refused import leaves PostgreSQL empty"
+
+    moved = await run_cli("--config", str(new), "import-state", src, "--account", "default=acme")
+    assert moved.rc == 0, moved
+    assert "acme: 12 recordings (10 archived, 2 discovered)" in moved.out and "10 deletion audit line(s)" in moved.out
+    assert (tmp_path / "state.sqlite3").read_bytes() == sqlite_bytes, "the SQLite file is left as it was"
+    rows = await _rows(pg_url)
+    assert {r["id"]: (r["state"], r["path"], r["sha256"]) for r in rows} == before
+    assert {r["account"] for r in rows} == {"acme"}
+    again = await run_cli("--config", str(new), "import-state", src, "--account", "default=acme")
+    assert again.rc == 2 and "already holds account 'acme'" in again.err, again
+
+    downloads = acme.stats["storage_requests"]
+    for rec_id in late:
+        acme.recordings[rec_id].ends_at = acme.recordings[rec_id].files_at = time.time()
+    second = await run_cli("--config", str(new), "backfill", "--wait", "10")
+    assert second.rc == 0, second
+    assert acme.stats["storage_requests"] - downloads == 2, "only what was still waiting is downloaded"
+    assert set(acme.deletes.values()) == {1} and len(acme.deletes) == 12, "each deleted once, before and after"
+    rows = await _rows(pg_url)
+    assert _archived(rows, "acme") == 12 and _archived(rows, "beta") == 10
+    paths = {r["id"]: r["path"] for r in rows if r["account"] == "acme"}
+    assert all(paths[i] == before[i][1] for i in before if before[i][0] == "archived"), "the old paths are kept"
+    assert all(paths[i].startswith("acme/") for i in late), "what is new follows the new layout"
+    verify = await run_cli("--config", str(new), "verify")
+    assert verify.rc == 0 and "verified 22 archived" in verify.out, verify
+    con = await asyncpg.connect(pg_url)
+    try:
+        trail = await con.fetchval("SELECT count(*) FROM deletions WHERE account='acme'")
+    finally:
+        await con.close()
+    assert trail == 12, "the SQLite run's audit lines and the new ones, in one trail"
