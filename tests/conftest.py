@@ -23,6 +23,34 @@ from archiver.simulator import MultiSimulator, SimConfig, Simulator
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Ceph RADOS Gateway for the session (``tests/rgw.py``), or the test is skipped."""
+    from tests.rgw import RGW, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Ceph RGW not installed (missing {', '.join(missing)}; apt-get install radosgw ceph-mon ceph-osd)")
+    gateway = RGW(tmp_path_factory.mktemp("rgw")).start()
+    try:
+        yield gateway
+    finally:
+        gateway.close()
+        shutil.rmtree(gateway.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A PostgreSQL cluster for the session (``tests/pg.py``), or the test is skipped."""
+    from tests.pg import PgCluster
+
+    if not PgCluster.installed():
+        pytest.skip("needs PostgreSQL (Debian: apt-get install postgresql-15)")
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 async def make_sim() -> AsyncIterator[Callable[..., Any]]:
     started: list[Simulator] = []

@@ -4,6 +4,7 @@ one walker per account, one pace per account across daemons. A real PostgreSQL 1
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import secrets
@@ -19,19 +20,9 @@ from archiver.config import build_config
 from archiver.errors import ConfigError
 from archiver.state import _lock as sqlite_lock
 from tests.conftest import cli_command, cli_env, db_rows, run_cli, write_config
-from tests.pg import PgCluster
 from tests.test_accounts import write_accounts_config
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    if not PgCluster.installed():
-        pytest.skip("needs PostgreSQL (Debian: apt-get install postgresql-15)")
-    cluster = PgCluster().start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture
@@ -394,3 +385,54 @@ async def test_a_sqlite_state_moves_into_postgresql_without_downloading_again(tm
     finally:
         await con.close()
     assert trail == 12, "the SQLite run's audit lines and the new ones, in one trail"
+
+
+@pytest.mark.s3
+async def test_two_daemons_share_one_bucket(tmp_path, multi_sim, pg_url, rgw):
+    """The shared destination for several machines: a versioned bucket, two daemons on one
+    PostgreSQL, one SIGKILLed mid-run. Every key holds exactly one version, byte-identical, with
+    its sidecar; nothing else is in the bucket; no recording is downloaded twice at once."""
+    from tests.test_s3 import Bucket
+
+    bucket = Bucket(rgw, lock=False)
+    sim = await multi_sim(["acme", "beta"], recordings=20, audio_bytes=3000)
+    configs = [write_accounts_config(tmp_path, sim, name=f"d{n}.toml", state={"url": pg_url, "lease": 2},
+                                     archive={"directory": None, "destination": "s3"},
+                                     **{"archive.s3": bucket.section()},
+                                     workers={"concurrency": 3, "poll_interval": 0.3, "trouble_pause": 0.5})
+               for n in range(2)]
+    daemons = [await _start(cfg, tmp_path / f"d{n}.log") for n, cfg in enumerate(configs)]
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while _archived(await _rows(pg_url)) < 10:
+            assert asyncio.get_running_loop().time() < deadline, "nothing archived"
+            await asyncio.sleep(0.1)
+        daemons[0].send_signal(signal.SIGKILL)  # mid-upload, perhaps: its leases run out, the other takes over
+        assert await asyncio.wait_for(daemons[0].wait(), 10) == -signal.SIGKILL
+        while _archived(await _rows(pg_url)) < 40:
+            assert asyncio.get_running_loop().time() < deadline + 60, "not everything archived after the kill"
+            await asyncio.sleep(0.1)
+    finally:
+        for daemon in daemons:
+            if daemon.returncode is None:
+                daemon.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(daemon.wait(), 20)
+    assert daemons[1].returncode == 0
+    rows = {(r["account"], r["id"]): r for r in await _rows(pg_url)}
+    versions = bucket.versions()
+    doubled = {k: len(v) for k, v in versions.items() if len(v) > 1}
+    assert not doubled, f"keys with more than one version: {doubled}"
+    known = set()
+    for name, account in sim.accounts.items():
+        assert account.overlapping_downloads == 0, f"{name}: two downloads of one recording at once"
+        for rec_id, body in account.expected_archives().items():
+            row = rows[(name, rec_id)]
+            key = "voipbin/" + row["path"]
+            assert row["state"] == "archived" and row["path"].startswith(f"{name}/")
+            assert bucket.get(key) == body and row["sha256"] == hashlib.sha256(body).hexdigest()
+            side_key = key.rpartition(".")[0] + ".json"
+            assert json.loads(bucket.get(side_key))["archive"]["sha256"] == row["sha256"]
+            known |= {key, side_key}
+    assert set(versions) == known, f"objects the database does not know: {sorted(set(versions) - known)[:3]}"
+    verify = await run_cli("--config", str(configs[1]), "verify")
+    assert verify.rc == 0 and "40 archived recordings: 0 problem(s)" in verify.out, verify

@@ -7,11 +7,9 @@ import asyncio
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,26 +17,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import cli_command, cli_env, db_rows, run_cli, wait_until, write_config
-from tests.rgw import RGW, missing_binaries
+from tests.rgw import RGW
 
 pytestmark = pytest.mark.s3
 
 botocore_session = pytest.importorskip("botocore.session")
 from botocore.config import Config as BotoConfig  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RGW]:
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"Ceph RGW not installed (missing {', '.join(missing)}; apt-get install radosgw ceph-mon ceph-osd)")
-    gateway = RGW(tmp_path_factory.mktemp("rgw")).start()
-    try:
-        yield gateway
-    finally:
-        gateway.close()
-        shutil.rmtree(gateway.dir, ignore_errors=True)
 
 
 class Bucket:
