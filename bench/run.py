@@ -259,11 +259,13 @@ def s3_vs_directory(args: argparse.Namespace, root: Path) -> list[str]:
     rgw = RGW(root / "rgw").start()
     client = botocore.session.get_session().create_client(
         "s3", endpoint_url=rgw.endpoint, region_name="us-east-1", aws_access_key_id=rgw.access_key,
-        aws_secret_access_key=rgw.secret_key, config=BotoConfig(s3={"addressing_style": "path"}))
+        aws_secret_access_key=rgw.secret_key,
+        config=BotoConfig(s3={"addressing_style": "path"}, max_pool_connections=64))
     sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", "zip")
     dir_runs: list[dict[str, Any]] = []
     s3_runs: list[dict[str, Any]] = []
     try:
+        gateway_rate = _gateway_rate(client, c)
         for i in range(args.repeat):
             work = root / f"s3-dir-{i}"
             work.mkdir()
@@ -291,8 +293,37 @@ def s3_vs_directory(args: argparse.Namespace, root: Path) -> list[str]:
         f" **{o['rss_mb']:.0f} MB** (PSS {o['pss_mb']:.0f}; directory {d['rss_mb']:.0f}) |"
         f" {(o['api_requests'] + o['storage_requests']) / n:.3f} req/rec (VoIPbin side) |"
         f" directory {d['wall']:.2f} s ({dir_walls} s): s3/directory = **{o['wall'] / d['wall']:.2f}** wall,"
-        f" {o['cpu'] / d['cpu']:.2f} CPU |"
+        f" {o['cpu'] / d['cpu']:.2f} CPU; the gateway's bound {n / gateway_rate:.2f} s ({gateway_rate:.0f} rec/s:"
+        f" {c} threads of a plain client, a recording's PUT, sidecar PUT and HEAD each):"
+        f" bound/ours = **{n / gateway_rate / o['wall']:.0%}** |"
     ]
+
+
+def _gateway_rate(client: Any, threads: int, rounds: int = 300, size: int = 171_000) -> float:
+    """Recordings per second the gateway takes from a plain threaded botocore client: each a
+    locked PUT of ``size`` bytes with Content-MD5, a locked PUT of a 2 kB sidecar and a HEAD,
+    what our destination sends per recording. On this machine it is the bound of the S3 run."""
+    import base64
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime, timedelta
+
+    bucket = "bench-bound"
+    client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    body, side = os.urandom(size), os.urandom(2000)
+    lock = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=1)}
+
+    def one(i: int) -> None:
+        for key, data in ((f"r/{i}.zip", body), (f"r/{i}.json", side)):
+            md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=md5, **lock)
+        client.head_object(Bucket=bucket, Key=f"r/{i}.zip")
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(threads)))  # warm: connections, the bucket index
+        start = time.perf_counter()
+        list(pool.map(one, range(threads, threads + rounds)))
+    return rounds / (time.perf_counter() - start)
 
 
 def _ceph_cpu(rgw: Any) -> float:

@@ -163,7 +163,9 @@ def test_s3_config_defaults_secrets_from_env_or_file_and_redaction(tmp_path):
     assert s3.object_lock_mode == "COMPLIANCE" and s3.retain_days == 2555 and s3.prefix == "voipbin/"
     assert s3.multipart_threshold == 64 * 1024**2 and s3.endpoint == "https://s3.amazonaws.com"
     assert cfg.archive.directory == cfg.state.database.parent / "s3-staging" == s3.staging_directory
+    assert cfg.workers.store_processes == 1, "a bucket's helpers only verify and stage"
     assert "from-the-env" not in repr(cfg), "secrets stay out of repr (and so out of tracebacks)"
     (tmp_path / "secret").write_text("from-a-file\n")
-    cfg = _cfg(tmp_path, S3 + 'access_key_id="AKIA1"\nsecret_access_key_file="secret"\n')
+    cfg = _cfg(tmp_path, S3 + 'access_key_id="AKIA1"\nsecret_access_key_file="secret"\n[workers]\nstore_processes=3\n')
+    assert cfg.workers.store_processes == 3, "set, it is kept"
     assert cfg.archive.s3 is not None and cfg.archive.s3.secret_access_key == "from-a-file"
