@@ -129,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"voipbin-archiver: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not type(exc).__module__.startswith("asyncpg"):
+            raise
+        # PostgreSQL refused a statement (not an outage: those are LocalStorageError): no traceback
+        print(f"voipbin-archiver: error: the PostgreSQL state refused a request ({type(exc).__name__}: "
+              f"{redact(str(exc))}); if it persists after an upgrade, report it", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _exit_code(result: RunResult) -> int:

@@ -198,6 +198,14 @@ async def test_status_and_verify_read_the_shared_state(tmp_path, multi_sim, pg_u
     assert {n: c["archived"] for n, c in status["accounts"].items()} == {"acme": 5, "beta": 5}
     verify = await run_cli("--config", str(cfg), "verify")
     assert verify.rc == 0 and "verified 10 archived" in verify.out, verify
+    con = await asyncpg.connect(pg_url)
+    try:
+        await con.execute("ALTER TABLE recordings RENAME COLUMN flag TO flag_gone")  # a schema someone changed
+    finally:
+        await con.close()
+    broken = await run_cli("--config", str(cfg), "status")
+    assert broken.rc == 2 and "the PostgreSQL state refused a request" in broken.err, broken
+    assert "Traceback" not in broken.err, broken
 
 
 async def test_a_daemon_stopped_past_its_lease_is_taken_over_without_a_second_copy(tmp_path, multi_sim, pg_url):
@@ -436,3 +444,29 @@ async def test_two_daemons_share_one_bucket(tmp_path, multi_sim, pg_url, rgw):
     assert set(versions) == known, f"objects the database does not know: {sorted(set(versions) - known)[:3]}"
     verify = await run_cli("--config", str(configs[1]), "verify")
     assert verify.rc == 0 and "40 archived recordings: 0 problem(s)" in verify.out, verify
+
+
+async def test_a_backfill_waits_for_a_dead_daemons_claims(tmp_path, multi_sim, pg_url):
+    """A daemon killed mid-transfer leaves rows `downloading` under a lease: a backfill started
+    after it waits for the leases to run out, takes the rows over and archives them, instead of
+    ending with them still waiting."""
+    sim = await multi_sim(["acme"], recordings=6, audio_bytes=3000, faults={"storage_stall": 1.0},
+                          stall_seconds=30)
+    acme = sim.accounts["acme"]
+    cfg = write_accounts_config(tmp_path, sim, name="d.toml", state={"url": pg_url, "lease": 3},
+                                workers={"concurrency": 3, "poll_interval": 0.3})
+    daemon = await _start(cfg, tmp_path / "d.log")
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while sum(1 for r in await _rows(pg_url) if r["state"] == "downloading") < 3:
+            assert asyncio.get_running_loop().time() < deadline, "no transfers in flight"
+            await asyncio.sleep(0.1)
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(daemon.wait(), 10)
+    acme.faults["storage_stall"] = 0.0  # the storage is quick again
+    backfill = await run_cli("--config", str(cfg), "backfill", "--wait", "20")
+    assert backfill.rc == 0, backfill
+    rows = await _rows(pg_url)
+    assert _archived(rows) == 6, [(r["id"][:8], r["state"]) for r in rows]
+    _check_files(sim, tmp_path, rows)
