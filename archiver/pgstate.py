@@ -45,6 +45,7 @@ from .state import (
     _epoch,
     _initial_state,
     _row,
+    assemble_summaries,
     counts_by_account,
     summary_meta,
 )
@@ -117,6 +118,12 @@ def _asyncpg() -> Any:
     return asyncpg
 
 
+async def _keep_session(con: Any) -> None:
+    """A pooled connection goes back as it is: asyncpg's default reset sends a statement on every
+    release (advisory locks, LISTEN, settings: none of which the pool's connections use; the
+    advisory locks have connections of their own). An open transaction is still rolled back."""
+
+
 class PgState:
     """The shared state. ``await PgState.open(cfg)``; ``for_account(name)`` as for ``StateDB``."""
 
@@ -141,7 +148,7 @@ class PgState:
             register_secret(cfg.password)
         try:
             pool = await asyncpg.create_pool(cfg.url, password=cfg.password or None, min_size=0, max_size=4,
-                                             timeout=30, command_timeout=60)
+                                             timeout=30, command_timeout=60, reset=_keep_session)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StateUnusable(f"cannot reach the state database {cfg.url}: {exc}") from None
         state = cls(pool, cfg)
@@ -266,16 +273,16 @@ class PgState:
     ) -> tuple[int, int]:
         async with self.pool.acquire() as con, con.transaction():
             ids = [r.id for r in recordings]
-            known = {r[0] for r in await con.fetch(
-                "SELECT id FROM recordings WHERE account=$1 AND id = ANY($2::text[])", account, ids)}
+            known = {r[0]: r[1] for r in await con.fetch(
+                "SELECT id, state FROM recordings WHERE account=$1 AND id = ANY($2::text[])", account, ids)}
             inserts, moves = [], []
             for rec in recordings:
                 state, reason = _initial_state(rec)
                 if rec.id not in known:
-                    known.add(rec.id)
+                    known[rec.id] = state
                     inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
                                     _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
-                elif rec.ended or rec.deleted:
+                elif (rec.ended or rec.deleted) and known[rec.id] == "discovered":  # (no statement for the rest)
                     moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now,
                                   account, rec.id))
             if inserts:
@@ -556,6 +563,20 @@ class PgState:
         rows = await self._fetch(
             f"SELECT account, key, value FROM meta WHERE {scope}key = ANY($1::text[])", list(SUMMARY_META), *params)
         return {**out, **summary_meta(rows, self.account)}
+
+    async def summaries(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """As ``StateDB.summaries``: five queries whatever the number of accounts."""
+        counts = await self._fetch("SELECT account, state, count(*) FROM recordings GROUP BY account, state")
+        oldest = await self._fetch(
+            "SELECT DISTINCT ON (account) account, id, tm_create FROM recordings"
+            " WHERE state IN ('discovered', 'pending', 'downloading') ORDER BY account, tm_create")
+        errors = await self._fetch(
+            "SELECT id, state, last_error AS error, updated_at AS at, account FROM recordings WHERE"
+            " last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered') ORDER BY updated_at DESC LIMIT 1")
+        flags = await self._fetch(
+            "SELECT account, flag, count(*) FROM recordings WHERE flag IS NOT NULL GROUP BY account, flag")
+        meta = await self._fetch("SELECT account, key, value FROM meta WHERE key = ANY($1::text[])", list(SUMMARY_META))
+        return assemble_summaries(counts, oldest, flags, meta, dict(errors[0]) if errors else None)
 
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         scope, params = self._scope(2)

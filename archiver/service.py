@@ -192,17 +192,24 @@ async def _supervise(engines: list[Engine], state: StateDB, notifier: Notifier, 
 
 async def _read_summaries(engines: list[Engine], state: StateDB) -> dict[str, Any]:
     """Each account's counts into its metrics; returns the summary over all of them."""
-    summary = await state.summary() if len(engines) > 1 else None
+    if len(engines) > 1:
+        summary, by_account = await state.summaries()  # a fixed number of queries for any number of accounts
+    else:
+        summary = await engines[0].state.summary()
+        by_account = {engines[0].account: summary}
     for engine in engines:
-        mine = await engine.state.summary()
-        summary = summary or mine
+        mine = by_account.get(engine.account) or _empty_summary()
         oldest = mine["oldest_pending"]
         engine.metrics.set_counts(mine, oldest["tm_create"] if oldest else None)
         engine.metrics.api_requests.set(engine.client.stats["requests"])
         engine.metrics.http_429.set(engine.client.stats["http_429"])
         engine.metrics.budget_shared.set(1 if engine.client.budget_shared else 0)
-    assert summary is not None
     return summary
+
+
+def _empty_summary() -> dict[str, Any]:
+    """An account with nothing in the state yet."""
+    return {**dict.fromkeys(STATES, 0), "oldest_pending": None, "archived_flagged": {}, "accesskey_expires": None}
 
 
 def _status_text(summary: dict[str, Any], engines: list[Engine]) -> str:

@@ -389,16 +389,19 @@ class StateDB:
         (no detail request needed). A few statements per page, not one per recording."""
         account = self._acct
         now = time.time()
-        known = await self.known_ids([r.id for r in recordings])
+        marks = ",".join("?" * len(recordings))
+        known: dict[str, str] = {r[0]: r[1] for r in await self.db.execute_fetchall(
+            f"SELECT id, state FROM recordings WHERE account=? AND id IN ({marks})",
+            (account, *(r.id for r in recordings)))} if recordings else {}
         inserts = []
         moves = []
         for rec in recordings:
             state, reason = _initial_state(rec)
             if rec.id not in known:
-                known.add(rec.id)  # a page may (in theory) list an id twice
+                known[rec.id] = state  # a page may (in theory) list an id twice
                 inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
                                 _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
-            elif rec.ended or rec.deleted:
+            elif (rec.ended or rec.deleted) and known[rec.id] == "discovered":  # (no statement for the rest)
                 moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now,
                               account, rec.id))
         if inserts:
@@ -711,6 +714,27 @@ class StateDB:
         )
         return {**out, **summary_meta(rows, self.account)}
 
+    async def summaries(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """``summary()`` of the whole database and of each account, in five queries whatever
+        the number of accounts (the supervisor asks every two seconds)."""
+        counts = await self.db.execute_fetchall(
+            "SELECT account, state, count(*) FROM recordings INDEXED BY recordings_state GROUP BY account, state")
+        oldest = await self.db.execute_fetchall(  # SQLite: the bare id is the min() row's
+            "SELECT account, id, min(tm_create) FROM recordings INDEXED BY recordings_waiting_created"
+            " WHERE state IN ('discovered', 'pending', 'downloading') GROUP BY account")
+        errors = await self.db.execute_fetchall(
+            "SELECT id, state, last_error, updated_at, account FROM recordings INDEXED BY recordings_errors"
+            " WHERE last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
+            " ORDER BY updated_at DESC LIMIT 1")
+        flags = await self.db.execute_fetchall(
+            "SELECT account, flag, count(*) FROM recordings INDEXED BY recordings_flagged"
+            " WHERE flag IS NOT NULL GROUP BY account, flag")
+        meta = await self.db.execute_fetchall(
+            f"SELECT account, key, value FROM meta WHERE key IN ({','.join('?' * len(SUMMARY_META))})", SUMMARY_META)
+        last_error = ({"id": errors[0][0], "state": errors[0][1], "error": errors[0][2], "at": errors[0][3],
+                       "account": errors[0][4]} if errors else None)
+        return assemble_summaries(counts, oldest, flags, meta, last_error)
+
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         """The latest recordings kept imperfect or without audio, with why (``status``)."""
         scope, params = self._scope()
@@ -760,6 +784,42 @@ def summary_meta(rows: Any, account: str | None) -> dict[str, Any]:
         "api_refused_by_account": refused,
         "accesskey_expires_by_account": expires,
     }
+
+
+def assemble_summaries(
+    counts: Any, oldest: Any, flags: Any, meta: Any, last_error: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``summaries()`` from rows of (account, state, n), (account, id, tm_create) of each
+    account's oldest waiting recording, (account, flag, n) and meta (account, key, value)."""
+    by_account: dict[str, dict[str, Any]] = {}
+
+    def one(account: str) -> dict[str, Any]:
+        if account not in by_account:
+            by_account[account] = {**dict.fromkeys(STATES, 0), "oldest_pending": None, "last_error": None,
+                                   "archived_flagged": dict.fromkeys(FLAGS, 0)}
+        return by_account[account]
+
+    for account, state, n in counts:
+        one(str(account))[str(state)] = n
+    for account, rec_id, tm_create in oldest:
+        one(str(account))["oldest_pending"] = {"id": rec_id, "tm_create": tm_create, "account": account}
+    for account, flag, n in flags:
+        one(str(account))["archived_flagged"][str(flag)] = n
+    meta_rows: dict[str, list[Any]] = {}
+    for row in meta:
+        meta_rows.setdefault(str(row[0]), []).append(tuple(row))
+        one(str(row[0]))
+    for account, summary in by_account.items():
+        summary["total"] = sum(summary[s] for s in STATES)
+        summary.update(summary_meta(meta_rows.get(account, []), account))
+    waiting = [s["oldest_pending"] for s in by_account.values() if s["oldest_pending"]]
+    total: dict[str, Any] = {state: sum(s[state] for s in by_account.values()) for state in STATES}
+    total["total"] = sum(total[s] for s in STATES)
+    total["oldest_pending"] = min(waiting, key=lambda o: o["tm_create"] or 0.0) if waiting else None
+    total["last_error"] = last_error
+    total["archived_flagged"] = {f: sum(s["archived_flagged"][f] for s in by_account.values()) for f in FLAGS}
+    total.update(summary_meta([tuple(r) for r in meta], None))
+    return total, by_account
 
 
 def counts_by_account(rows: Any) -> dict[str, dict[str, int]]:

@@ -4,6 +4,7 @@ by py-spy (``pip install py-spy``), summed by function (own time) and by our mod
 
     python bench/profile.py                       # 1,200 ZIPs of 171 kB, L = 20 ms, C = 16
     python bench/profile.py --recordings 3000 --mode wav
+    python bench/profile.py --postgres             # the state in PostgreSQL (needs asyncpg, postgresql-15)
 
 Runs the backfill plain at N and 3N recordings (the CPU per 1,000, from the rusage of the
 daemon and its store helpers, and the marginal CPU per 1,000 without the start-up), then at N
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import resource
 import shutil
 import subprocess
@@ -80,7 +82,23 @@ def main() -> None:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--output", default="profile.txt", help="py-spy's raw samples (collapsed stacks), kept")
+    p.add_argument("--postgres", action="store_true",
+                   help="the state in a throwaway PostgreSQL (tests/pg.py) instead of SQLite, a database per run")
     args = p.parse_args()
+    args.cluster = None
+    if args.postgres:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.pg import PgCluster
+
+        args.cluster = PgCluster().start()
+    try:
+        _profile(args)
+    finally:
+        if args.cluster is not None:
+            args.cluster.stop()
+
+
+def _profile(args: argparse.Namespace) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     root = Path(tempfile.mkdtemp(prefix="archiver-profile-"))
     create_us = quiet_filesystem(root / "probe")  # a recent mass delete makes every create slow
@@ -106,20 +124,47 @@ def _backfill(root: Path, args: argparse.Namespace, n: int, wrapper: list[str] |
     work.mkdir()
     sim = Sim("--recordings", str(n), "--latency", str(args.latency), "--no-rate-limit", "--mode", args.mode)
     try:
-        cfg = write_config(work, sim, args.concurrency, 0)
+        url = ""
+        if args.cluster is not None:
+            name = f"bench_{work.name.replace('-', '_')}"
+            subprocess.run([*args.cluster.as_user, str(args.cluster.bindir / "createdb"), "-h", "127.0.0.1", "-p",
+                            str(args.cluster.port), "-U", "postgres", name], check=True)
+            url = args.cluster.url(name)
+        cfg = write_config(work, sim, args.concurrency, 0, state_url=url)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        db_before = _pg_cpu(args.cluster)
         start = time.monotonic()
         subprocess.run([*(wrapper or []), sys.executable, "-m", "archiver", "--config", str(cfg), "backfill",
                         "--wait", "0"], cwd=work, env=env(), check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         wall = time.monotonic() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        db = _pg_cpu(args.cluster) - db_before
     finally:
         sim.stop()
     user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    if args.cluster is not None:
+        print(f"  PostgreSQL beside it: {1000 * db / n:.2f} CPU-s per 1,000")
     print(f"{n} recordings ({args.mode}) in {wall:.2f} s: {1000 * (user + system) / n:.2f} CPU-s per 1,000 "
           f"(daemon and helpers{', py-spy too' if wrapper else ''}; {system / (user + system):.0%} in the kernel)")
     return user + system, wall
+
+
+def _pg_cpu(cluster: object | None) -> float:
+    """CPU seconds of the cluster so far: the postmaster, the backends it reaped, the live ones."""
+    if cluster is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pid = int((cluster.data / "postmaster.pid").read_text().split()[0])  # type: ignore[attr-defined]
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    total = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            cf = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(cf[11]) + int(cf[12])
+    return total / tick
 
 
 if __name__ == "__main__":

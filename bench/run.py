@@ -128,7 +128,7 @@ def rss_by_quarter(run: dict[str, Any]) -> str:
 
 
 def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: dict[str, str] | None = None,
-                 **workers: float) -> Path:
+                 state_url: str = "", **workers: float) -> Path:
     cfg = directory / "config.toml"
     extra = "".join(f"{k} = {v}\n" for k, v in workers.items())
     archive = '[archive]\ndirectory = "archive"\n'
@@ -138,7 +138,8 @@ def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: di
     cfg.write_text(
         f'[api]\nbase_url = "{sim.base_url}"\naccesskey = "{sim.accesskey}"\nrequests_per_second = {rps}\n'
         f'burst = 16\n{archive}[state]\ndatabase = "state.sqlite3"\n'
-        f"[workers]\nconcurrency = {concurrency}\n{extra}[logging]\nlevel = \"warning\"\n"
+        + (f"url = {json.dumps(state_url)}\n" if state_url else "")
+        + f"[workers]\nconcurrency = {concurrency}\n{extra}[logging]\nlevel = \"warning\"\n"
     )
     cfg.chmod(0o600)
     return cfg

@@ -93,6 +93,10 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
         tx = await _transactions(url)
+        cpu_idle = _cpu([p.pid for p in procs])  # then nothing is due: what the daemons cost at rest
+        await asyncio.sleep(IDLE_WINDOW)
+        idle_tx = (await _transactions(url) - tx - 1) / IDLE_WINDOW  # (less our own count's)
+        idle_cpu = (_cpu([p.pid for p in procs]) - cpu_idle) / IDLE_WINDOW
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
@@ -106,7 +110,29 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
     bound = accounts * rate / per_recording
     return {"daemons": daemons, "seconds": elapsed, "rate": total / elapsed, "bound": bound,
             "of_bound": total / elapsed / bound, "cpu_per_1000": 1000 * cpu / total,
-            "tx_per_recording": tx / total, "requests_per_recording": per_recording, "http_429": limited}
+            "tx_per_recording": tx / total, "requests_per_recording": per_recording, "http_429": limited,
+            "idle_tx": idle_tx, "idle_cpu": idle_cpu}
+
+
+IDLE_WINDOW = 10.0  # seconds measured at rest once everything is archived
+
+
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds so far of these processes and their live children (the store helpers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for one in (pid, *map(int, children)):
+            try:
+                fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 async def main() -> None:
@@ -129,13 +155,13 @@ async def main() -> None:
         f"\n## scale-out, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.accounts} accounts x {args.per_account} "
         f"recordings at {args.rate}/s each, one PostgreSQL, daemons on this machine ({os.cpu_count()} cores)\n",
         "| daemons | recordings/s | bound | of bound | CPU-s per 1,000 | DB transactions per recording "
-        "| API requests per recording | 429s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| API requests per recording | 429s | at rest: DB transactions/s, CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['daemons']:.0f} | {r['rate']:.1f} | {r['bound']:.1f} | {100 * r['of_bound']:.0f} % "
                      f"| {r['cpu_per_1000']:.2f} | {r['tx_per_recording']:.1f} | {r['requests_per_recording']:.2f} "
-                     f"| {r['http_429']:.0f} |")
+                     f"| {r['http_429']:.0f} | {r['idle_tx']:.1f}, {100 * r['idle_cpu']:.1f} % of a core |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(REPO / "bench" / "results.md", "a") as f:

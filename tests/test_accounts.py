@@ -16,8 +16,9 @@ import pytest
 
 from archiver.config import build_config
 from archiver.errors import ConfigError
+from archiver.model import parse_recording
 from archiver.simulator import MultiSimulator
-from archiver.state import MIGRATIONS
+from archiver.state import MIGRATIONS, StateDB
 from tests.conftest import (
     cli_command,
     cli_env,
@@ -62,6 +63,40 @@ def assert_accounts_archived(sim: MultiSimulator, root: Path, db: Path, names: l
             assert (root / rel).read_bytes() == body and sha == hashlib.sha256(body).hexdigest()
             sidecar = json.loads((root / rel).with_suffix(".json").read_text())
             assert sidecar["recording"]["id"] == rec_id and sidecar["archive"]["account"] == name
+
+
+async def populate_accounts(state: Any, sim: MultiSimulator) -> None:
+    """Each account's recordings in the state as a mix: waiting, archived (one flagged), failed
+    with an error, and meta (a refusal, a key's expiry, a last cycle)."""
+    for n, (name, account) in enumerate(sim.accounts.items()):
+        view = state.for_account(name)
+        recs = [parse_recording(account.recording_json(r)) for r in account.recordings.values()]
+        await view.store_page(recs, None, "")
+        ids = [r.id for r in recs]
+        for i, rec_id in enumerate(ids[: len(ids) // 2]):
+            await view.mark_archived(rec_id, f"{name}/{rec_id}.zip", 100 + i, "0" * 64, "{}", 1,
+                                     flag="incomplete" if i == n else "", flag_reason="short" if i == n else "")
+        await view.update(ids[-1], state="failed", last_error=f"{name} broke")
+        await view.set_meta("accesskey_expires", str(2_000_000_000 + n))
+        await view.set_meta("last_cycle", str(1_000 + n))
+        if n == 1:
+            await view.set_meta("api_refused", json.dumps({"reason": "ACCOUNT_FROZEN", "status": 403, "since": 1.0}))
+
+
+async def assert_summaries_agree(state: Any) -> None:
+    """``summaries()`` (five queries for all accounts) says what ``summary()`` says of the whole
+    state and of each account's view; the state is closed after."""
+    try:
+        total, by_account = await state.summaries()
+        assert total == await state.summary()
+        accounts = {r["account"] for r in await state.flagged(1000)} | set(by_account)
+        assert len(accounts) > 1
+        for account in accounts:
+            mine = await state.for_account(account).summary()
+            assert {k: v for k, v in by_account[account].items() if k != "last_error"} == {
+                k: v for k, v in mine.items() if k != "last_error"}, account
+    finally:
+        await state.close()
 
 
 def test_accounts_config_errors():
@@ -109,6 +144,13 @@ async def test_a_backfill_of_three_accounts_keeps_each_apart(tmp_path, multi_sim
     assert status["archived"] == sum(c["archived"] for c in status["accounts"].values())
     table = (await run_cli("--config", str(cfg), "status")).out
     assert "acme" in table and "gamma" in table
+    await assert_summaries_agree(await StateDB.open(tmp_path / "state.sqlite3", readonly=True))
+    mixed = await StateDB.open(tmp_path / "mixed.sqlite3")
+    await populate_accounts(mixed, sim)
+    total, _ = await mixed.summaries()
+    assert total["oldest_pending"] and total["last_error"] and total["archived_flagged"]["incomplete"] == 3
+    assert total["api_refused"] and len(total["accesskey_expires_by_account"]) == 3
+    await assert_summaries_agree(mixed)
     verify = await run_cli("--config", str(cfg), "verify")
     assert verify.rc == 0 and "0 problem(s)" in verify.out, verify
     gets = {name: sum(s.storage_gets.values()) for name, s in sim.accounts.items()}

@@ -470,3 +470,16 @@ async def test_a_backfill_waits_for_a_dead_daemons_claims(tmp_path, multi_sim, p
     rows = await _rows(pg_url)
     assert _archived(rows) == 6, [(r["id"][:8], r["state"]) for r in rows]
     _check_files(sim, tmp_path, rows)
+
+
+async def test_summaries_of_every_account_in_five_queries_agree_with_each_view(multi_sim, pg_url):
+    from archiver.config import StateConfig
+    from archiver.pgstate import PgState
+    from tests.test_accounts import assert_summaries_agree, populate_accounts
+
+    sim = await multi_sim(["acme", "beta", "gamma"], recordings=6, audio_bytes=1000)
+    state = await PgState.open(StateConfig(url=pg_url))
+    await populate_accounts(state, sim)
+    total, _ = await state.summaries()
+    assert total["oldest_pending"] and total["last_error"] and total["archived_flagged"]["incomplete"] == 3
+    await assert_summaries_agree(state)
