@@ -17,6 +17,7 @@ anything of is refused: an import never merges two histories of one account.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ _FLOATS = {"tm_create", "tm_end", "discovered_at", "next_attempt_at", "archived_
            "delete_intent_at", "server_deleted_at"}
 _INTS = {"attempts", "polls", "size", "members"}
 _SAMPLE = 20  # archived files looked for in the directory, to catch a config that names another one
+_SIZE, _PATH = COLUMNS.index("size"), COLUMNS.index("path")
+BATCH = 5000  # rows read from SQLite and copied to PostgreSQL at a time
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ImportReport:
     meta: int = 0
     audit_lines: int = 0
     warnings: list[str] = field(default_factory=list)
+    sample: list[str] = field(default_factory=list)  # archived paths, for _missing_files
 
 
 def parse_renames(pairs: list[str]) -> dict[str, str]:
@@ -65,17 +69,33 @@ def parse_renames(pairs: list[str]) -> dict[str, str]:
 
 
 async def import_sqlite(cfg: Config, source: Path, renames: dict[str, str]) -> ImportReport:
-    """Copy the SQLite state at ``source`` into the PostgreSQL state ``cfg`` names."""
+    """Copy the SQLite state at ``source`` into the PostgreSQL state ``cfg`` names. The rows go
+    over in batches of ``BATCH`` (memory stays flat for millions), all in one transaction."""
     if not cfg.state.url:
         raise ConfigError("import-state copies into PostgreSQL: the config needs [state] url = \"postgresql://...\"")
     if not source.is_file():
         raise ConfigError(f"{source}: no such SQLite state database")
     sqlite = await StateDB.open(source)  # locks it (no daemon may be writing it) and migrates an older file
     try:
-        rows, walks, meta = await _read(sqlite)
+        db = sqlite.db
+        walks = [tuple(r) for r in await db.execute_fetchall("SELECT account, name, token, updated_at FROM walks")]
+        meta = [tuple(r) for r in await db.execute_fetchall("SELECT account, key, value FROM meta")]
+        accounts = sorted({r[0] for r in await db.execute_fetchall(
+            "SELECT DISTINCT account FROM recordings INDEXED BY recordings_state")} | {w[0] for w in walks}
+            | {m[0] for m in meta})
+        target = _targets(cfg, source, accounts, renames)
+        audit = _audit_lines(audit_path(source), target)
+        report = ImportReport(walks=len(walks), meta=len(meta), audit_lines=len(audit))
+        await _write(cfg, _batches(db, target, report), [(target[a], *rest) for a, *rest in walks],
+                     [(target[a], *rest) for a, *rest in meta], audit, report, sorted(set(target.values())))
     finally:
         await sqlite.close()
-    accounts = sorted({r["account"] for r in rows} | {w[0] for w in walks} | {m[0] for m in meta})
+    report.warnings += _missing_files(cfg, report.sample)
+    return report
+
+
+def _targets(cfg: Config, source: Path, accounts: list[str], renames: dict[str, str]) -> dict[str, str]:
+    """Each account of the file and its name in PostgreSQL, which the config must name."""
     unknown_renames = sorted(set(renames) - set(accounts))
     if unknown_renames:
         raise ConfigError(f"--account {unknown_renames[0]}=...: {source} holds no account of that name "
@@ -89,28 +109,30 @@ async def import_sqlite(cfg: Config, source: Path, renames: dict[str, str]) -> I
                               f"or an [[accounts]] entry named {new}")
     if len(set(target.values())) != len(target):
         raise ConfigError(f"--account maps two accounts of {source} onto one: {target}")
-    report = ImportReport()
-    records = [_record(r, target[r["account"]]) for r in rows]
-    for rec in records:
-        account, state = rec[0], rec[2]
-        report.counts.setdefault(account, {}).setdefault(state, 0)
-        report.counts[account][state] += 1
-        if state == "archived":
-            report.archived_bytes[account] = report.archived_bytes.get(account, 0) + (rec[14] or 0)
-    audit = _audit_lines(audit_path(source), target)
-    report.walks, report.meta, report.audit_lines = len(walks), len(meta), len(audit)
-    await _write(cfg, records, [(target[a], *rest) for a, *rest in walks], [(target[a], *rest) for a, *rest in meta],
-                 audit, report)
-    report.warnings += _missing_files(cfg, records)
-    return report
+    return target
 
 
-async def _read(sqlite: StateDB) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    db = sqlite.db
-    rows = [dict(r) for r in await db.execute_fetchall(f"SELECT {', '.join(COLUMNS)} FROM recordings")]
-    walks = [tuple(r) for r in await db.execute_fetchall("SELECT account, name, token, updated_at FROM walks")]
-    meta = [tuple(r) for r in await db.execute_fetchall("SELECT account, key, value FROM meta")]
-    return rows, walks, meta
+async def _batches(db: Any, target: dict[str, str], report: ImportReport) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """The file's rows as PostgreSQL records, ``BATCH`` at a time in key order, counted into
+    ``report`` (and a sample of archived paths kept for ``_missing_files``)."""
+    last = ("", "")
+    while True:
+        rows = await db.execute_fetchall(
+            f"SELECT {', '.join(COLUMNS)} FROM recordings WHERE (account, id) > (?, ?) ORDER BY account, id LIMIT ?",
+            (*last, BATCH))
+        if not rows:
+            return
+        last = (rows[-1]["account"], rows[-1]["id"])
+        records = [_record(dict(r), target[r["account"]]) for r in rows]
+        for rec in records:
+            account, state = rec[0], rec[2]
+            counts = report.counts.setdefault(account, {})
+            counts[state] = counts.get(state, 0) + 1
+            if state == "archived":
+                report.archived_bytes[account] = report.archived_bytes.get(account, 0) + (rec[_SIZE] or 0)
+                if len(report.sample) < _SAMPLE and rec[_PATH]:
+                    report.sample.append(rec[_PATH])
+        yield records
 
 
 def _record(row: dict[str, Any], account: str) -> tuple[Any, ...]:
@@ -152,13 +174,14 @@ def _audit_lines(path: Path, target: dict[str, str]) -> list[tuple[str, str, str
     return lines
 
 
-async def _write(cfg: Config, records: list[tuple[Any, ...]], walks: list[tuple[Any, ...]],
-                 meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport) -> None:
+async def _write(cfg: Config, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
+                 meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
+                 accounts: list[str]) -> None:
     from .pgstate import MIGRATE_LOCK, PgState
 
     state = await PgState.open(cfg.state)  # creates or migrates the schema
     try:
-        await _copy(state, MIGRATE_LOCK, records, walks, meta, audit, report)
+        await _copy(state, MIGRATE_LOCK, batches, walks, meta, audit, report, accounts)
     except _asyncpg_error() as exc:  # a value PostgreSQL refuses (a NUL in a text...): all rolled back
         raise StateUnusable(f"PostgreSQL refused the import ({type(exc).__name__}: {exc}): nothing was imported") \
             from None
@@ -172,12 +195,13 @@ def _asyncpg_error() -> type[BaseException]:
     return asyncpg.PostgresError
 
 
-async def _copy(state: Any, lock: int, records: list[tuple[Any, ...]], walks: list[tuple[Any, ...]],
-                meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport) -> None:
+async def _copy(state: Any, lock: int, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
+                meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
+                accounts: list[str]) -> None:
     """The copy and its check, in one transaction."""
     async with state.connection() as con, con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock($1)", lock)  # one import at a time
-        for account in sorted(report.counts.keys() | {w[0] for w in walks} | {m[0] for m in meta}):
+        for account in accounts:
             held = await con.fetchval(
                 "SELECT (SELECT count(*) FROM recordings WHERE account=$1) + (SELECT count(*) FROM walks "
                 "WHERE account=$1) + (SELECT count(*) FROM deletions WHERE account=$1)", account)
@@ -185,7 +209,8 @@ async def _copy(state: Any, lock: int, records: list[tuple[Any, ...]], walks: li
                 raise StateUnusable(
                     f"the PostgreSQL state already holds account {account!r} ({held} rows): an import never "
                     "merges into an account; import into a new database, or with --account OLD=NEW")
-        await con.copy_records_to_table("recordings", records=records, columns=list(COLUMNS))
+        async for records in batches:
+            await con.copy_records_to_table("recordings", records=records, columns=list(COLUMNS))
         await con.executemany("INSERT INTO walks (account, name, token, updated_at) VALUES ($1, $2, $3, $4)",
                               [(a, n, t, float(u)) for a, n, t, u in walks])
         await con.executemany("INSERT INTO meta (account, key, value) VALUES ($1, $2, $3) "
@@ -207,12 +232,10 @@ async def _copy(state: Any, lock: int, records: list[tuple[Any, ...]], walks: li
                                 f"({counts} against {report.counts}): nothing was imported")
 
 
-def _missing_files(cfg: Config, records: list[tuple[Any, ...]]) -> list[str]:
+def _missing_files(cfg: Config, sample: list[str]) -> list[str]:
     """A few archived files looked for where this config's directory says they are."""
     if cfg.archive.destination != "directory":
         return []
-    path_at, state_at = COLUMNS.index("path"), COLUMNS.index("state")
-    sample = [r[path_at] for r in records if r[state_at] == "archived" and r[path_at]][:_SAMPLE]
     missing = [p for p in sample if not (cfg.archive.directory / p).is_file()]
     if sample and len(missing) == len(sample):
         return [f"none of {len(sample)} archived files looked for is under {cfg.archive.directory} "

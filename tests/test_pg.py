@@ -372,6 +372,7 @@ async def test_a_sqlite_state_moves_into_postgresql_without_downloading_again(tm
     assert {r["account"] for r in rows} == {"acme"}
     again = await run_cli("--config", str(new), "import-state", src, "--account", "default=acme")
     assert again.rc == 2 and "already holds account 'acme'" in again.err, again
+    await _import_in_batches_of_five(new, Path(src), pg_url, rows)
 
     downloads = acme.stats["storage_requests"]
     for rec_id in late:
@@ -393,6 +394,30 @@ async def test_a_sqlite_state_moves_into_postgresql_without_downloading_again(tm
     finally:
         await con.close()
     assert trail == 12, "the SQLite run's audit lines and the new ones, in one trail"
+
+
+async def _import_in_batches_of_five(config: Path, source: Path, pg_url: str, expected: list[Any]) -> None:
+    """The same import, in process, into a second database, five rows at a time: the same rows."""
+    import dataclasses
+
+    from archiver import statemove
+    from archiver.config import load_config
+
+    other = pg_url.rpartition("/")[0] + "/" + pg_url.rpartition("/")[2] + "_b"
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {other.rpartition('/')[2]}")
+    finally:
+        await admin.close()
+    cfg = load_config(config)
+    cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, url=other))
+    batch, statemove.BATCH = statemove.BATCH, 5
+    try:
+        report = await statemove.import_sqlite(cfg, source, {"default": "acme"})
+    finally:
+        statemove.BATCH = batch
+    assert report.counts == {"acme": {"archived": 10, "discovered": 2}} and report.audit_lines == 10
+    assert sorted(map(tuple, await _rows(other))) == sorted(map(tuple, expected))
 
 
 @pytest.mark.s3
