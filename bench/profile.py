@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import resource
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Sim, env, quiet_filesystem, write_config
+from run import Sim, env, process_cpu, quiet_filesystem, write_config
 
 
 def _frames(line: str) -> tuple[list[str], int]:
@@ -154,17 +153,8 @@ def _pg_cpu(cluster: object | None) -> float:
     """CPU seconds of the cluster so far: the postmaster, the backends it reaped, the live ones."""
     if cluster is None:
         return 0.0
-    tick = os.sysconf("SC_CLK_TCK")
     pid = int((cluster.data / "postmaster.pid").read_text().split()[0])  # type: ignore[attr-defined]
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    total = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        try:
-            cf = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(cf[11]) + int(cf[12])
-    return total / tick
+    return process_cpu(pid, children=True, reaped=True)
 
 
 if __name__ == "__main__":

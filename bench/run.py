@@ -329,11 +329,24 @@ def _gateway_rate(client: Any, threads: int, rounds: int = 300, size: int = 171_
 
 def _ceph_cpu(rgw: Any) -> float:
     """CPU seconds used so far by the gateway and the OSD (they share our two cores)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for name in ("rgw", "osd"):
-        fields = Path(f"/proc/{rgw._procs[name].pid}/stat").read_text().rpartition(")")[2].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
+    return sum(process_cpu(rgw._procs[name].pid) for name in ("rgw", "osd"))
+
+
+def process_cpu(pid: int, children: bool = False, reaped: bool = False) -> float:
+    """CPU seconds a live process has used (0 once it is gone), with ``reaped`` the children it
+    has waited for, with ``children`` its live children's too."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    ticks = fields[11:15] if reaped else fields[11:13]  # utime, stime (then cutime, cstime)
+    total = sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")
+    if children:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        total += sum(process_cpu(int(kid)) for kid in kids)
     return total
 
 

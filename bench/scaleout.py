@@ -32,6 +32,9 @@ sys.path.insert(0, str(REPO))
 from archiver.simulator import MultiSimulator, SimConfig  # noqa: E402
 from tests.pg import PgCluster  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from run import process_cpu  # noqa: E402
+
 
 def _config(work: Path, sim: MultiSimulator, url: str, rate: float, n: int) -> Path:
     lines = [
@@ -119,20 +122,7 @@ IDLE_WINDOW = 10.0  # seconds measured at rest once everything is archived
 
 def _cpu(pids: list[int]) -> float:
     """CPU seconds so far of these processes and their live children (the store helpers)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
-        for one in (pid, *map(int, children)):
-            try:
-                fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+    return sum(process_cpu(pid, children=True) for pid in pids)
 
 
 async def main() -> None:

@@ -75,6 +75,14 @@ def test_state_url_config_errors():
     assert "pw" not in repr(cfg)
 
 
+async def _stop_running(daemons: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM to each daemon still running, and its exit awaited."""
+    for daemon in daemons:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(daemon.wait(), 20)
+
+
 async def _start(cfg: Path, log: Path) -> asyncio.subprocess.Process:
     out = open(log, "wb")  # the daemon writes to it until it exits
     try:
@@ -125,10 +133,7 @@ async def test_three_daemons_share_four_accounts_and_survive_a_kill(tmp_path, mu
         sim.accounts["frozen"].refusal = ""
         await until(lambda: _archived(rows, "frozen") == 24, 60, "the thawed account archived")
     finally:
-        for daemon in daemons:
-            if daemon.returncode is None:
-                daemon.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(daemon.wait(), 20)
+        await _stop_running(daemons)
     assert daemons[2].returncode == 0
     rows = await _rows(pg_url)
     assert len({(r["account"], r["id"]) for r in rows}) == len(rows) == 4 * 24
@@ -446,10 +451,7 @@ async def test_two_daemons_share_one_bucket(tmp_path, multi_sim, pg_url, rgw):
             assert asyncio.get_running_loop().time() < deadline + 60, "not everything archived after the kill"
             await asyncio.sleep(0.1)
     finally:
-        for daemon in daemons:
-            if daemon.returncode is None:
-                daemon.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(daemon.wait(), 20)
+        await _stop_running(daemons)
     assert daemons[1].returncode == 0
     rows = {(r["account"], r["id"]): r for r in await _rows(pg_url)}
     versions = bucket.versions()
