@@ -149,11 +149,19 @@ class PgState:
         try:
             pool = await asyncpg.create_pool(cfg.url, password=cfg.password or None, min_size=0, max_size=4,
                                              timeout=30, command_timeout=60, reset=_keep_session)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StateUnusable(f"cannot reach the state database {cfg.url}: {exc}") from None
-        state = cls(pool, cfg)
+            state = cls(pool, cfg)
+        except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+            # down, restarting or not up yet (a reboot): exit 1, which systemd's Restart= retries
+            raise LocalStorageError(f"the state database {cfg.url} cannot be reached: {type(exc).__name__}: "
+                                    f"{exc}; trying again later") from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # a refused login, no such database
+            raise StateUnusable(f"cannot use the state database {cfg.url}: {exc}") from None
         try:
-            await state._migrate(readonly)
+            with state._reachable():
+                await state._migrate(readonly)
+        except asyncpg.PostgresError as exc:  # (the pool connects on first use: a refused login shows here)
+            await pool.close()
+            raise StateUnusable(f"cannot use the state database {cfg.url}: {type(exc).__name__}: {exc}") from None
         except BaseException:
             await pool.close()
             raise

@@ -19,7 +19,7 @@ import pytest
 from archiver.config import build_config
 from archiver.errors import ConfigError
 from archiver.state import _lock as sqlite_lock
-from tests.conftest import cli_command, cli_env, db_rows, run_cli, write_config
+from tests.conftest import cli_command, cli_env, db_rows, free_port, run_cli, write_config
 from tests.test_accounts import write_accounts_config
 
 pytestmark = pytest.mark.postgres
@@ -73,6 +73,21 @@ def test_state_url_config_errors():
     cfg = build_config({**base, "state": {"url": "postgresql://u@db/x"}}, Path("/tmp"), {"PGPASSWORD": "pw"})
     assert cfg.state.url and cfg.state.password == "pw" and cfg.state.lease == 300
     assert "pw" not in repr(cfg)
+
+
+async def test_a_database_not_up_yet_is_exit_1_for_systemd_to_retry(tmp_path, make_sim, pg_url):
+    """At start-up (a reboot: the database not up yet) the daemon exits 1, which the unit's
+    Restart=on-failure retries; exit 2 (RestartPreventExitStatus) is for what a retry cannot mend."""
+    sim = await make_sim(recordings=1)
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/archiver"
+    for command in ("run", "status"):
+        cfg = write_config(tmp_path, sim, state={"url": down})
+        result = await run_cli("--config", str(cfg), command, timeout=60)
+        assert result.rc == 1 and "cannot be reached" in result.err and "Traceback" not in result.err, result
+    missing = pg_url.rpartition("/")[0] + "/no_such_database"
+    cfg = write_config(tmp_path, sim, state={"url": missing})
+    result = await run_cli("--config", str(cfg), "run", timeout=60)
+    assert result.rc == 2 and "no_such_database" in result.err and "Traceback" not in result.err, result
 
 
 async def _stop_running(daemons: list[asyncio.subprocess.Process]) -> None:
