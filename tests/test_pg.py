@@ -525,3 +525,21 @@ async def test_summaries_of_every_account_in_five_queries_agree_with_each_view(m
     total, _ = await state.summaries()
     assert total["oldest_pending"] and total["last_error"] and total["archived_flagged"]["incomplete"] == 3
     await assert_summaries_agree(state)
+
+
+async def test_a_shared_state_started_empty_adopts_the_archive_without_downloading(tmp_path, multi_sim, pg_url):
+    """Without `import-state`, a PostgreSQL state started empty beside an existing archive adopts
+    each file its walk finds there (re-verified against its sidecar) instead of downloading it."""
+    sim = await multi_sim(["acme", "beta"], recordings=8, audio_bytes=2000)
+    sqlite_cfg = write_accounts_config(tmp_path, sim, name="sqlite.toml")
+    first = await run_cli("--config", str(sqlite_cfg), "backfill", "--wait", "5")
+    assert first.rc == 0, first
+    downloads = {name: sum(s.storage_gets.values()) for name, s in sim.accounts.items()}
+    assert downloads == {"acme": 8, "beta": 8}
+    shared = write_accounts_config(tmp_path, sim, name="shared.toml", state={"url": pg_url})
+    second = await run_cli("--config", str(shared), "backfill", "--wait", "5")
+    assert second.rc == 0, second
+    assert {name: sum(s.storage_gets.values()) for name, s in sim.accounts.items()} == downloads, "nothing again"
+    rows = await _rows(pg_url)
+    assert _archived(rows) == 16
+    _check_files(sim, tmp_path, rows)
