@@ -5,8 +5,9 @@ rate-limited accounts, on this machine.
 
 Reports, per daemon count, aggregate recordings/s against the bound the accounts' paces set
 (the sum of their rates over the API requests one recording takes), CPU per 1,000 recordings
-(the daemons and their store helpers), and database transactions per recording
-(``pg_stat_database``: each statement outside a transaction is one). Needs PostgreSQL
+(the daemons and their store helpers, from their start to the moment all is archived), and
+database transactions per recording (``pg_stat_database``: each statement outside a transaction
+is one); then 10 s at rest: transactions per second and CPU. Needs PostgreSQL
 (``initdb``, ``pg_ctl``) and asyncpg. Appends to bench/results.md.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import secrets
 import signal
 import sys
@@ -87,7 +87,6 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
     with tempfile.TemporaryDirectory(prefix="scaleout-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        before_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         procs = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "archiver", "--config", str(_config(work, sim, url, rate, n)), "run",
@@ -96,6 +95,7 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
         tx = await _transactions(url)
+        requests = sum(s.stats["api_requests"] for s in sim.accounts.values())  # (before the rest's cycles)
         cpu_idle = _cpu([p.pid for p in procs])  # then nothing is due: what the daemons cost at rest
         await asyncio.sleep(IDLE_WINDOW)
         idle_tx = (await _transactions(url) - tx - 1) / IDLE_WINDOW  # (less our own count's)
@@ -104,11 +104,9 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             await proc.wait()
-        after_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    requests = sum(s.stats["api_requests"] for s in sim.accounts.values())
     limited = sum(s.stats["http_429"] for s in sim.accounts.values())
     await sim.stop()
-    cpu = (after_cpu.ru_utime - before_cpu.ru_utime) + (after_cpu.ru_stime - before_cpu.ru_stime)
+    cpu = cpu_idle  # up to the moment everything was archived (not the rest, not the shutdown)
     per_recording = requests / total
     bound = accounts * rate / per_recording
     return {"daemons": daemons, "seconds": elapsed, "rate": total / elapsed, "bound": bound,
