@@ -5,9 +5,10 @@ rate-limited accounts, on this machine.
 
 Reports, per daemon count, aggregate recordings/s against the bound the accounts' paces set
 (the sum of their rates over the API requests one recording takes), CPU per 1,000 recordings
-(the daemons and their store helpers, from their start to the moment all is archived), and
-database transactions per recording (``pg_stat_database``: each statement outside a transaction
-is one); then 10 s at rest: transactions per second and CPU. Needs PostgreSQL
+(the daemons and their store helpers, from their start to the moment all is archived),
+database transactions per recording (``pg_stat_database``: each statement outside a
+transaction is one) and statements per recording (round trips: the server logs each, with
+``log_statement``); then 10 s at rest: transactions per second and CPU. Needs PostgreSQL
 (``initdb``, ``pg_ctl``) and asyncpg. Appends to bench/results.md.
 """
 
@@ -81,7 +82,10 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
     db = "s_" + secrets.token_hex(4)
     admin = await asyncpg.connect(cluster.url())
     await admin.execute(f"CREATE DATABASE {db}")
+    await admin.execute(f"ALTER DATABASE {db} SET log_statement = 'all'")  # each statement a log line: counted
     await admin.close()
+    log = cluster.base / "log"
+    log_start = log.stat().st_size
     url = cluster.url(db)
     total = accounts * per_account
     with tempfile.TemporaryDirectory(prefix="scaleout-") as tmp:
@@ -91,10 +95,13 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
         procs = [await asyncio.create_subprocess_exec(
             sys.executable, "-m", "archiver", "--config", str(_config(work, sim, url, rate, n)), "run",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env) for n in range(daemons)]
-        while await _archived(url) < total:  # noqa: ASYNC110 - another process's progress, polled
+        polls = 1
+        while await _archived(url) < total:  # another process's progress, polled
+            polls += 1
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
         tx = await _transactions(url)
+        statements = _statements(log, log_start) - polls - 1  # less our own polls and the count above
         requests = sum(s.stats["api_requests"] for s in sim.accounts.values())  # (before the rest's cycles)
         cpu_idle = _cpu([p.pid for p in procs])  # then nothing is due: what the daemons cost at rest
         await asyncio.sleep(IDLE_WINDOW)
@@ -111,11 +118,21 @@ async def one_run(cluster: PgCluster, daemons: int, accounts: int, per_account: 
     bound = accounts * rate / per_recording
     return {"daemons": daemons, "seconds": elapsed, "rate": total / elapsed, "bound": bound,
             "of_bound": total / elapsed / bound, "cpu_per_1000": 1000 * cpu / total,
-            "tx_per_recording": tx / total, "requests_per_recording": per_recording, "http_429": limited,
+            "tx_per_recording": tx / total, "statements_per_recording": statements / total,
+            "requests_per_recording": per_recording, "http_429": limited,
             "idle_tx": idle_tx, "idle_cpu": idle_cpu}
 
 
 IDLE_WINDOW = 10.0  # seconds measured at rest once everything is archived
+
+
+def _statements(log: Path, start: int) -> int:
+    """Statements the server logged since ``start`` (a byte offset): each one round trip (a
+    simple query, or an extended-protocol execute; BEGIN and COMMIT count too)."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode("utf-8", "replace")
+    return sum(1 for line in text.splitlines() if "LOG:  statement: " in line or "LOG:  execute " in line)
 
 
 def _cpu(pids: list[int]) -> float:
@@ -142,13 +159,14 @@ async def main() -> None:
     lines = [
         f"\n## scale-out, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {args.accounts} accounts x {args.per_account} "
         f"recordings at {args.rate}/s each, one PostgreSQL, daemons on this machine ({os.cpu_count()} cores)\n",
-        "| daemons | recordings/s | bound | of bound | CPU-s per 1,000 | DB transactions per recording "
+        "| daemons | recordings/s | bound | of bound | CPU-s per 1,000 | DB transactions (statements) per recording "
         "| API requests per recording | 429s | at rest: DB transactions/s, CPU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['daemons']:.0f} | {r['rate']:.1f} | {r['bound']:.1f} | {100 * r['of_bound']:.0f} % "
-                     f"| {r['cpu_per_1000']:.2f} | {r['tx_per_recording']:.1f} | {r['requests_per_recording']:.2f} "
+                     f"| {r['cpu_per_1000']:.2f} | {r['tx_per_recording']:.1f} ({r['statements_per_recording']:.1f}) "
+                     f"| {r['requests_per_recording']:.2f} "
                      f"| {r['http_429']:.0f} | {r['idle_tx']:.1f}, {100 * r['idle_cpu']:.1f} % of a core |")
     text = "\n".join(lines) + "\n"
     print(text)
