@@ -556,11 +556,7 @@ class PgState:
             f"SELECT id, tm_create, account FROM recordings WHERE {scope}state IN ('discovered', 'pending',"
             " 'downloading') ORDER BY tm_create LIMIT 1", *params)
         out["oldest_pending"] = dict(rows[0]) if rows else None
-        rows = await self._fetch(
-            f"SELECT id, state, last_error AS error, updated_at AS at, account FROM recordings WHERE {scope}"
-            "last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered') ORDER BY updated_at DESC LIMIT 1",
-            *params)
-        out["last_error"] = dict(rows[0]) if rows else None
+        out["last_error"] = await self._last_error()
         flags = dict.fromkeys(FLAGS, 0)
         for flag, n in await self._fetch(
             f"SELECT flag, count(*) FROM recordings WHERE {scope}flag IS NOT NULL GROUP BY flag", *params
@@ -578,13 +574,19 @@ class PgState:
         oldest = await self._fetch(
             "SELECT DISTINCT ON (account) account, id, tm_create FROM recordings"
             " WHERE state IN ('discovered', 'pending', 'downloading') ORDER BY account, tm_create")
-        errors = await self._fetch(
-            "SELECT id, state, last_error AS error, updated_at AS at, account FROM recordings WHERE"
-            " last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered') ORDER BY updated_at DESC LIMIT 1")
         flags = await self._fetch(
             "SELECT account, flag, count(*) FROM recordings WHERE flag IS NOT NULL GROUP BY account, flag")
         meta = await self._fetch("SELECT account, key, value FROM meta WHERE key = ANY($1::text[])", list(SUMMARY_META))
-        return assemble_summaries(counts, oldest, flags, meta, dict(errors[0]) if errors else None)
+        return assemble_summaries(counts, oldest, flags, meta, await self._last_error())
+
+    async def _last_error(self) -> dict[str, Any] | None:
+        """The latest error of a recording still failed or waiting (this view's, or anyone's)."""
+        scope, params = self._scope(1)
+        rows = await self._fetch(
+            f"SELECT id, state, last_error AS error, updated_at AS at, account FROM recordings WHERE {scope}"
+            "last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered') ORDER BY updated_at DESC LIMIT 1",
+            *params)
+        return dict(rows[0]) if rows else None
 
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         scope, params = self._scope(2)

@@ -27,7 +27,7 @@ from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
 from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
-from .state import STATES, StateDB, open_state, waiting_count
+from .state import STATES, StateDB, empty_summary, open_state, waiting_count
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.service")
@@ -198,18 +198,13 @@ async def _read_summaries(engines: list[Engine], state: StateDB) -> dict[str, An
         summary = await engines[0].state.summary()
         by_account = {engines[0].account: summary}
     for engine in engines:
-        mine = by_account.get(engine.account) or _empty_summary()
+        mine = by_account.get(engine.account) or empty_summary()
         oldest = mine["oldest_pending"]
         engine.metrics.set_counts(mine, oldest["tm_create"] if oldest else None)
         engine.metrics.api_requests.set(engine.client.stats["requests"])
         engine.metrics.http_429.set(engine.client.stats["http_429"])
         engine.metrics.budget_shared.set(1 if engine.client.budget_shared else 0)
     return summary
-
-
-def _empty_summary() -> dict[str, Any]:
-    """An account with nothing in the state yet."""
-    return {**dict.fromkeys(STATES, 0), "oldest_pending": None, "archived_flagged": {}, "accesskey_expires": None}
 
 
 def _status_text(summary: dict[str, Any], engines: list[Engine]) -> str:

@@ -692,15 +692,7 @@ class StateDB:
         out["oldest_pending"] = (
             {"id": rows[0][0], "tm_create": rows[0][1], "account": rows[0][2]} if rows else None
         )
-        rows = await self.db.execute_fetchall(
-            "SELECT id, state, last_error, updated_at, account FROM recordings INDEXED BY recordings_errors"
-            f" WHERE {scope}last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
-            " ORDER BY updated_at DESC LIMIT 1", params
-        )
-        out["last_error"] = (
-            {"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3], "account": rows[0][4]}
-            if rows else None
-        )
+        out["last_error"] = await self._last_error()
         flags = dict.fromkeys(FLAGS, 0)
         for flag, n in await self.db.execute_fetchall(
             "SELECT flag, count(*) FROM recordings INDEXED BY recordings_flagged"
@@ -722,18 +714,23 @@ class StateDB:
         oldest = await self.db.execute_fetchall(  # SQLite: the bare id is the min() row's
             "SELECT account, id, min(tm_create) FROM recordings INDEXED BY recordings_waiting_created"
             " WHERE state IN ('discovered', 'pending', 'downloading') GROUP BY account")
-        errors = await self.db.execute_fetchall(
-            "SELECT id, state, last_error, updated_at, account FROM recordings INDEXED BY recordings_errors"
-            " WHERE last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
-            " ORDER BY updated_at DESC LIMIT 1")
         flags = await self.db.execute_fetchall(
             "SELECT account, flag, count(*) FROM recordings INDEXED BY recordings_flagged"
             " WHERE flag IS NOT NULL GROUP BY account, flag")
         meta = await self.db.execute_fetchall(
             f"SELECT account, key, value FROM meta WHERE key IN ({','.join('?' * len(SUMMARY_META))})", SUMMARY_META)
-        last_error = ({"id": errors[0][0], "state": errors[0][1], "error": errors[0][2], "at": errors[0][3],
-                       "account": errors[0][4]} if errors else None)
-        return assemble_summaries(counts, oldest, flags, meta, last_error)
+        return assemble_summaries(counts, oldest, flags, meta, await self._last_error())
+
+    async def _last_error(self) -> dict[str, Any] | None:
+        """The latest error of a recording still failed or waiting (this view's, or anyone's)."""
+        scope, params = self._scope()
+        rows = await self.db.execute_fetchall(
+            "SELECT id, state, last_error, updated_at, account FROM recordings INDEXED BY recordings_errors"
+            f" WHERE {scope}last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
+            " ORDER BY updated_at DESC LIMIT 1", params
+        )
+        return ({"id": rows[0][0], "state": rows[0][1], "error": rows[0][2], "at": rows[0][3],
+                 "account": rows[0][4]} if rows else None)
 
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         """The latest recordings kept imperfect or without audio, with why (``status``)."""
@@ -786,6 +783,12 @@ def summary_meta(rows: Any, account: str | None) -> dict[str, Any]:
     }
 
 
+def empty_summary() -> dict[str, Any]:
+    """The counts part of a summary for an account with nothing in the state (yet)."""
+    return {**dict.fromkeys(STATES, 0), "oldest_pending": None, "last_error": None,
+            "archived_flagged": dict.fromkeys(FLAGS, 0), "accesskey_expires": None}
+
+
 def assemble_summaries(
     counts: Any, oldest: Any, flags: Any, meta: Any, last_error: dict[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -794,10 +797,7 @@ def assemble_summaries(
     by_account: dict[str, dict[str, Any]] = {}
 
     def one(account: str) -> dict[str, Any]:
-        if account not in by_account:
-            by_account[account] = {**dict.fromkeys(STATES, 0), "oldest_pending": None, "last_error": None,
-                                   "archived_flagged": dict.fromkeys(FLAGS, 0)}
-        return by_account[account]
+        return by_account.setdefault(account, empty_summary())
 
     for account, state, n in counts:
         one(str(account))[str(state)] = n

@@ -177,22 +177,16 @@ def _audit_lines(path: Path, target: dict[str, str]) -> list[tuple[str, str, str
 async def _write(cfg: Config, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
                  meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
                  accounts: list[str]) -> None:
-    from .pgstate import MIGRATE_LOCK, PgState
+    from .pgstate import MIGRATE_LOCK, PgState, _asyncpg
 
     state = await PgState.open(cfg.state)  # creates or migrates the schema
     try:
         await _copy(state, MIGRATE_LOCK, batches, walks, meta, audit, report, accounts)
-    except _asyncpg_error() as exc:  # a value PostgreSQL refuses (a NUL in a text...): all rolled back
+    except _asyncpg().PostgresError as exc:  # a value PostgreSQL refuses (a NUL in a text...): all rolled back
         raise StateUnusable(f"PostgreSQL refused the import ({type(exc).__name__}: {exc}): nothing was imported") \
             from None
     finally:
         await state.close()
-
-
-def _asyncpg_error() -> type[BaseException]:
-    import asyncpg
-
-    return asyncpg.PostgresError
 
 
 async def _copy(state: Any, lock: int, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],

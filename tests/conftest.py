@@ -53,34 +53,35 @@ def pg_cluster() -> Iterator[Any]:
 
 @pytest.fixture
 async def make_sim() -> AsyncIterator[Callable[..., Any]]:
-    started: list[Simulator] = []
-
-    async def factory(**kwargs: Any) -> Simulator:
-        kwargs.setdefault("rate_limit", False)
-        sim = Simulator(SimConfig(**kwargs))
-        await sim.start()
-        started.append(sim)
-        return sim
-
-    yield factory
-    for sim in started:
-        await sim.stop()
+    """``await make_sim(**SimConfig fields)``: a simulator started, stopped after the test."""
+    async with _simulators(lambda **kwargs: Simulator(SimConfig(**kwargs))) as factory:
+        yield factory
 
 
 @pytest.fixture
 async def multi_sim() -> AsyncIterator[Callable[..., Any]]:
-    started: list[MultiSimulator] = []
+    """``await multi_sim(names, **SimConfig fields)``: one simulator per account behind one port."""
+    async with _simulators(lambda names, **kwargs: MultiSimulator({n: SimConfig(**kwargs) for n in names})) as factory:
+        yield factory
 
-    async def factory(names: list[str], **kwargs: Any) -> MultiSimulator:
+
+@contextlib.asynccontextmanager
+async def _simulators(build: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
+    """A factory of started simulators (no rate limit unless asked), each stopped at the end."""
+    started: list[Any] = []
+
+    async def factory(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("rate_limit", False)
-        sim = MultiSimulator({name: SimConfig(**kwargs) for name in names})
+        sim = build(*args, **kwargs)
         await sim.start()
         started.append(sim)
         return sim
 
-    yield factory
-    for sim in started:
-        await sim.stop()
+    try:
+        yield factory
+    finally:
+        for sim in started:
+            await sim.stop()
 
 
 def toml_value(value: Any) -> str:
