@@ -19,7 +19,7 @@ import structlog
 from .config import ArchiveConfig
 from .errors import TransientError
 from .store import Archived, Staged, StoreJob
-from .storeproc import LENGTH, frame
+from .storeproc import HEADER, frame, request_frame
 
 log = structlog.get_logger("archiver.storepool")
 
@@ -66,7 +66,9 @@ class StorePool:
         future.add_done_callback(outstanding.discard)
         try:
             assert helper.proc.stdin is not None
-            helper.proc.stdin.write(frame((request, job)))
+            head, body = request_frame(request, job)
+            helper.proc.stdin.write(head)
+            helper.proc.stdin.write(body)  # two writes: joined, the body would be copied once more
             await helper.proc.stdin.drain()
         except (ConnectionError, RuntimeError) as exc:
             helper.waiting.pop(request, None)
@@ -128,8 +130,10 @@ class StorePool:
         assert stdout is not None
         try:
             while True:
-                length = int.from_bytes(await stdout.readexactly(LENGTH), "big")
-                request, result = pickle.loads(await stdout.readexactly(length))
+                size, body_length = HEADER.unpack(await stdout.readexactly(HEADER.size))
+                if body_length:
+                    raise ValueError(f"an answer with a body ({body_length} bytes)")
+                request, result = pickle.loads(await stdout.readexactly(size))
                 future = helper.waiting.pop(request, None)
                 if future is None or future.done():
                     continue

@@ -1,9 +1,11 @@
 """A store helper process: where downloaded bodies are verified and stored (``storepool`` runs them).
 
-The protocol is ours alone, over the helper's stdin and stdout: frames of a 4-byte big-endian
-length and a pickle. The first frame to a helper is the ``ArchiveConfig``; then each request is
-``(request id, StoreJob)`` and each answer ``(request id, Archived or exception)``. A helper
-answers the requests it has in hand together, after one directory fsync per directory.
+The protocol is ours alone, over the helper's stdin and stdout: frames of a header (two 4-byte
+big-endian lengths), a pickle and a body. The first frame to a helper is the ``ArchiveConfig``;
+then each request is ``(request id, StoreJob)`` with the job's ``tail`` sent as the frame's body
+(raw bytes, not inside the pickle: pickling a body copies it twice more), and each answer is
+``(request id, Archived or exception)`` with no body. A helper answers the requests it has in
+hand together, after one directory fsync per directory.
 
 A helper ignores SIGINT and SIGTERM (a terminal's Ctrl-C or systemd's stop reach the whole
 process group): it exits when the daemon closes its stdin, or dies, so a store it has begun is
@@ -18,8 +20,10 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import traceback
+from dataclasses import replace
 from typing import Any
 
 from .config import ArchiveConfig
@@ -29,46 +33,70 @@ from .layout import set_temp_tag
 from .store import Archived, Staged, Store, StoreJob
 
 PIPE_SIZE = 1 << 20
-_NONE = object()  # no whole frame yet
-LENGTH = 4  # No asyncio or structlog here: each helper costs memory, so it imports little.
+HEADER = struct.Struct(">II")  # the pickle's length, the body's length
+# No asyncio or structlog here: each helper costs memory, so it imports little.
 
 
-def frame(obj: Any) -> bytes:
+def frame(obj: Any, body_length: int = 0) -> bytes:
+    """A frame's header and pickle; its body (``body_length`` bytes) is written right after."""
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return len(payload).to_bytes(LENGTH, "big") + payload
+    return HEADER.pack(len(payload), body_length) + payload
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    """``n`` bytes from ``fd`` (one read when they have all arrived), or None at end of input."""
+    data = os.read(fd, n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        if not data:
+            return None
+        data = os.read(fd, n - got)
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 class _Frames:
-    """Frames from a file descriptor: blocks for the first, then takes only what has arrived."""
+    """Frames from a file descriptor: blocks for the first, then takes only the ones that have
+    begun to arrive. Each part is read at its exact length, so a body is read once, not copied
+    out of a buffer."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.buf = bytearray()
 
-    def _one(self) -> Any:
-        """The next whole frame, unpickled (read in place: no copy of a body), or ``_NONE``."""
-        if len(self.buf) < LENGTH:
-            return _NONE
-        end = LENGTH + int.from_bytes(self.buf[:LENGTH], "big")
-        if len(self.buf) < end:
-            return _NONE
-        with memoryview(self.buf) as view, view[LENGTH:end] as payload:
-            obj = pickle.loads(payload)
-        del self.buf[:end]
-        return obj
+    def _one(self) -> tuple[Any, bytes] | None:
+        """The next frame's object (unpickled) and body, or None at end of input."""
+        header = _read_exactly(self.fd, HEADER.size)
+        if header is None:
+            return None
+        size, body_length = HEADER.unpack(header)
+        payload = _read_exactly(self.fd, size)
+        body = _read_exactly(self.fd, body_length) if body_length else b""
+        if payload is None or body is None:
+            return None  # cut off mid-frame: the daemon is gone
+        return pickle.loads(payload), body
 
-    def batch(self) -> list[Any]:
-        """At least one frame's object, or [] at end of input."""
-        objs: list[Any] = []
-        while True:
-            while (obj := self._one()) is not _NONE:
-                objs.append(obj)
-            if objs and not select.select([self.fd], [], [], 0)[0]:
-                return objs
-            chunk = os.read(self.fd, PIPE_SIZE)
-            if not chunk:
-                return objs
-            self.buf += chunk
+    def batch(self) -> list[tuple[Any, bytes]]:
+        """At least one frame, or [] at end of input."""
+        frames: list[tuple[Any, bytes]] = []
+        while (one := self._one()) is not None:
+            frames.append(one)
+            if not select.select([self.fd], [], [], 0)[0]:
+                break
+        return frames
+
+
+def request_frame(request: int, job: StoreJob) -> tuple[bytes, bytes]:
+    """A request's frame in two parts, to write one after the other: header and pickle, body."""
+    return frame((request, replace(job, tail=b"")), len(job.tail)), job.tail
+
+
+def _request(obj: Any, body: bytes) -> tuple[int, StoreJob]:
+    request, job = obj
+    return request, replace(job, tail=body)
 
 
 def main() -> None:
@@ -85,15 +113,16 @@ def main() -> None:
     first = frames.batch()
     if not first:
         return
-    cfg: ArchiveConfig = first[0]
+    cfg: ArchiveConfig = first[0][0]
     set_temp_tag(cfg.temp_tag)
     store = Store(cfg)
     pending = first[1:]
     while True:
-        requests: list[tuple[int, StoreJob]] = pending or frames.batch()
-        if not requests:
+        batch = pending or frames.batch()
+        if not batch:
             return
         pending = []
+        requests = [_request(obj, body) for obj, body in batch]
         results = store.store_batch([job for _, job in requests])
         answer = b"".join(frame((request, _portable(r))) for (request, _), r in zip(requests, results, strict=True))
         try:

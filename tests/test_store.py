@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import google_crc32c
 import pytest
 
 from archiver import store as store_module
+from archiver import storeproc
 from archiver.config import ArchiveConfig
 from archiver.destinations.directory import _is_empty
 from archiver.errors import LocalStorageError, StateLocked, TransientError, VerificationError
@@ -22,6 +24,7 @@ from archiver.simulator import make_wav, make_zip
 from archiver.state import StateDB
 from archiver.store import Archived, Store, StoreJob
 from archiver.storepool import StorePool
+from archiver.storeproc import request_frame
 
 LAYOUT = "{reference_type}/{id}.{ext}"
 
@@ -165,3 +168,28 @@ async def test_a_closed_pool_starts_no_helper(tmp_path):
     with pytest.raises(TransientError, match="shut down"):
         await pool.store(_job(tmp_path, 2))
     assert not pool._helpers
+
+
+def test_frames_dribbled_in_small_writes_arrive_whole_and_a_cut_frame_is_the_end(tmp_path):
+    """The helper reads each part at its exact length: bodies split over many writes are
+    reassembled, and a frame cut off by a dead daemon is end of input, not a bad object."""
+    job = _job(tmp_path, 1)
+    wire = b"".join(b"".join(request_frame(n, job)) for n in (1, 2))
+    cut = request_frame(3, job)[0] + job.tail[:100]
+    r, w = os.pipe()
+
+    def dribble() -> None:
+        for i in range(0, len(wire + cut), 4093):  # not aligned to any part
+            os.write(w, (wire + cut)[i:i + 4093])
+        os.close(w)
+
+    writer = threading.Thread(target=dribble)
+    writer.start()
+    frames = storeproc._Frames(r)
+    got = []
+    while batch := frames.batch():
+        got += [storeproc._request(obj, body) for obj, body in batch]
+    writer.join()
+    os.close(r)
+    assert [n for n, _ in got] == [1, 2], "the cut third frame is dropped"
+    assert all(j == job for _, j in got), "each job, body included, as sent"
