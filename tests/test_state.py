@@ -120,3 +120,25 @@ async def test_a_read_only_database_is_a_clear_exit_2(tmp_path, make_sim):
             other = await run_cli("--config", str(cfg), command)
             assert other.rc in (0, 2) and "Traceback" not in other.err, other
             assert other.rc == 0 or "state.sqlite3" in other.err
+
+
+async def test_due_is_oldest_first_and_never_hands_out_what_is_in_flight(tmp_path):
+    """The feeder's only source of work: ``limit`` rows of this account, none of ``exclude``,
+    even when the excluded ones are the oldest (they must not eat into the limit)."""
+    root = await StateDB.open(tmp_path / "state.sqlite3")
+    try:
+        rows = [("acme", f"r{i}", "pending" if i % 3 else "discovered", float(i)) for i in range(10)]
+        rows += [("other", "o1", "pending", 0.5), ("acme", "done", "archived", 0.1), ("acme", "later", "pending", 99.0)]
+        await root.db.executemany(
+            "INSERT INTO recordings (account, id, state, raw, discovered_at, updated_at, next_attempt_at)"
+            " VALUES (?, ?, ?, '{}', 0, 0, ?)", rows,
+        )
+        await root.db.commit()
+        acme = root.for_account("acme")
+        assert [r.id for r in await acme.due(50.0, 4, set())] == ["r0", "r1", "r2", "r3"]
+        assert [r.id for r in await acme.due(50.0, 4, {"r0", "r1", "r3"})] == ["r2", "r4", "r5", "r6"]
+        everything = {f"r{i}" for i in range(10)}
+        assert await acme.due(50.0, 4, everything) == []
+        assert [r.id for r in await acme.due(100.0, 4, everything)] == ["later"]
+    finally:
+        await root.close()
