@@ -193,3 +193,19 @@ def test_frames_dribbled_in_small_writes_arrive_whole_and_a_cut_frame_is_the_end
     os.close(r)
     assert [n for n, _ in got] == [1, 2], "the cut third frame is dropped"
     assert all(j == job for _, j in got), "each job, body included, as sent"
+
+
+def test_create_exclusive_replaces_whatever_is_at_the_name_and_never_follows_it(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    leftovers = {"file": lambda p: p.write_bytes(b"old"), "link": lambda p: p.symlink_to(outside),
+                 "dangling": lambda p: p.symlink_to(tmp_path / "nowhere"),
+                 "dir": lambda p: (p.mkdir(), (p / "x").write_bytes(b"x"))}
+    for name, plant in [("fresh", lambda p: None), *leftovers.items()]:
+        path = tmp_path / f".{name}.partial"
+        plant(path)
+        fd = store_module.create_exclusive(path)
+        os.write(fd, b"new")
+        os.close(fd)
+        assert not path.is_symlink() and path.read_bytes() == b"new", name
+    assert outside.read_bytes() == b"keep" and not (tmp_path / "nowhere").exists()
