@@ -24,7 +24,6 @@ def test_redact_removes_credentials_from_urls_headers_and_known_values():
     assert "page_size=100" in out and "X-Goog-Expires=900" in out  # the rest stays readable
 
 
-
 def test_each_pattern_is_redacted_on_its_own():
     """Each pattern runs only where its literal part occurs: every one alone, in any case."""
     cases = {
@@ -36,6 +35,7 @@ def test_each_pattern_is_redacted_on_its_own():
     for text, secret in cases.items():
         assert secret not in redact(text), text
     assert redact("2026/12/03/0b1c.zip") == "2026/12/03/0b1c.zip"
+
 
 def test_the_processor_redacts_every_field_and_exceptions():
     register_secret("s3cr3t-token-value")
