@@ -143,7 +143,7 @@ def _exit_code(result: RunResult) -> int:
         return EXIT_AUTH
     if result.interrupted:
         return EXIT_INTERRUPTED
-    if result.fatal or result.walk_error or result.stats["failed"]:
+    if result.fatal or result.walk_error or result.stats["failed"] or result.deletion_error:
         return EXIT_FAILED
     return EXIT_OK
 
@@ -190,6 +190,9 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
         lines.append(f"listing failed: {result.walk_error}")
     if result.fatal:
         lines.append(f"stopped early: {result.fatal}")
+    if result.deletion_error:
+        lines.append(f"server deletion incomplete: {result.deletion_error}; still due: {result.deletions_left} "
+                     "(the next backfill, prune or the service deletes them)")
     if result.interrupted:
         lines.append(f"interrupted by {result.interrupted}: the next run resumes where this one stopped")
     print("\n".join(lines), flush=True)

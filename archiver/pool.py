@@ -75,6 +75,8 @@ class RunResult:
     abandoned: int = 0  # in flight at the end (--wait over, or a stop), abandoned: still pending
     interrupted: str = ""  # the signal that stopped the run (SIGTERM, SIGINT), if one did
     state_unusable: bool = False  # the state database turned out damaged mid-run (exit 2)
+    deletion_error: str = ""  # a backfill left deletions that were due undone: why (exit 1)
+    deletions_left: int = 0  # due for deletion from the server at the end of a backfill, not deleted
 
 
 class Engine:
@@ -115,7 +117,8 @@ class Engine:
         self.ready = asyncio.Event()  # set once recovered and working (systemd READY=1)
         self.pruner = Pruner(cfg, client, state, destination) if cfg.retention.delete_from_server else None
         self.no_delete = False  # backfill --no-delete: skip deletions for this run
-        self._pruning: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[bool] | None = None
+        self._grace_ends: float | None = None  # when in-flight downloads are abandoned (monotonic)
         self.store_usage: StoreUsage | None = None
         self.unwritable = ""  # why the archive or the state database cannot be written, while paused for it
 
@@ -158,8 +161,12 @@ class Engine:
             self.deadline = time.time() + wait
             self.wake.set()
             await self._wait_first(feeder, wait)
+            # the downloads under way finish (or the grace ends) before deletions, so every
+            # recording archived by this run is due for deletion in this run, not the next
+            await self._let_in_flight_finish()
             if self.pruner is not None and not self.no_delete and not self.stop.is_set():
-                await self._prune()  # deletions due run after the downloads
+                if await self._prune():  # deletions due run after the downloads
+                    await self._count_deletions_left()
             if not self.stop.is_set():
                 await self._watch_store()
         finally:
@@ -274,15 +281,7 @@ class Engine:
             self.in_flight.discard(row.id)
             self.queue.task_done()
         busy = [w for w in workers if not w.done()]
-        if self.in_flight:
-            log.info("shutdown_waiting", in_flight=len(self.in_flight), grace_seconds=SHUTDOWN_GRACE)
-            deadline = time.monotonic() + SHUTDOWN_GRACE
-            while self.in_flight and time.monotonic() < deadline:
-                self.wake.clear()
-                try:
-                    await asyncio.wait_for(self.wake.wait(), deadline - time.monotonic())
-                except TimeoutError:
-                    break
+        await self._let_in_flight_finish()
         abandoned = self.result.abandoned = len(self.in_flight)
         for w in busy:
             w.cancel()
@@ -301,6 +300,33 @@ class Engine:
         if abandoned:
             log.info("shutdown_abandoned", recordings=abandoned, reason="will be downloaded on the next run")
 
+    async def _let_in_flight_finish(self) -> None:
+        """Wait for the downloads under way (and their commits) until none is left or the grace
+        is over; the grace (``SHUTDOWN_GRACE``) runs from the first call, so a backfill that
+        waited before its deletions does not wait again at shutdown."""
+        if self._grace_ends is None:
+            if self.in_flight:
+                log.info("shutdown_waiting", in_flight=len(self.in_flight), grace_seconds=SHUTDOWN_GRACE)
+            self._grace_ends = time.monotonic() + SHUTDOWN_GRACE
+        while self.in_flight and time.monotonic() < self._grace_ends:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), self._grace_ends - time.monotonic())
+            except TimeoutError:
+                break
+
+    async def _count_deletions_left(self) -> None:
+        """A backfill after its deletion pass: what is still due was not deleted, and the summary
+        and the exit code say so (a failed request, a copy that failed re-verification)."""
+        assert self.pruner is not None
+        try:
+            left = await self.pruner.dry_run()
+        except LocalStorageError:
+            return  # the state went away: the run has already failed on it
+        self.result.deletions_left = left.due
+        if left.due and not self.result.deletion_error:
+            self.result.deletion_error = f"{left.due} recording(s) due for deletion were not deleted"
+
     async def _watch_store(self) -> None:
         """How full the server's capped store is (``GET /storage_account``), for metrics and status."""
         retention = self.cfg.retention
@@ -317,27 +343,33 @@ class Engine:
         usage = self.store_usage
         return usage is not None and usage.ratio >= self.cfg.retention.store_warn_ratio
 
-    async def _prune(self) -> None:
+    async def _prune(self) -> bool:
         """Delete the server's copy of what is due (``retention.Pruner``); it yields to downloads
-        by taking one token at a time from the shared bucket, one deletion after another."""
+        by taking one token at a time from the shared bucket, one deletion after another. False
+        when this daemon did not run the pass (another one prunes this account, or it failed)."""
         assert self.pruner is not None
         try:
             async with self.state.prune_lock() as mine:
                 if not mine:
-                    return  # another daemon prunes this account now
+                    return False  # another daemon prunes this account now
                 done = await self.pruner.run(self.stop)
         except (AuthRefused, LocalStorageError) as exc:
             await self._halt(exc)
-            return
+            return False
         except Exception:  # a bug must not go unseen in a background task; intents stay for next time
             log.exception("prune_unexpected_error")
-            return
+            self.result.deletion_error = self.result.deletion_error or "an unexpected error, see the log"
+            return False
+        if self.mode == "backfill" and (done.errors or done.refused):
+            why = done.errors[0] if done.errors else f"{done.refused} archive copy(ies) failed re-verification"
+            self.result.deletion_error = why
         self.result.stats["server_deleted"] += done.deleted + done.already_gone
         self.result.stats["delete_refused"] += done.refused
         self.metrics.server_deletions.inc(done.deleted + done.already_gone)
         self.metrics.deletion_refused.inc(done.refused)
         if done.refused:
             self.wake.set()  # what failed re-verification is pending again: download it
+        return True
 
     async def _succeeded(self) -> None:
         """A walk went through: the API accepts us again, if it had refused us."""

@@ -68,15 +68,18 @@ FAULTS = (
     "proxy_html",  # a proxy in front of the API answers 502 with an HTML page
     "proxy_empty",  # a proxy answers 504 with an empty body
     "login_5xx",  # POST /auth/login answers 503
+    "delete_500",  # DELETE /recordings/{id} answers 500 (deletes nothing)
 )
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # what POST /_sim/control may switch while the simulator runs
 CONTROLS = ("refusal", "revoked", "background_rps", "accesskeys_denied", "login_429", "quirk", "delete_stall")
 REFUSALS = ("ACCOUNT_FROZEN", "DELETION_SCHEDULED", "PERMISSION_DENIED")
 CUSTOMER_ID = "5e4a0680-804e-11ec-8477-2fea5968d85b"
+# the server's fixed set of error ``status`` strings, by HTTP status (voipbin-api.md, Calls and transcripts)
 STATUS_CODES = {
-    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 429: "TOO_MANY_REQUESTS",
-    500: "INTERNAL_SERVER_ERROR", 503: "SERVICE_UNAVAILABLE",
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "PAYMENT_REQUIRED", 403: "PERMISSION_DENIED",
+    404: "NOT_FOUND", 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL", 503: "UNAVAILABLE",
 }
 
 
@@ -668,6 +671,8 @@ class Simulator:
         rec = self._lookup(request)
         if isinstance(rec, web.Response):
             return rec
+        if self._fault("delete_500"):
+            return self._error(request, 500, "INTERNAL_ERROR")
         if self.delete_stall == "before":
             await asyncio.sleep(3600)
         if self.complete_downloads[rec.id] == 0:

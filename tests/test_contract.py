@@ -93,9 +93,9 @@ async def test_answers_have_the_shapes_of_the_notes(make_sim):
 
         _check_error(*await _get(http, sim.base_url + "/recordings/00000000-0000-4000-8000-000000000000", **key),
                      "NOT_FOUND", "RESOURCE_NOT_FOUND")
-        _check_error(*await _get(http, sim.base_url + "/recordings/nope", **key), "BAD_REQUEST", "INVALID_ID")
+        _check_error(*await _get(http, sim.base_url + "/recordings/nope", **key), "INVALID_ARGUMENT", "INVALID_ID")
         _check_error(*await _get(http, sim.base_url + "/recordings", accesskey="vb_wrong"),
-                     "UNAUTHORIZED", "AUTHENTICATION_REQUIRED")
+                     "UNAUTHENTICATED", "AUTHENTICATION_REQUIRED")
 
         status, _, body = await _get(http, sim.base_url + "/accesskeys", **key)
         keys = json.loads(body)["result"]
@@ -137,7 +137,7 @@ async def test_faults_the_notes_describe(make_sim):
     async with aiohttp.ClientSession() as http:
         assert (await _get(http, sim.base_url + "/recordings", **key))[0] == 200
         status, headers, body = await _get(http, sim.base_url + "/recordings", **key)
-        _check_error(status, headers, body, "TOO_MANY_REQUESTS", "RATE_LIMIT_EXCEEDED")
+        _check_error(status, headers, body, "RESOURCE_EXHAUSTED", "RATE_LIMIT_EXCEEDED")
         assert int(headers["Retry-After"]) >= 1
         assert json.loads(body)["error"]["details"] == [{"limited_by": "customer"}]
 
@@ -145,7 +145,7 @@ async def test_faults_the_notes_describe(make_sim):
         sim.refusal = "ACCOUNT_FROZEN"
         for path in ("/recordings", f"/recordings/{next(iter(sim.recordings))}", "/accesskeys",
                      f"/recordingfiles/{next(iter(sim.recordings))}"):
-            _check_error(*await _get(http, sim.base_url + path, **key), "FORBIDDEN", "ACCOUNT_FROZEN")
+            _check_error(*await _get(http, sim.base_url + path, **key), "PERMISSION_DENIED", "ACCOUNT_FROZEN")
         async with http.post(f"http://127.0.0.1:{sim.port}/_sim/control", json={"refusal": ""}) as resp:
             assert resp.status == 200
         assert (await _get(http, sim.base_url + "/recordings", **key))[0] == 200, "thawed while running"
@@ -159,3 +159,29 @@ async def test_faults_the_notes_describe(make_sim):
         sim.login_429 = 1
         async with http.post(login, json={"username": sim.cfg.username, "password": sim.cfg.password}) as resp:
             assert resp.status == 429 and resp.headers["Retry-After"]
+
+
+# The server's fixed set of error envelope ``status`` strings (voipbin-api.md, Calls and transcripts).
+SERVER_STATUSES = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "PAYMENT_REQUIRED", 403: "PERMISSION_DENIED",
+    404: "NOT_FOUND", 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL", 503: "UNAVAILABLE",
+}
+
+
+def test_error_statuses_are_the_servers_fixed_set():
+    from archiver.simulator import STATUS_CODES
+
+    assert set(STATUS_CODES.values()) <= set(SERVER_STATUSES.values())
+    assert all(SERVER_STATUSES[code] == status for code, status in STATUS_CODES.items()), STATUS_CODES
+
+
+async def test_server_errors_carry_the_servers_status_strings(make_sim):
+    sim = await make_sim(recordings=2, faults={"api_500": 1.0})
+    async with aiohttp.ClientSession() as http:
+        _check_error(*await _get(http, sim.base_url + "/recordings", accesskey=sim.accesskey),
+                     "INTERNAL", "INTERNAL_ERROR")
+        sim.faults = {"api_503": 1.0}
+        rec_id = next(iter(sim.recordings))
+        _check_error(*await _get(http, f"{sim.base_url}/recordingfiles/{rec_id}", accesskey=sim.accesskey),
+                     "UNAVAILABLE", "SIGNING_NOT_CONFIGURED")

@@ -178,3 +178,31 @@ async def test_a_nearly_full_store_is_warned_about_and_blamed_for_no_audio(tmp_p
     assert result.rc == 0, result
     assert "server_store_near_full" in result.err and "no_audio_store_full" in result.err
     assert "delete_from_server = true" in result.err
+
+
+async def test_a_backfill_deletes_what_its_last_downloads_archived_even_with_no_wait(tmp_path, make_sim):
+    """#31: with ``--wait 0`` the feeder ends as soon as nothing is left to hand out, while the
+    last downloads (here: every one, a ZIP build of 1.5 s each) are still under way; their
+    recordings are archived before the backfill exits, and so are due for deletion in this run."""
+    sim = await make_sim(recordings=6, audio_bytes=2000, slow_builds=6, build_seconds=1.5)
+    cfg = write_config(tmp_path, sim, retention=RETAIN)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "0")
+    assert result.rc == 0, result
+    assert sim.stats["slow_builds"] == 6
+    rows = db_rows(tmp_path / "state.sqlite3", DELETE_SQL)
+    assert [r[1] for r in rows] == ["archived"] * 6
+    assert len(sim.deletes) == 6 and all(r[2] for r in rows), "every archived recording deleted in the same run"
+    assert len(_audit(tmp_path)) == 6
+    assert "server deletion incomplete" not in result.out
+
+
+async def test_a_backfill_whose_deletions_fail_says_so_and_exits_1(tmp_path, make_sim):
+    sim = await make_sim(recordings=4, audio_bytes=2000, faults={"delete_500": 1.0})
+    cfg = write_config(tmp_path, sim, retention=RETAIN)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert result.rc == 1, result
+    assert "server deletion incomplete" in result.out and "still due: 4" in result.out, result.out
+    assert not sim.deletes and [r[1] for r in db_rows(tmp_path / "state.sqlite3", DELETE_SQL)] == ["archived"] * 4
+    sim.faults = {}
+    again = await run_cli("--config", str(cfg), "backfill", "--wait", "5")
+    assert again.rc == 0 and len(sim.deletes) == 4, again
