@@ -90,7 +90,10 @@ class StateConfig:
     database: Path = Path("/var/lib/voipbin-archiver/state.sqlite3")
     url: str = field(default="", repr=False)  # postgresql://...: the shared state instead of SQLite
     password: str = field(default="", repr=False)  # for url: password_file or env PGPASSWORD
-    lease: float = 300.0  # seconds a claimed recording stays ours without a heartbeat (url only)
+    # seconds a claimed recording stays ours without a heartbeat (url only); renewed every lease/3,
+    # so a claim survives two missed renewals (a 30 s database stall) and a dead daemon's work
+    # is taken over within 45 s plus one feeder round: under a minute
+    lease: float = 45.0
 
 
 @dataclass(frozen=True)
@@ -580,10 +583,10 @@ class _Reader:
             raise ConfigError(f"[{section}] {key} must be <= {maximum}, got {value}")
 
     def text(self, section: str, key: str, default: str) -> str:
-        return self._get(section, key, default, lambda v: isinstance(v, str), "a string")
+        return str(self._get(section, key, default, lambda v: isinstance(v, str), "a string"))
 
     def flag(self, section: str, key: str, default: bool) -> bool:
-        return self._get(section, key, default, lambda v: isinstance(v, bool), "true or false")
+        return bool(self._get(section, key, default, lambda v: isinstance(v, bool), "true or false"))
 
     def number(self, section: str, key: str, default: float, minimum: float | None = None) -> float:
         value = self._get(section, key, default, _is_number, "a number")
@@ -595,7 +598,7 @@ class _Reader:
     def whole(
         self, section: str, key: str, default: int, minimum: int | None = None, maximum: int | None = None
     ) -> int:
-        value = self._get(section, key, default, _is_whole, "a whole number")
+        value = int(self._get(section, key, default, _is_whole, "a whole number"))
         self._within(section, key, value, minimum, maximum)
         return value
 

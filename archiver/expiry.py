@@ -18,7 +18,7 @@ import structlog
 from .client import ApiClient
 from .errors import ArchiverError, AuthRefused
 from .logs import redact
-from .state import StateDB
+from .state import State
 
 log = structlog.get_logger("archiver.expiry")
 
@@ -39,7 +39,7 @@ def expiry_warning(expires: float | None, now: float | None = None) -> str:
     return f"access key expires in {left / 86400:.1f} days ({when}): create a new one and replace it"
 
 
-async def watch_accesskey(client: ApiClient, state: StateDB, once: bool) -> None:
+async def watch_accesskey(client: ApiClient, state: State, once: bool) -> None:
     """Learn the key's expiry now and, unless ``once``, every ``CHECK_EVERY``; warn when close."""
     while True:
         try:

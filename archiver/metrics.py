@@ -141,7 +141,7 @@ def exposition(metrics: dict[str, Metrics]) -> bytes:
     if len(metrics) == 1:
         return generate_latest(next(iter(metrics.values())).registry)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ByAccount(metrics))  # type: ignore[arg-type]
+    registry.register(_ByAccount(metrics))
     return generate_latest(registry)
 
 

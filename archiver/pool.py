@@ -1,6 +1,6 @@
 """The engine: walk the listing into SQLite, and a bounded pool of workers that polls and downloads.
 
-Data flows one way: paginator -> ``StateDB`` -> feeder -> bounded queue -> resolvers (poll,
+Data flows one way: paginator -> ``State`` -> feeder -> bounded queue -> resolvers (poll,
 signed URL) -> bounded queue -> ``concurrency`` download workers -> ``Downloader`` (the stream)
 -> a store helper process (verify, fsync, rename; ``storepool``) -> a group commit in SQLite.
 The feeder is the only reader of due work, and it never hands out a recording that is already
@@ -42,7 +42,7 @@ from .metrics import Metrics
 from .model import KNOWN_STATUSES, parse_recording
 from .paginate import walk_pages
 from .retention import Pruner, StoreUsage, read_store, store_hint
-from .state import Row, StateDB
+from .state import Row, State
 from .store import Archived
 from .storepool import StorePool
 
@@ -83,10 +83,10 @@ class Engine:
     """One engine per process. ``backfill()`` returns when done; ``serve()`` when ``stop`` is set."""
 
     def __init__(
-        self, cfg: Config, client: ApiClient, state: StateDB, destination: Destination,
+        self, cfg: Config, client: ApiClient, state: State, destination: Destination,
         store_pool: StorePool | None = None,
     ) -> None:
-        """One account's engine: ``state`` is that account's view (``StateDB.for_account``).
+        """One account's engine: ``state`` is that account's view (``State.for_account``).
         Several engines (accounts) in one process share the destination and ``store_pool``,
         which their owner closes; without one, the engine has helpers of its own."""
         self.cfg = cfg
@@ -748,7 +748,7 @@ class Engine:
     @staticmethod
     def _backoff(n: int, low: float, high: float) -> float:
         """``low`` doubling to ``high``, with a little jitter so retries do not march in step."""
-        return min(high, low * (2 ** min(n, 30))) * random.uniform(0.9, 1.0)
+        return float(min(high, low * (2 ** min(n, 30))) * random.uniform(0.9, 1.0))
 
 
 def _waiting_state(row: Row) -> str:

@@ -19,7 +19,7 @@ class TokenBucket:
 
     def __init__(self, rate: float, burst: int, grant: Grant | None = None) -> None:
         """With ``grant``, tokens come from a bucket shared with other processes (a few at a
-        time, see ``pgstate.PgState.grant``) instead of this one's clock."""
+        time, see ``state.postgres.PgState.grant``) instead of this one's clock."""
         self.rate = rate
         self.burst = max(1, burst)
         self.grant = grant

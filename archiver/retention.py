@@ -13,22 +13,21 @@ bucket, each step recorded so a crash anywhere repeats no deletion and loses no 
 3. ``DELETE /recordings/{id}``; a ``404`` means it is already gone (a retry after a crash);
 4. note it beside the archive copy (a directory's sidecar is rewritten atomically with
    ``server_copy``; a locked bucket's objects are never rewritten, the audit trail says it);
-5. append one line per deletion to ``deletions.jsonl`` beside the database, fsynced per batch;
+5. append one line per deletion to the audit trail, durably, per batch (the state keeps it:
+   ``deletions.jsonl`` beside SQLite, the table ``deletions`` in PostgreSQL);
 6. commit ``server_deleted_at`` and the request id.
 
-After a crash, rows with an intent and no commit are taken up first; the audit file is read
-once for their ids, so each deletion has exactly one audit line.
+After a crash, rows with an intent and no commit are taken up first; the trail is asked once
+which of them it already holds, so each deletion has exactly one audit line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,19 +35,13 @@ import structlog
 from .client import ApiClient
 from .config import Config
 from .destinations import Destination
-from .errors import ArchiverError, AuthRefused, LocalStorageError
+from .errors import ArchiverError, AuthRefused
 from .logs import redact
-from .state import StateDB
-from .store import fsync_path
+from .state import State
 
 log = structlog.get_logger("archiver.retention")
 
 BATCH = 20  # deletions per audit fsync and SQLite commit
-
-
-def audit_path(database: Path) -> Path:
-    """The append-only audit trail of deletions, beside the state database."""
-    return database.with_name("deletions.jsonl")
 
 
 @dataclass
@@ -64,13 +57,12 @@ class PruneResult:
 class Pruner:
     """Deletes the server's copy of recordings whose archive copy is safe (see the module doc)."""
 
-    def __init__(self, cfg: Config, client: ApiClient, state: StateDB, destination: Destination) -> None:
+    def __init__(self, cfg: Config, client: ApiClient, state: State, destination: Destination) -> None:
         self.cfg = cfg.retention
         self.client = client
         self.state = state
         self.destination = destination
-        self.audit = audit_path(cfg.state.database)
-        self._audited: set[str] | None = None  # ids already in the audit file, read once after a crash
+        self._audited: set[str] | None = None  # ids already in the audit trail, asked once after a crash
 
     def _before(self) -> float:
         return time.time() - self.cfg.delete_after
@@ -88,8 +80,8 @@ class Pruner:
         with the recordings still due (and any intent kept for the next run)."""
         result = PruneResult()
         interrupted = await self.state.delete_intents()
-        if interrupted and self._audited is None and not self.state.shared:  # a shared state dedupes itself
-            self._audited = await asyncio.to_thread(_audited_ids, self.audit, set(interrupted))
+        if interrupted and self._audited is None:
+            self._audited = await self.state.audited(interrupted)
         while not stop.is_set():
             batch = await self.due(BATCH)
             if not batch:
@@ -151,47 +143,7 @@ class Pruner:
                 "archive": self.destination.location(), "request_id": request_id, "http_status": status,
             }, sort_keys=True))
         marks = [(now, request_id, row["id"]) for row, request_id, _ in done]
-        if self.state.shared:  # several daemons, one trail: in the database, in the same transaction
-            await self.state.mark_server_deleted(marks, audit=lines)
-            return
-        if lines:
-            await asyncio.to_thread(_append_lines, self.audit, lines)
-        await self.state.mark_server_deleted(marks)
-
-
-def _append_lines(path: Path, lines: list[str]) -> None:
-    """Append to the audit file and fsync it (and, when it is new, its directory)."""
-    new = not path.exists()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            data = ("\n".join(lines) + "\n").encode()
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise LocalStorageError(f"cannot write the deletion audit trail {path}: {exc.strerror}") from None
-    if new:
-        fsync_path(path.parent)
-
-
-def _audited_ids(path: Path, wanted: set[str]) -> set[str]:
-    """Which of ``wanted`` already have an audit line (read once, after a crash)."""
-    found: set[str] = set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec_id = json.loads(line).get("recording_id")
-                except (ValueError, AttributeError):
-                    continue  # a torn last line from a crash mid-append
-                if rec_id in wanted:
-                    found.add(rec_id)
-    except FileNotFoundError:
-        pass
-    return found
+        await self.state.mark_server_deleted(marks, lines)
 
 
 @dataclass
@@ -206,7 +158,7 @@ class StoreUsage:
         return self.size / self.capacity if self.capacity else 0.0
 
 
-async def read_store(client: ApiClient, state: StateDB, capacity: int, warn_ratio: float) -> StoreUsage | None:
+async def read_store(client: ApiClient, state: State, capacity: int, warn_ratio: float) -> StoreUsage | None:
     """``GET /storage_account``: record the usage for ``status`` and warn when it is nearly full."""
     try:
         body = await client.storage_account()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ from .notify import Notifier, watchdog_interval
 from .pool import Engine, RunResult
 from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
-from .state import STATES, StateDB, empty_summary, open_state, waiting_count
+from .state import STATES, State, empty_summary, open_state, waiting_count
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.service")
@@ -74,8 +73,8 @@ async def run_engine(
     """Run ``backfill`` or ``run`` for every account, one engine each; returns (result, state
     counts, client request counts), over all accounts."""
     state = await open_state(cfg.state)
-    if state.shared:  # other daemons write beside us: our temporary names carry our mark
-        cfg = replace(cfg, archive=replace(cfg.archive, temp_tag=secrets.token_hex(4)))
+    if state.writer_tag:  # other daemons write beside us: our temporary names carry our mark
+        cfg = replace(cfg, archive=replace(cfg.archive, temp_tag=state.writer_tag))
         set_temp_tag(cfg.archive.temp_tag)
     notifier = Notifier.from_env()
     metrics_runner = None
@@ -132,16 +131,11 @@ async def run_engine(
         await state.close()
 
 
-def _shared_pace(view: Any, api: ApiConfig) -> Grant | None:
+def _shared_pace(view: State, api: ApiConfig) -> Grant | None:
     """With a shared state, the account's pace is one bucket for every daemon (in the database)."""
-    if not view.shared or api.requests_per_second <= 0:
+    if api.requests_per_second <= 0:
         return None
-
-    async def grant(wanted: int) -> tuple[int, float]:
-        granted: tuple[int, float] = await view.grant(wanted, api.requests_per_second, api.burst)
-        return granted
-
-    return grant
+    return view.pace(api.requests_per_second, api.burst)
 
 
 async def _with_account(engine: Engine, work: Any) -> None:
@@ -150,7 +144,7 @@ async def _with_account(engine: Engine, work: Any) -> None:
     await work
 
 
-async def _supervise(engines: list[Engine], state: StateDB, notifier: Notifier, mode: str, progress: bool) -> None:
+async def _supervise(engines: list[Engine], state: State, notifier: Notifier, mode: str, progress: bool) -> None:
     """Beside the engines: READY=1, then STATUS=/WATCHDOG=1, metrics gauges and progress. A
     state database found damaged by one engine stops them all."""
     for engine in engines:
@@ -190,7 +184,7 @@ async def _supervise(engines: list[Engine], state: StateDB, notifier: Notifier, 
             live.clear()
 
 
-async def _read_summaries(engines: list[Engine], state: StateDB) -> dict[str, Any]:
+async def _read_summaries(engines: list[Engine], state: State) -> dict[str, Any]:
     """Each account's counts into its metrics; returns the summary over all of them."""
     if len(engines) > 1:
         summary, by_account = await state.summaries()  # a fixed number of queries for any number of accounts
@@ -318,7 +312,7 @@ async def prune(cfg: Config, dry_run: bool) -> PruneResult:
         await state.close()
 
 
-async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[str]]:
+async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[tuple[str, str]]]:
     """Re-check every archived recording against SQLite and its sidecar (a directory: re-hash
     every file; a bucket: HEAD each object, ``deep`` downloads and re-hashes it). Returns
     (checked, problems, (account, id) of each recording with a problem)."""

@@ -153,6 +153,11 @@ def _ts(value: datetime | None, style: str) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
+def _page_token(value: datetime, style: str) -> str:
+    """A page token: the last item's ``tm_create``, which is always set."""
+    return _ts(value, style) or ""
+
+
 def _parse_token(token: str) -> datetime | None:
     text = token.strip().replace(" ", "T").rstrip("Z")
     try:
@@ -481,7 +486,7 @@ class Simulator:
         request_id = str(uuid.uuid4())
         _REQUEST_ID.set(request_id)
         try:
-            resp = await handler(request)
+            resp: web.StreamResponse = await handler(request)
         except web.HTTPException as exc:
             exc.headers["X-Request-Id"] = request_id
             raise
@@ -547,7 +552,7 @@ class Simulator:
         auth = request.headers.get("Authorization", "")
         if not token and auth.lower().startswith("bearer "):
             token = auth[7:].strip()
-        return bool(token) and self.tokens.get(token, 0) > time.time()
+        return bool(token) and self.tokens.get(token or "", 0) > time.time()
 
     async def _api_gate(self, request: web.Request, endpoint: str) -> web.StreamResponse | None:
         """Latency, rate limit, faults and auth shared by every API endpoint."""
@@ -632,7 +637,7 @@ class Simulator:
         next_token = ""
         if items:
             last = self.recordings[items[-1]["id"]]
-            next_token = _ts(last.tm_create, "tutorial" if self.cfg.timestamps == "tutorial" else "token")
+            next_token = _page_token(last.tm_create, "tutorial" if self.cfg.timestamps == "tutorial" else "token")
         if self.quirk == "endless" and token:  # the same page again, under an ever older token
             first = self.recordings[self._order[0][1]]
             items = [self.recording_json(self.recordings[rid]) for _, rid in self._order[:size]]
@@ -642,10 +647,10 @@ class Simulator:
             self._rising_pages += 1
             n = self._rising_pages
             items = [self.recording_json(self.recordings[rid]) for _, rid in self._order[(n - 1) * size : n * size]]
-            next_token = _ts(datetime.now(UTC) + timedelta(days=n), "token")
+            next_token = _page_token(datetime.now(UTC) + timedelta(days=n), "token")
             return self._json({"result": items, "next_page_token": next_token})
         if self.quirk == "repeat_token" and items:
-            next_token = _ts(self.recordings[items[-1]["id"]].tm_create, "tutorial")
+            next_token = _page_token(self.recordings[items[-1]["id"]].tm_create, "tutorial")
             if token:
                 next_token = token
         if not token and self.extra_listing_items:

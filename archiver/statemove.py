@@ -24,8 +24,8 @@ from typing import Any
 
 from .config import ACCOUNT_NAME, DEFAULT_ACCOUNT, Config
 from .errors import ConfigError, StateUnusable
-from .retention import audit_path
-from .state import StateDB
+from .state.postgres import MIGRATE_LOCK, PgState, asyncpg_module
+from .state.sqlite import StateDB, audit_path
 
 # the recordings' columns both schemas have (PostgreSQL adds lease_owner and lease_until)
 COLUMNS = (
@@ -177,19 +177,17 @@ def _audit_lines(path: Path, target: dict[str, str]) -> list[tuple[str, str, str
 async def _write(cfg: Config, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
                  meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
                  accounts: list[str]) -> None:
-    from .pgstate import MIGRATE_LOCK, PgState, _asyncpg
-
     state = await PgState.open(cfg.state)  # creates or migrates the schema
     try:
         await _copy(state, MIGRATE_LOCK, batches, walks, meta, audit, report, accounts)
-    except _asyncpg().PostgresError as exc:  # a value PostgreSQL refuses (a NUL in a text...): all rolled back
+    except asyncpg_module().PostgresError as exc:  # a value PostgreSQL refuses (a NUL in a text...): all rolled back
         raise StateUnusable(f"PostgreSQL refused the import ({type(exc).__name__}: {exc}): nothing was imported") \
             from None
     finally:
         await state.close()
 
 
-async def _copy(state: Any, lock: int, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
+async def _copy(state: PgState, lock: int, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
                 meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
                 accounts: list[str]) -> None:
     """The copy and its check, in one transaction."""

@@ -18,7 +18,7 @@ from archiver.config import build_config
 from archiver.errors import ConfigError
 from archiver.model import parse_recording
 from archiver.simulator import MultiSimulator
-from archiver.state import MIGRATIONS, StateDB
+from archiver.state.sqlite import MIGRATIONS, StateDB
 from tests.conftest import (
     cli_command,
     cli_env,

@@ -18,7 +18,7 @@ import pytest
 
 from archiver.config import build_config
 from archiver.errors import ConfigError
-from archiver.state import _lock as sqlite_lock
+from archiver.state.sqlite import _lock as sqlite_lock
 from tests.conftest import cli_command, cli_env, db_rows, free_port, run_cli, write_config
 from tests.test_accounts import write_accounts_config
 
@@ -71,7 +71,7 @@ def test_state_url_config_errors():
         with pytest.raises(ConfigError, match=message):
             build_config({**base, "state": state}, Path("/tmp"), {})
     cfg = build_config({**base, "state": {"url": "postgresql://u@db/x"}}, Path("/tmp"), {"PGPASSWORD": "pw"})
-    assert cfg.state.url and cfg.state.password == "pw" and cfg.state.lease == 300
+    assert cfg.state.url and cfg.state.password == "pw" and cfg.state.lease == 45
     assert "pw" not in repr(cfg)
 
 
@@ -516,7 +516,7 @@ async def test_a_backfill_waits_for_a_dead_daemons_claims(tmp_path, multi_sim, p
 
 async def test_summaries_of_every_account_in_five_queries_agree_with_each_view(multi_sim, pg_url):
     from archiver.config import StateConfig
-    from archiver.pgstate import PgState
+    from archiver.state import PgState
     from tests.test_accounts import assert_summaries_agree, populate_accounts
 
     sim = await multi_sim(["acme", "beta", "gamma"], recordings=6, audio_bytes=1000)

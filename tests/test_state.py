@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from archiver.errors import StateLocked, StateUnusable
-from archiver.state import MIGRATIONS, StateDB
+from archiver.state.sqlite import MIGRATIONS, StateDB
 from tests.checks import assert_archive_complete
 from tests.conftest import run_cli, small_disk, write_config
 

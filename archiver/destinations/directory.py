@@ -22,10 +22,10 @@ from ..config import ArchiveConfig
 from ..errors import LocalStorageError, VerificationError
 from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
 from ..layout import EXTENSIONS, Layout, sidecar_path
-from ..state import Row
+from ..state.base import Row
 from ..store import Archived, Staged, StoreJob, fsync_path, limits, remove_quietly, write_file_atomic
 from ..verify import check_archived
-from . import Destination
+from .base import Destination
 
 log = structlog.get_logger("archiver.destinations.directory")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import ipaddress
 import json
@@ -41,10 +42,10 @@ from ..config import ArchiveConfig, S3Config
 from ..errors import ConfigError, DestinationUnavailable, TransientError
 from ..layout import EXTENSIONS, Layout
 from ..logs import register_secret
-from ..state import Row
+from ..state.base import Row
 from ..store import Archived, Staged, StoreJob
 from ..verify import sidecar_agrees
-from . import Destination
+from .base import Destination
 
 log = structlog.get_logger("archiver.destinations.s3")
 
@@ -396,9 +397,10 @@ class S3Destination(Destination):
                     number = len(parts) + 1
                     for attempt in range(1, UPLOAD_TRIES + 1):
                         try:
-                            answer = await self._call(lambda p=part, n=number, m=md5, h=sha: self._client.upload_part(
-                                Bucket=self.s3.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=p,
-                                ContentMD5=base64.b64encode(m).decode(), ChecksumSHA256=base64.b64encode(h).decode(),
+                            answer = await self._call(functools.partial(
+                                self._client.upload_part, Bucket=self.s3.bucket, Key=key, UploadId=upload_id,
+                                PartNumber=number, Body=part, ContentMD5=base64.b64encode(md5).decode(),
+                                ChecksumSHA256=base64.b64encode(sha).decode(),
                             ), "PUT part of", key)
                             break
                         except _ChecksumRefused as exc:
@@ -432,8 +434,9 @@ class S3Destination(Destination):
         return not answer.get("KeyCount") and not answer.get("Contents")
 
     async def _head(self, key: str) -> dict[str, Any] | None:
-        return await self._call(lambda: self._client.head_object(Bucket=self.s3.bucket, Key=key), "HEAD", key,
-                                missing_ok=True)
+        head: dict[str, Any] | None = await self._call(
+            lambda: self._client.head_object(Bucket=self.s3.bucket, Key=key), "HEAD", key, missing_ok=True)
+        return head
 
     async def _check_before_write(self, key: str, size: int | None = None, etag: str = "") -> dict[str, Any] | None:
         """What ``key`` holds before we write it: nothing where it is surely absent, else its HEAD,
@@ -507,7 +510,8 @@ class S3Destination(Destination):
                     sha.update(chunk)
             return size, sha.hexdigest()
 
-        return await self._call(get, "GET", key)
+        got: tuple[int, str] = await self._call(get, "GET", key)
+        return got
 
     async def _call(
         self, send: Callable[[], Awaitable[Any]], what: str, key: str, missing_ok: bool = False,
@@ -555,7 +559,7 @@ def _no_blind_resend(base: type) -> type:
     whose first PUT the store had already written (a test with a proxy that swallows answers
     caught it). Our ``_call`` resends only after a HEAD, so aiohttp must not."""
 
-    class NoBlindResend(base):  # type: ignore[misc, valid-type]
+    class NoBlindResend(base):  # type: ignore[misc]
         async def _get_session(self, proxy_url: Any) -> Any:
             session = await super()._get_session(proxy_url)
             session._retry_connection = False  # aiohttp >= 3.10 has no public switch for it

@@ -26,27 +26,28 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
-from .config import StateConfig
-from .errors import LocalStorageError, StateUnusable
-from .logs import register_secret
-from .model import Recording
-from .state import (
-    _DELETABLE,
-    _ROW_COLUMNS,
-    _STORED_SQL,
+from ..config import StateConfig
+from ..errors import LocalStorageError, StateUnusable
+from ..logs import register_secret
+from ..model import Recording
+from ..ratelimit import Grant
+from .base import (
+    DELETABLE_COLUMNS,
     FLAGS,
+    ROW_COLUMNS,
     STATES,
+    STORED_SQL,
     SUMMARY_META,
     Row,
-    _epoch,
-    _initial_state,
-    _row,
     assemble_summaries,
     counts_by_account,
+    epoch,
+    initial_state,
+    row_from,
     summary_meta,
 )
 
@@ -108,7 +109,7 @@ MIGRATIONS: list[str] = [
 MIGRATE_LOCK = 0x766F6970  # advisory lock key while migrating or importing ("voip")
 
 
-def _asyncpg() -> Any:
+def asyncpg_module() -> Any:
     try:
         import asyncpg
     except ImportError:
@@ -127,8 +128,6 @@ async def _keep_session(con: Any) -> None:
 class PgState:
     """The shared state. ``await PgState.open(cfg)``; ``for_account(name)`` as for ``StateDB``."""
 
-    shared = True
-
     def __init__(self, pool: Any, cfg: StateConfig, account: str | None = None, owner: str = "",
                  root: PgState | None = None) -> None:
         self.pool = pool
@@ -137,13 +136,14 @@ class PgState:
         self.account = account
         self.path = cfg.database  # beside which S3 staging lives (the audit trail is the table deletions)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._tag: str = root._tag if root is not None else secrets.token_hex(4)
         self._root = root
         self._views: list[PgState] = []
         self._lock_cons: dict[str, Any] = {}  # the advisory locks' connections, by lock
 
     @classmethod
     async def open(cls, cfg: StateConfig, *, readonly: bool = False) -> PgState:
-        asyncpg = _asyncpg()
+        asyncpg = asyncpg_module()
         if cfg.password:  # (the URL carries none: config refuses it)
             register_secret(cfg.password)
         try:
@@ -172,6 +172,19 @@ class PgState:
         view = PgState(self.pool, self.cfg, account, self.owner, root)
         root._views.append(view)
         return view
+
+
+    @property
+    def writer_tag(self) -> str:
+        return self._tag  # other daemons write the same archive: our temporary names carry our mark
+
+    def pace(self, rate: float, burst: int) -> Grant:
+        """The account's bucket in the database, one for every daemon (``grant``)."""
+
+        async def grant(wanted: int) -> tuple[int, float]:
+            return await self.grant(wanted, rate, burst)
+
+        return grant
 
     @property
     def _acct(self) -> str:
@@ -220,7 +233,7 @@ class PgState:
     def _reachable(self) -> Any:
         """A database that cannot be reached (down, restarting, the network) is
         ``LocalStorageError``: the engine pauses and tries again, as for a full disk."""
-        asyncpg = _asyncpg()
+        asyncpg = asyncpg_module()
         try:
             yield
         except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -260,7 +273,7 @@ class PgState:
         with self._reachable():
             con = self._lock_cons.get(key)
             if con is None or con.is_closed():  # one per lock: a walk and a prune may run at once
-                con = self._lock_cons[key] = await _asyncpg().connect(
+                con = self._lock_cons[key] = await asyncpg_module().connect(
                     self.cfg.url, password=self.cfg.password or None, timeout=30)
             got = await con.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key)
         try:
@@ -285,13 +298,13 @@ class PgState:
                 "SELECT id, state FROM recordings WHERE account=$1 AND id = ANY($2::text[])", account, ids)}
             inserts, moves = [], []
             for rec in recordings:
-                state, reason = _initial_state(rec)
+                state, reason = initial_state(rec)
                 if rec.id not in known:
                     known[rec.id] = state
                     inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
-                                    _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
+                                    epoch(rec.tm_create), epoch(rec.tm_end), now, now, reason, now))
                 elif (rec.ended or rec.deleted) and known[rec.id] == "discovered":  # (no statement for the rest)
-                    moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now,
+                    moves.append((state, json.dumps(rec.raw), rec.status, epoch(rec.tm_end), reason, now, now,
                                   account, rec.id))
             if inserts:
                 await con.executemany(
@@ -368,11 +381,11 @@ class PgState:
             UPDATE recordings r SET lease_owner=$4, lease_until={NOW} + $5::float8,
                 state = CASE WHEN r.state = 'downloading' THEN 'pending' ELSE r.state END
             FROM picked WHERE r.account = picked.account AND r.id = picked.id
-            RETURNING {", ".join("r." + c.strip() for c in _ROW_COLUMNS.split(","))}
+            RETURNING {", ".join("r." + c.strip() for c in ROW_COLUMNS.split(","))}
             """,
             self._acct, now, limit, self.owner, float(self.lease),
         )
-        return [_row(r) for r in rows if r["id"] not in exclude]
+        return [row_from(r) for r in rows if r["id"] not in exclude]
 
     async def next_due_time(self) -> float | None:
         """When ``due()`` may next find work: a row another daemon holds is due when its lease
@@ -387,7 +400,7 @@ class PgState:
             """,
             self._acct, self.owner,
         )
-        return rows[0][0]
+        return cast(float | None, rows[0][0])
 
     async def claim(self, ids: list[str]) -> None:
         if ids:
@@ -456,12 +469,13 @@ class PgState:
 
     async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]:
         rows = await self._fetch(
-            f"SELECT {_DELETABLE} FROM recordings WHERE account=$1 AND delete_intent_at IS NOT NULL"
+            f"SELECT {DELETABLE_COLUMNS} FROM recordings WHERE account=$1 AND delete_intent_at IS NOT NULL"
             " AND server_deleted_at IS NULL AND state = 'archived' LIMIT $2", self._acct, limit)
         if len(rows) < limit:
             rows += await self._fetch(
-                f"SELECT {_DELETABLE} FROM recordings WHERE account=$1 AND {self._deletable_where(include_flagged, 2)}"
-                " AND delete_intent_at IS NULL ORDER BY archived_at LIMIT $3", self._acct, before, limit - len(rows))
+                f"SELECT {DELETABLE_COLUMNS} FROM recordings WHERE account=$1"
+                f" AND {self._deletable_where(include_flagged, 2)} AND delete_intent_at IS NULL"
+                " ORDER BY archived_at LIMIT $3", self._acct, before, limit - len(rows))
         return [dict(r) for r in rows]
 
     async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]:
@@ -483,7 +497,12 @@ class PgState:
                                  self._acct, ids)
         return [(r[0], r[1]) for r in rows]
 
-    async def mark_server_deleted(self, rows: list[tuple[float, str, str]], audit: list[str] | None = None) -> None:
+    async def audited(self, ids: list[str]) -> set[str]:
+        rows = await self._fetch("SELECT recording_id FROM deletions WHERE account=$1 AND recording_id = ANY($2)",
+                                 self._acct, ids)
+        return {r[0] for r in rows}
+
+    async def mark_server_deleted(self, rows: list[tuple[float, str, str]], audit: list[str]) -> None:
         """(deleted_at, request id, recording id) for each, with the audit lines (the trail of
         every daemon, ``deletions``): one transaction; a line already there is not added again."""
         account = self._acct
@@ -494,7 +513,7 @@ class PgState:
                     [(at, request_id, account, rec_id) for at, request_id, rec_id in rows])
                 await con.executemany(
                     "INSERT INTO deletions (account, recording_id, line) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    [(account, json.loads(line)["recording_id"], line) for line in audit or []])
+                    [(account, json.loads(line)["recording_id"], line) for line in audit])
 
     async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]:
         due, due_bytes = await self.deletable_totals(before, include_flagged)
@@ -523,9 +542,9 @@ class PgState:
             UPDATE recordings SET state = CASE WHEN state = 'downloading' THEN 'pending' ELSE state END,
                 lease_owner=NULL, lease_until=NULL
             WHERE account=$1 AND (lease_owner=$2 OR state='downloading' AND lease_until < {NOW})
-            RETURNING {_ROW_COLUMNS}
+            RETURNING {ROW_COLUMNS}
             """, self._acct, self.owner)
-        return [_row(r) for r in rows if r["state"] == "pending"]
+        return [row_from(r) for r in rows if r["state"] == "pending"]
 
     async def retry_failed(self) -> int:
         scope, params = self._scope(2)
@@ -595,13 +614,13 @@ class PgState:
             " ORDER BY updated_at DESC LIMIT $1", limit, *params)
         return [dict(r) for r in rows]
 
-    async def archived(self, batch: int = 1000) -> Any:
+    async def archived(self, batch: int = 1000) -> AsyncIterator[dict[str, Any]]:
         scope, params = self._scope(4)
         last = ("", "")
         while True:
             rows = await self._fetch(
                 f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}"
-                f"state IN ({_STORED_SQL}) AND (account, id) > ($1, $2) ORDER BY account, id LIMIT $3",
+                f"state IN ({STORED_SQL}) AND (account, id) > ($1, $2) ORDER BY account, id LIMIT $3",
                 *last, batch, *params)
             if not rows:
                 return

@@ -28,30 +28,32 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import aiosqlite
 
-from .config import DEFAULT_ACCOUNT, StateConfig
-from .errors import LocalStorageError, StateLocked, StateUnusable
-from .model import Recording
-from .store import fsync_path, mkdir_durable
-
-STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
-FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
-STORED = ("archived", "no_audio")  # states with files in the archive (``verify``)
-_STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
-WAITING = ("discovered", "pending", "downloading")  # not archived, failed or skipped yet
-
-
-def waiting_count(counts: dict[str, int]) -> int:
-    """Recordings still to be archived, from counts per state."""
-    return sum(counts[s] for s in WAITING)
-
+from ..errors import LocalStorageError, StateLocked, StateUnusable
+from ..model import Recording
+from ..store import fsync_path, mkdir_durable
+from .base import (
+    DELETABLE_COLUMNS,
+    FLAGS,
+    ROW_COLUMNS,
+    STATES,
+    STORED_SQL,
+    SUMMARY_META,
+    Row,
+    assemble_summaries,
+    counts_by_account,
+    epoch,
+    initial_state,
+    row_from,
+    summary_meta,
+    unusable_message,
+)
 
 MIGRATIONS: list[str] = [
     """
@@ -167,14 +169,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE meta_v5 RENAME TO meta;
     """,
 ]
-_DELETABLE = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
 
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _writes(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _writes(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """A write that SQLite could not make (a full disk, an I/O error: ``OperationalError``) is
     rolled back and raised as ``LocalStorageError``, the class the engine pauses on, like a full
     archive: the state is where it was, and the write is made again once there is room. A
@@ -192,39 +193,6 @@ def _writes(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return wrapper
 
 
-@dataclass(frozen=True)
-class Row:
-    """A recording as the worker pool needs it."""
-
-    id: str
-    state: str
-    raw: dict[str, Any]
-    attempts: int
-    polls: int
-    tm_create: float | None
-    tm_end: float | None
-    account: str = DEFAULT_ACCOUNT
-
-
-_ROW_COLUMNS = "id, state, raw, attempts, polls, tm_create, tm_end, account"  # what _row() reads
-
-
-def _row(r: Any) -> Row:
-    """A ``Row`` from a result row selected with ``_ROW_COLUMNS``."""
-    return Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"],
-               r["account"])
-
-
-def _epoch(ts: Any) -> float | None:
-    return ts.timestamp() if ts is not None else None
-
-
-def _initial_state(rec: Recording) -> tuple[str, str | None]:
-    if rec.deleted:
-        return "skipped", "deleted (tm_delete is set)"
-    return ("pending" if rec.ended else "discovered"), None
-
-
 class StateDB:
     """The archiver's SQLite state. Use ``await StateDB.open(path)``; one writer per file.
 
@@ -235,8 +203,7 @@ class StateDB:
     open across an await would see rows that another task updates meanwhile on the same
     connection, and SQLite's answer is then undefined (a GROUP BY once returned a NULL state)."""
 
-    shared = False  # one daemon per file (a ``pgstate.PgState`` is shared by many)
-    lease = 0.0  # no leases to renew
+    lease = 0.0  # no leases to renew: one daemon per file
 
     def __init__(self, db: aiosqlite.Connection, lock_fd: int | None, path: Path, account: str | None = None,
                  owner: StateDB | None = None) -> None:
@@ -251,6 +218,17 @@ class StateDB:
     def for_account(self, account: str) -> StateDB:
         """The view one account's engine works through: every row it reads or writes is that account's."""
         return StateDB(self.db, None, self.path, account, self._owner or self)
+
+    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        """One read in one step of aiosqlite's thread (see the class doc); a list at run time."""
+        return cast(list[aiosqlite.Row], await self.db.execute_fetchall(sql, params))
+
+    @property
+    def writer_tag(self) -> str:
+        return ""  # the only writer (the lock says so): temporary names need no mark
+
+    def pace(self, rate: float, burst: int) -> None:
+        return None  # this process's own token bucket is the account's pace
 
     @property
     def _acct(self) -> str:
@@ -290,7 +268,7 @@ class StateDB:
             else:
                 await state._migrate()
                 # a writer reads every page once: a truncated or damaged file is found now, not mid-run
-                check = (await db.execute_fetchall("PRAGMA quick_check"))[0][0]
+                check = next(iter(await db.execute_fetchall("PRAGMA quick_check")))[0]
                 if check != "ok":
                     raise sqlite3.DatabaseError(f"quick_check: {check}")
                 await db.execute("BEGIN IMMEDIATE")  # a read-only file or filesystem is found now too
@@ -309,7 +287,7 @@ class StateDB:
 
     async def _check_readable(self) -> None:
         """A reader (``status``, ``verify``) cannot migrate: an older schema says what to do."""
-        version = (await self.db.execute_fetchall("PRAGMA user_version"))[0][0]
+        version = (await self._fetchall("PRAGMA user_version"))[0][0]
         if version != len(MIGRATIONS):
             raise StateUnusable(
                 f"state database {self.path} is schema v{version}, this archiver reads v{len(MIGRATIONS)}: "
@@ -317,7 +295,7 @@ class StateDB:
                    else "upgrade voipbin-archiver")
             )
 
-    async def _storage_error(self, exc: sqlite3.DatabaseError) -> BaseException:
+    async def _storage_error(self, exc: sqlite3.DatabaseError) -> Exception:
         """What a failed write means, after a rollback: a full disk or an I/O error
         (``OperationalError``) is ``LocalStorageError``, which the engine pauses on; a damaged
         file ("malformed", "not a database") is ``StateUnusable``, which stops it; any other
@@ -347,7 +325,7 @@ class StateDB:
             self._lock_fd = None
 
     async def _migrate(self) -> None:
-        version = (await self.db.execute_fetchall("PRAGMA user_version"))[0][0]
+        version = (await self._fetchall("PRAGMA user_version"))[0][0]
         if version > len(MIGRATIONS):
             raise StateUnusable(
                 f"state database schema v{version} is newer than this archiver knows (v{len(MIGRATIONS)}): "
@@ -373,15 +351,6 @@ class StateDB:
     async def renew(self, ids: set[str]) -> None:
         """Nothing to renew: no other process can take our rows."""
 
-    async def known_ids(self, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
-        marks = ",".join("?" * len(ids))
-        rows = await self.db.execute_fetchall(
-            f"SELECT id FROM recordings WHERE account=? AND id IN ({marks})", (self._acct, *ids)
-        )
-        return {r[0] for r in rows}
-
     @_writes
     async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]:
         """Insert unknown recordings and checkpoint the walk, in one transaction. Returns (new,
@@ -390,19 +359,19 @@ class StateDB:
         account = self._acct
         now = time.time()
         marks = ",".join("?" * len(recordings))
-        known: dict[str, str] = {r[0]: r[1] for r in await self.db.execute_fetchall(
+        known: dict[str, str] = {r[0]: r[1] for r in await self._fetchall(
             f"SELECT id, state FROM recordings WHERE account=? AND id IN ({marks})",
             (account, *(r.id for r in recordings)))} if recordings else {}
         inserts = []
         moves = []
         for rec in recordings:
-            state, reason = _initial_state(rec)
+            state, reason = initial_state(rec)
             if rec.id not in known:
                 known[rec.id] = state  # a page may (in theory) list an id twice
                 inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
-                                _epoch(rec.tm_create), _epoch(rec.tm_end), now, now, reason, now))
+                                epoch(rec.tm_create), epoch(rec.tm_end), now, now, reason, now))
             elif (rec.ended or rec.deleted) and known[rec.id] == "discovered":  # (no statement for the rest)
-                moves.append((state, json.dumps(rec.raw), rec.status, _epoch(rec.tm_end), reason, now, now,
+                moves.append((state, json.dumps(rec.raw), rec.status, epoch(rec.tm_end), reason, now, now,
                               account, rec.id))
         if inserts:
             await self.db.executemany(
@@ -428,7 +397,7 @@ class StateDB:
         return len(inserts), len(recordings) - len(inserts)
 
     async def walk_checkpoint(self, walk: str) -> str | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT token FROM walks WHERE account=? AND name=?", (self._acct, walk)
         )
         return rows[0][0] if rows else None
@@ -439,7 +408,7 @@ class StateDB:
         await self.set_meta(f"walk_done:{walk}", str(time.time()))
 
     async def get_meta(self, key: str) -> str | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT value FROM meta WHERE account=? AND key=?", (self._acct, key)
         )
         return rows[0][0] if rows else None
@@ -463,21 +432,21 @@ class StateDB:
         SQL: fetching ``limit + len(exclude)`` rows to drop most of them in Python cost about
         40 µs of CPU per row returned, measured)."""
         skip = f" AND id NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
-        rows = await self.db.execute_fetchall(
-            f"SELECT {_ROW_COLUMNS} FROM recordings INDEXED BY recordings_due"
+        rows = await self._fetchall(
+            f"SELECT {ROW_COLUMNS} FROM recordings INDEXED BY recordings_due"
             f" WHERE account=? AND state IN ('discovered', 'pending') AND next_attempt_at <= ?{skip}"
             " ORDER BY next_attempt_at LIMIT ?",
             (self._acct, now, *exclude, limit),
         )
-        return [_row(r) for r in rows]
+        return [row_from(r) for r in rows]
 
     async def next_due_time(self) -> float | None:
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT min(next_attempt_at) FROM recordings INDEXED BY recordings_due"
             " WHERE account=? AND state IN ('discovered', 'pending')",
             (self._acct,),
         )
-        return rows[0][0]
+        return cast(float | None, rows[0][0])
 
     @_writes
     async def claim(self, ids: list[str]) -> None:
@@ -549,15 +518,15 @@ class StateDB:
         """Recordings whose server copy may go: an interrupted deletion first, then those
         archived (complete, unless ``include_flagged``) before ``before``, oldest first."""
         account = self._acct
-        rows = await self.db.execute_fetchall(
-            f"SELECT {_DELETABLE} FROM recordings INDEXED BY recordings_delete_intents"
+        rows = await self._fetchall(
+            f"SELECT {DELETABLE_COLUMNS} FROM recordings INDEXED BY recordings_delete_intents"
             " WHERE account=? AND delete_intent_at IS NOT NULL AND server_deleted_at IS NULL"
             " AND state = 'archived' LIMIT ?",
             (account, limit),
         )
         if len(rows) < limit:
-            rows += await self.db.execute_fetchall(
-                f"SELECT {_DELETABLE} FROM recordings INDEXED BY recordings_deletable"
+            rows += await self._fetchall(
+                f"SELECT {DELETABLE_COLUMNS} FROM recordings INDEXED BY recordings_deletable"
                 f" WHERE account=? AND {self._deletable_where(include_flagged)} AND delete_intent_at IS NULL"
                 " ORDER BY archived_at LIMIT ?",
                 (account, before, limit - len(rows)),
@@ -567,7 +536,7 @@ class StateDB:
     async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]:
         """(count, bytes) of what ``deletable`` would hand out now."""
         scope, params = self._scope()
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             f"SELECT count(*), coalesce(sum(size), 0) FROM recordings INDEXED BY recordings_deletable"
             f" WHERE {scope}{self._deletable_where(include_flagged)}",
             (*params, before),
@@ -580,7 +549,7 @@ class StateDB:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = await self.db.execute_fetchall(
+            rows = await self._fetchall(
                 f"SELECT id, server_deleted_at FROM recordings WHERE account=? AND id IN ({marks})",
                 (self._acct, *chunk),
             )
@@ -589,16 +558,22 @@ class StateDB:
 
     async def delete_intents(self) -> list[str]:
         scope, params = self._scope()
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT id FROM recordings INDEXED BY recordings_delete_intents"
             f" WHERE {scope}delete_intent_at IS NOT NULL AND server_deleted_at IS NULL",
             params,
         )
         return [r[0] for r in rows]
 
+    async def audited(self, ids: list[str]) -> set[str]:
+        return await asyncio.to_thread(_audited_ids, audit_path(self.path), set(ids))
+
     @_writes
-    async def mark_server_deleted(self, rows: list[tuple[float, str, str]]) -> None:
-        """(deleted_at, request id, recording id) for each: one transaction."""
+    async def mark_server_deleted(self, rows: list[tuple[float, str, str]], audit: list[str]) -> None:
+        """The audit lines appended to ``deletions.jsonl`` beside the database and fsynced, then
+        (deleted_at, request id, recording id) for each: one transaction."""
+        if audit:
+            await asyncio.to_thread(_append_lines, audit_path(self.path), audit)
         account = self._acct
         await self.db.executemany(
             "UPDATE recordings SET server_deleted_at=?, delete_request_id=? WHERE account=? AND id=?",
@@ -609,11 +584,11 @@ class StateDB:
     async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]:
         due, due_bytes = await self.deletable_totals(before, include_flagged)
         scope, params = self._scope()
-        deleted = (await self.db.execute_fetchall(
+        deleted = (await self._fetchall(
             "SELECT count(*) FROM recordings INDEXED BY recordings_server_deleted"
             f" WHERE {scope}server_deleted_at IS NOT NULL", params,
         ))[0][0]
-        stores = [json.loads(r[0]) for r in await self.db.execute_fetchall(
+        stores = [json.loads(r[0]) for r in await self._fetchall(
             f"SELECT value FROM meta WHERE {scope}key='server_store' ORDER BY account", params
         )]
         return {"due": due, "due_bytes": due_bytes, "deleted": deleted,
@@ -624,7 +599,7 @@ class StateDB:
         """Rows left ``downloading`` by work that ended while the database could not be written:
         back to ``pending`` (those still in flight excepted)."""
         account = self._acct
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT id FROM recordings INDEXED BY recordings_state WHERE account=? AND state='downloading'", (account,)
         )
         stale = [(account, r[0]) for r in rows if r[0] not in in_flight]
@@ -641,9 +616,9 @@ class StateDB:
         the caller can remove their temporary files."""
         account = self._acct
         rows = [
-            _row(r)
-            for r in await self.db.execute_fetchall(
-                f"SELECT {_ROW_COLUMNS} FROM recordings INDEXED BY recordings_state"
+            row_from(r)
+            for r in await self._fetchall(
+                f"SELECT {ROW_COLUMNS} FROM recordings INDEXED BY recordings_state"
                 " WHERE account=? AND state='downloading'", (account,)
             )
         ]
@@ -668,7 +643,7 @@ class StateDB:
     async def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
         scope, params = self._scope()
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             f"SELECT state, count(*) FROM recordings WHERE {scope}1 GROUP BY state", params
         )
         for state, n in rows:
@@ -677,7 +652,7 @@ class StateDB:
 
     async def counts_by_account(self) -> dict[str, dict[str, int]]:
         """Counts per state for each account (``status --json``, metrics)."""
-        return counts_by_account(await self.db.execute_fetchall(
+        return counts_by_account(await self._fetchall(
             "SELECT account, state, count(*) FROM recordings INDEXED BY recordings_state GROUP BY account, state"
         ))
 
@@ -687,7 +662,7 @@ class StateDB:
         scope, params = self._scope()
         out: dict[str, Any] = await self.counts()
         out["total"] = sum(out[s] for s in STATES)
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT id, tm_create, account FROM recordings INDEXED BY recordings_waiting_created"
             f" WHERE {scope}state IN ('discovered', 'pending', 'downloading') ORDER BY tm_create LIMIT 1", params
         )
@@ -696,14 +671,14 @@ class StateDB:
         )
         out["last_error"] = await self._last_error()
         flags = dict.fromkeys(FLAGS, 0)
-        for flag, n in await self.db.execute_fetchall(
+        for flag, n in await self._fetchall(
             "SELECT flag, count(*) FROM recordings INDEXED BY recordings_flagged"
             f" WHERE {scope}flag IS NOT NULL GROUP BY flag", params
         ):
             flags[str(flag)] = n
         out["archived_flagged"] = flags
         marks = ",".join("?" * len(SUMMARY_META))
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             f"SELECT account, key, value FROM meta WHERE {scope}key IN ({marks})", (*params, *SUMMARY_META)
         )
         return {**out, **summary_meta(rows, self.account)}
@@ -711,22 +686,22 @@ class StateDB:
     async def summaries(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """``summary()`` of the whole database and of each account, in five queries whatever
         the number of accounts (the supervisor asks every two seconds)."""
-        counts = await self.db.execute_fetchall(
+        counts = await self._fetchall(
             "SELECT account, state, count(*) FROM recordings INDEXED BY recordings_state GROUP BY account, state")
-        oldest = await self.db.execute_fetchall(  # SQLite: the bare id is the min() row's
+        oldest = await self._fetchall(  # SQLite: the bare id is the min() row's
             "SELECT account, id, min(tm_create) FROM recordings INDEXED BY recordings_waiting_created"
             " WHERE state IN ('discovered', 'pending', 'downloading') GROUP BY account")
-        flags = await self.db.execute_fetchall(
+        flags = await self._fetchall(
             "SELECT account, flag, count(*) FROM recordings INDEXED BY recordings_flagged"
             " WHERE flag IS NOT NULL GROUP BY account, flag")
-        meta = await self.db.execute_fetchall(
+        meta = await self._fetchall(
             f"SELECT account, key, value FROM meta WHERE key IN ({','.join('?' * len(SUMMARY_META))})", SUMMARY_META)
         return assemble_summaries(counts, oldest, flags, meta, await self._last_error())
 
     async def _last_error(self) -> dict[str, Any] | None:
         """The latest error of a recording still failed or waiting (this view's, or anyone's)."""
         scope, params = self._scope()
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             "SELECT id, state, last_error, updated_at, account FROM recordings INDEXED BY recordings_errors"
             f" WHERE {scope}last_error IS NOT NULL AND state IN ('failed', 'pending', 'discovered')"
             " ORDER BY updated_at DESC LIMIT 1", params
@@ -737,21 +712,21 @@ class StateDB:
     async def flagged(self, limit: int = 5) -> list[dict[str, Any]]:
         """The latest recordings kept imperfect or without audio, with why (``status``)."""
         scope, params = self._scope()
-        rows = await self.db.execute_fetchall(
+        rows = await self._fetchall(
             f"SELECT id, state, flag, flag_reason, account FROM recordings WHERE {scope}flag_reason IS NOT NULL"
             " ORDER BY updated_at DESC LIMIT ?",
             (*params, limit),
         )
         return [dict(r) for r in rows]
 
-    async def archived(self, batch: int = 1000) -> Any:
+    async def archived(self, batch: int = 1000) -> AsyncIterator[dict[str, Any]]:
         """Yield rows with files in the archive (``archived``, ``no_audio``) in batches
         (``verify``); never the whole table in memory."""
         scope, params = self._scope()
         last = ("", "")
         while True:
-            rows = await self.db.execute_fetchall(
-                f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}state IN ({_STORED_SQL})"
+            rows = await self._fetchall(
+                f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}state IN ({STORED_SQL})"
                 " AND (account, id) > (?, ?) ORDER BY account, id LIMIT ?",
                 (*params, *last, batch),
             )
@@ -760,96 +735,6 @@ class StateDB:
             for r in rows:
                 yield dict(r)
             last = (rows[-1]["account"], rows[-1]["id"])
-
-
-SUMMARY_META = ("last_cycle", "api_refused", "accesskey_expires")  # the meta keys ``summary`` reports
-
-
-def summary_meta(rows: Any, account: str | None) -> dict[str, Any]:
-    """``summary``'s part from meta (rows of account, key, value for ``SUMMARY_META``): the
-    oldest last cycle; each account's refusal and key expiry, and for one account (a view, or
-    a database of one) its own, as before v5, else the first refusal and the first expiry."""
-    meta: dict[str, dict[str, str]] = {}
-    for acct, key, value in rows:
-        meta.setdefault(str(acct), {})[str(key)] = value
-    cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
-    refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
-    expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
-    one = account or (next(iter(meta)) if len(meta) == 1 else None)
-    return {
-        "last_cycle": str(min(cycles)) if cycles else None,  # the account longest without one
-        "api_refused": refused.get(one) if one is not None else next(iter(refused.values()), None),
-        "accesskey_expires": expires.get(one) if one is not None else min(expires.values(), default=None),
-        "api_refused_by_account": refused,
-        "accesskey_expires_by_account": expires,
-    }
-
-
-def empty_summary() -> dict[str, Any]:
-    """The counts part of a summary for an account with nothing in the state (yet)."""
-    return {**dict.fromkeys(STATES, 0), "oldest_pending": None, "last_error": None,
-            "archived_flagged": dict.fromkeys(FLAGS, 0), "accesskey_expires": None}
-
-
-def assemble_summaries(
-    counts: Any, oldest: Any, flags: Any, meta: Any, last_error: dict[str, Any] | None
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """``summaries()`` from rows of (account, state, n), (account, id, tm_create) of each
-    account's oldest waiting recording, (account, flag, n) and meta (account, key, value)."""
-    by_account: dict[str, dict[str, Any]] = {}
-
-    def one(account: str) -> dict[str, Any]:
-        return by_account.setdefault(account, empty_summary())
-
-    for account, state, n in counts:
-        one(str(account))[str(state)] = n
-    for account, rec_id, tm_create in oldest:
-        one(str(account))["oldest_pending"] = {"id": rec_id, "tm_create": tm_create, "account": account}
-    for account, flag, n in flags:
-        one(str(account))["archived_flagged"][str(flag)] = n
-    meta_rows: dict[str, list[Any]] = {}
-    for row in meta:
-        meta_rows.setdefault(str(row[0]), []).append(tuple(row))
-        one(str(row[0]))
-    for account, summary in by_account.items():
-        summary["total"] = sum(summary[s] for s in STATES)
-        summary.update(summary_meta(meta_rows.get(account, []), account))
-    waiting = [s["oldest_pending"] for s in by_account.values() if s["oldest_pending"]]
-    total: dict[str, Any] = {state: sum(s[state] for s in by_account.values()) for state in STATES}
-    total["total"] = sum(total[s] for s in STATES)
-    total["oldest_pending"] = min(waiting, key=lambda o: o["tm_create"] or 0.0) if waiting else None
-    total["last_error"] = last_error
-    total["archived_flagged"] = {f: sum(s["archived_flagged"][f] for s in by_account.values()) for f in FLAGS}
-    total.update(summary_meta([tuple(r) for r in meta], None))
-    return total, by_account
-
-
-def counts_by_account(rows: Any) -> dict[str, dict[str, int]]:
-    """Counts per state for each account, from rows of (account, state, count)."""
-    out: dict[str, dict[str, int]] = {}
-    for account, state, n in rows:
-        out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
-    return out
-
-
-async def open_state(cfg: StateConfig, *, readonly: bool = False) -> Any:
-    """The state the config names: SQLite at ``database``, or PostgreSQL at ``url`` (``pgstate``),
-    which several daemons share. Both offer the same methods."""
-    if cfg.url:
-        from .pgstate import PgState
-
-        return await PgState.open(cfg, readonly=readonly)
-    return await StateDB.open(cfg.database, readonly=readonly)
-
-
-def unusable_message(path: Path, exc: BaseException | str) -> str:
-    """What is wrong with the state database and what the operator can do about it."""
-    return (
-        f"state database {path} cannot be used ({exc}). Restore it from a backup, or move it aside "
-        f"(mv {path} {path}.broken) and run `backfill`: the state is rebuilt from the archive's files "
-        "and sidecars without downloading them again. A read-only file or filesystem: make it writable. "
-        "A disk that reports I/O errors (see dmesg): fix or replace it first."
-    )
 
 
 def _lock(path: Path) -> int:
@@ -864,3 +749,43 @@ def _lock(path: Path) -> int:
             f"state database {path} is in use by another voipbin-archiver process (lock {lock_path})"
         ) from None
     return fd
+
+
+def audit_path(database: Path) -> Path:
+    """The append-only audit trail of deletions, beside the SQLite database."""
+    return database.with_name("deletions.jsonl")
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    """Append to the audit file and fsync it (and, when it is new, its directory)."""
+    new = not path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            data = ("\n".join(lines) + "\n").encode()
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot write the deletion audit trail {path}: {exc.strerror}") from None
+    if new:
+        fsync_path(path.parent)
+
+
+def _audited_ids(path: Path, wanted: set[str]) -> set[str]:
+    """Which of ``wanted`` already have an audit line (read once, after a crash)."""
+    found: set[str] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec_id = json.loads(line).get("recording_id")
+                except (ValueError, AttributeError):
+                    continue  # a torn last line from a crash mid-append
+                if rec_id in wanted:
+                    found.add(rec_id)
+    except FileNotFoundError:
+        pass
+    return found

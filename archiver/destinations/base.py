@@ -1,0 +1,53 @@
+"""The interface every destination implements (``Destination``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..state.base import Row
+from ..store import Archived, Staged, StoreJob
+
+
+class Destination:
+    """The interface; ``async with`` it around its use (``open`` checks what must hold at start)."""
+
+    kind = ""
+
+    async def open(self) -> None:
+        """Start-up checks; raise ``ConfigError`` (exit 2) for what the operator must fix."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def __aenter__(self) -> Destination:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def location(self) -> str:
+        """Where the archive is, for logs and the audit trail (never a credential)."""
+        raise NotImplementedError
+
+    def staging_directory(self, row: Row) -> Path:
+        """The local directory for ``row``'s temporary files."""
+        raise NotImplementedError
+
+    async def adopt(self, row: Row, staging: Path) -> Archived | None:
+        """A verified copy an interrupted run (or a lost database) left in the archive, or None."""
+        raise NotImplementedError
+
+    async def commit(self, job: StoreJob, result: Archived | Staged) -> Archived:
+        """Make the store helper's verified result durable in the archive; the recording is
+        recorded ``archived`` only once this returns."""
+        raise NotImplementedError
+
+    async def check(self, row: dict[str, Any], deep: bool = False) -> list[str]:
+        """Problems with one archived recording's copy (empty: all good)."""
+        raise NotImplementedError
+
+    async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
+        """The server's copy of ``row`` was deleted: note it beside the archive copy."""
+        raise NotImplementedError

@@ -1,0 +1,140 @@
+"""The state: every step of every recording, recorded so a crash, ``kill -9`` or reboot loses
+nothing. One interface, ``State``, two backends behind it:
+
+* ``sqlite.StateDB``: one file beside the archive, one daemon per file (the embedded default);
+* ``postgres.PgState``: one database shared by several daemons (``[state] url``), with leases,
+  ``SKIP LOCKED`` claims, one walker and one pruner per account and a pace shared by all.
+
+Callers (the engine, retention, the service, ``verify``, the CLI) see only ``State`` and the
+shared types in ``base``; a difference between the backends (the deletion audit trail in a file
+or in the database, a pace in this process or in the database, temporary names marked per
+process or not) lives behind a method of the interface, never in a branch of a caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import StateConfig
+from ..model import Recording
+from ..ratelimit import Grant
+from .base import (
+    FLAGS,
+    STATES,
+    STORED,
+    WAITING,
+    Row,
+    empty_summary,
+    unusable_message,
+    waiting_count,
+)
+from .postgres import PgState
+from .sqlite import StateDB
+
+__all__ = [
+    "FLAGS",
+    "STATES",
+    "STORED",
+    "WAITING",
+    "PgState",
+    "Row",
+    "State",
+    "StateDB",
+    "empty_summary",
+    "open_state",
+    "unusable_message",
+    "waiting_count",
+]
+
+
+class State(Protocol):
+    """What the engine, retention, the service, ``verify`` and the CLI call on a state.
+
+    A state opened by ``open_state`` reports over every account; ``for_account(name)`` is the
+    view one account's engine works through (every row it reads or writes is that account's)."""
+
+    account: str | None  # the view's account; None for the database as opened
+    path: Path  # the SQLite file, or where S3 staging lives beside a PostgreSQL state
+    lease: float  # seconds a claim lasts without renewal (``renew``); 0: claims never expire
+
+    def for_account(self, account: str) -> State: ...
+
+    @property
+    def writer_tag(self) -> str:
+        """A mark for this process's temporary names when other daemons write the same archive
+        (a shared state), so that one never removes another's; "" for a single writer."""
+        ...
+
+    def pace(self, rate: float, burst: int) -> Grant | None:
+        """Where the account's request budget is drawn: a grant shared by every daemon on this
+        state, or None when this process's own token bucket is the pace."""
+        ...
+
+    def lock_fds(self) -> tuple[int, ...]:
+        """File descriptors a child process must keep closed (the single-writer lock)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # the walk
+    def walk_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...
+    async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]: ...
+    async def walk_checkpoint(self, walk: str) -> str | None: ...
+    async def end_walk(self, walk: str) -> None: ...
+
+    # meta
+    async def get_meta(self, key: str) -> str | None: ...
+    async def set_meta(self, key: str, value: str) -> None: ...
+    async def delete_meta(self, key: str) -> None: ...
+
+    # the feeder and the workers
+    async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]: ...
+    async def next_due_time(self) -> float | None: ...
+    async def claim(self, ids: list[str]) -> None: ...
+    async def renew(self, ids: set[str]) -> None: ...
+    async def update(self, rec_id: str, **fields: Any) -> None: ...
+    async def mark_archived(
+        self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
+        state: str = "archived", flag: str = "", flag_reason: str = "",
+    ) -> None: ...
+    async def release_downloading(self, in_flight: set[str]) -> int: ...
+    async def recover(self) -> list[Row]: ...
+    async def retry_failed(self) -> int: ...
+
+    # deleting the server's copy (retention.py)
+    def prune_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...
+    async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]: ...
+    async def deletable_totals(self, before: float, include_flagged: bool) -> tuple[int, int]: ...
+    async def delete_intents(self) -> list[str]: ...
+    async def server_deleted(self, ids: list[str]) -> list[tuple[str, float | None]]: ...
+
+    async def audited(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` already have a line in the deletion audit trail (after a crash
+        between the line and the commit)."""
+        ...
+
+    async def mark_server_deleted(self, rows: list[tuple[float, str, str]], audit: list[str]) -> None:
+        """Commit (deleted_at, request id, recording id) of each, after appending its audit line
+        (JSON) to the trail durably: a file beside SQLite, a table in PostgreSQL."""
+        ...
+
+    async def deletion_summary(self, before: float, include_flagged: bool) -> dict[str, Any]: ...
+
+    # reports (status, metrics, verify)
+    async def counts(self) -> dict[str, int]: ...
+    async def counts_by_account(self) -> dict[str, dict[str, int]]: ...
+    async def summary(self) -> dict[str, Any]: ...
+    async def summaries(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]: ...
+    async def flagged(self, limit: int = 5) -> list[dict[str, Any]]: ...
+    def archived(self, batch: int = 1000) -> AsyncIterator[dict[str, Any]]: ...
+
+
+async def open_state(cfg: StateConfig, *, readonly: bool = False) -> State:
+    """The state the config names: SQLite at ``database``, or PostgreSQL at ``url``, which
+    several daemons share."""
+    if cfg.url:
+        return await PgState.open(cfg, readonly=readonly)
+    return await StateDB.open(cfg.database, readonly=readonly)

@@ -1,0 +1,139 @@
+"""What both state backends share: the recording states, the row the engine works on, and the
+summary assembled from either database's rows. Nothing here talks to a database."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import DEFAULT_ACCOUNT
+from ..model import Recording
+
+STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
+FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
+STORED = ("archived", "no_audio")  # states with files in the archive (``verify``)
+STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
+WAITING = ("discovered", "pending", "downloading")  # not archived, failed or skipped yet
+
+
+def waiting_count(counts: dict[str, int]) -> int:
+    """Recordings still to be archived, from counts per state."""
+    return sum(counts[s] for s in WAITING)
+
+
+DELETABLE_COLUMNS = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
+
+
+@dataclass(frozen=True)
+class Row:
+    """A recording as the worker pool needs it."""
+
+    id: str
+    state: str
+    raw: dict[str, Any]
+    attempts: int
+    polls: int
+    tm_create: float | None
+    tm_end: float | None
+    account: str = DEFAULT_ACCOUNT
+
+
+ROW_COLUMNS = "id, state, raw, attempts, polls, tm_create, tm_end, account"  # what row_from() reads
+
+
+def row_from(r: Any) -> Row:
+    """A ``Row`` from a result row selected with ``ROW_COLUMNS``."""
+    return Row(r["id"], r["state"], json.loads(r["raw"]), r["attempts"], r["polls"], r["tm_create"], r["tm_end"],
+               r["account"])
+
+
+def epoch(ts: Any) -> float | None:
+    return ts.timestamp() if ts is not None else None
+
+
+def initial_state(rec: Recording) -> tuple[str, str | None]:
+    if rec.deleted:
+        return "skipped", "deleted (tm_delete is set)"
+    return ("pending" if rec.ended else "discovered"), None
+
+
+SUMMARY_META = ("last_cycle", "api_refused", "accesskey_expires")  # the meta keys ``summary`` reports
+
+
+def summary_meta(rows: Any, account: str | None) -> dict[str, Any]:
+    """``summary``'s part from meta (rows of account, key, value for ``SUMMARY_META``): the
+    oldest last cycle; each account's refusal and key expiry, and for one account (a view, or
+    a database of one) its own, as before v5, else the first refusal and the first expiry."""
+    meta: dict[str, dict[str, str]] = {}
+    for acct, key, value in rows:
+        meta.setdefault(str(acct), {})[str(key)] = value
+    cycles = [float(m["last_cycle"]) for m in meta.values() if "last_cycle" in m]
+    refused = {a: json.loads(m["api_refused"]) for a, m in meta.items() if "api_refused" in m}
+    expires = {a: float(m["accesskey_expires"]) for a, m in meta.items() if "accesskey_expires" in m}
+    one = account or (next(iter(meta)) if len(meta) == 1 else None)
+    return {
+        "last_cycle": str(min(cycles)) if cycles else None,  # the account longest without one
+        "api_refused": refused.get(one) if one is not None else next(iter(refused.values()), None),
+        "accesskey_expires": expires.get(one) if one is not None else min(expires.values(), default=None),
+        "api_refused_by_account": refused,
+        "accesskey_expires_by_account": expires,
+    }
+
+
+def empty_summary() -> dict[str, Any]:
+    """The counts part of a summary for an account with nothing in the state (yet)."""
+    return {**dict.fromkeys(STATES, 0), "oldest_pending": None, "last_error": None,
+            "archived_flagged": dict.fromkeys(FLAGS, 0), "accesskey_expires": None}
+
+
+def assemble_summaries(
+    counts: Any, oldest: Any, flags: Any, meta: Any, last_error: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``summaries()`` from rows of (account, state, n), (account, id, tm_create) of each
+    account's oldest waiting recording, (account, flag, n) and meta (account, key, value)."""
+    by_account: dict[str, dict[str, Any]] = {}
+
+    def one(account: str) -> dict[str, Any]:
+        return by_account.setdefault(account, empty_summary())
+
+    for account, state, n in counts:
+        one(str(account))[str(state)] = n
+    for account, rec_id, tm_create in oldest:
+        one(str(account))["oldest_pending"] = {"id": rec_id, "tm_create": tm_create, "account": account}
+    for account, flag, n in flags:
+        one(str(account))["archived_flagged"][str(flag)] = n
+    meta_rows: dict[str, list[Any]] = {}
+    for row in meta:
+        meta_rows.setdefault(str(row[0]), []).append(tuple(row))
+        one(str(row[0]))
+    for account, summary in by_account.items():
+        summary["total"] = sum(summary[s] for s in STATES)
+        summary.update(summary_meta(meta_rows.get(account, []), account))
+    waiting = [s["oldest_pending"] for s in by_account.values() if s["oldest_pending"]]
+    total: dict[str, Any] = {state: sum(s[state] for s in by_account.values()) for state in STATES}
+    total["total"] = sum(total[s] for s in STATES)
+    total["oldest_pending"] = min(waiting, key=lambda o: o["tm_create"] or 0.0) if waiting else None
+    total["last_error"] = last_error
+    total["archived_flagged"] = {f: sum(s["archived_flagged"][f] for s in by_account.values()) for f in FLAGS}
+    total.update(summary_meta([tuple(r) for r in meta], None))
+    return total, by_account
+
+
+def counts_by_account(rows: Any) -> dict[str, dict[str, int]]:
+    """Counts per state for each account, from rows of (account, state, count)."""
+    out: dict[str, dict[str, int]] = {}
+    for account, state, n in rows:
+        out.setdefault(str(account), dict.fromkeys(STATES, 0))[str(state)] = n
+    return out
+
+
+def unusable_message(path: Path, exc: BaseException | str) -> str:
+    """What is wrong with the state database and what the operator can do about it."""
+    return (
+        f"state database {path} cannot be used ({exc}). Restore it from a backup, or move it aside "
+        f"(mv {path} {path}.broken) and run `backfill`: the state is rebuilt from the archive's files "
+        "and sidecars without downloading them again. A read-only file or filesystem: make it writable. "
+        "A disk that reports I/O errors (see dmesg): fix or replace it first."
+    )
