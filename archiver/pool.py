@@ -273,8 +273,12 @@ class Engine:
         """Stop taking work; let in-flight downloads finish briefly, then abandon them cleanly."""
         self.stop.set()
         feeder.cancel()
-        if self._pruning is not None:
-            self._pruning.cancel()  # an interrupted deletion keeps its intent: finished next time
+        if self._pruning is not None and not self._pruning.done():
+            # the pruner stops between deletions once stop is set, and records what it deleted
+            # before it returns; one still waiting past the grace is cancelled (an interrupted
+            # deletion keeps its intent and is finished on the next start)
+            await asyncio.wait({self._pruning}, timeout=SHUTDOWN_GRACE)
+            self._pruning.cancel()
         await asyncio.gather(feeder, *([self._pruning] if self._pruning else []), return_exceptions=True)
         while not self.queue.empty():  # not started: back to the database as they were
             row = self.queue.get_nowait()

@@ -94,3 +94,21 @@ def test_both_backends_implement_the_one_state_interface_with_the_same_signature
             assert list(got.parameters) == list(wanted.parameters), f"{backend.__name__}.{name}{got} vs {wanted}"
             for param in wanted.parameters.values():
                 assert got.parameters[param.name].default == param.default, f"{backend.__name__}.{name}"
+
+
+README = ROOT.parent / "README.md"
+INSTALL_AND_RUN = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/voipbin-archiver demo"
+INSTALL_AND_TEST = (
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/ruff check . && .venv/bin/pytest"
+)
+
+
+def test_the_readme_is_a_front_door_whose_links_all_lead_somewhere():
+    import re
+
+    text = README.read_text()
+    assert len(text) <= 20_000, f"README.md is {len(text)} characters: the details belong in docs/"
+    assert INSTALL_AND_RUN in text and INSTALL_AND_TEST in text, "the README's two commands"
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not target.startswith(("http://", "https://")):
+            assert (README.parent / target).exists(), f"README.md links to {target}, which does not exist"
