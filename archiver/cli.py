@@ -20,10 +20,10 @@ import structlog
 
 from . import __version__
 from .config import Config, build_config, default_config_path, load_config
+from .engine import RunResult
 from .errors import AuthRefused, ConfigError, LocalStorageError, StateLocked, StateUnusable
 from .expiry import expiry_warning
 from .logs import configure_logging, redact
-from .pool import RunResult
 from .service import mark_for_repair, prune, run_engine, status, verify
 from .state import FLAGS, STATES, unusable_message, waiting_count
 from .store import write_file_atomic

@@ -17,13 +17,13 @@ import structlog
 from .client import ApiClient
 from .config import ApiConfig, Config
 from .destinations import open_destination
+from .engine import Engine, RunResult
 from .errors import LocalStorageError
 from .expiry import expiry_warning, watch_accesskey
 from .layout import set_temp_tag
 from .logs import redact
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
-from .pool import Engine, RunResult
 from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
 from .state import STATES, State, empty_summary, open_state, waiting_count

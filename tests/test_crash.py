@@ -9,7 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from archiver.pool import SHUTDOWN_GRACE
+from archiver.engine import SHUTDOWN_GRACE
 from tests.checks import assert_archive_complete
 from tests.conftest import cli_command, cli_env, run_cli, wait_until, write_config
 
