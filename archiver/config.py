@@ -1,12 +1,23 @@
 """Load and validate the TOML configuration.
 
-Every key has a documented default (see ``config.example.toml``); every error names the key.
+The schema is declared once, here: each key is a dataclass field made with ``setting()``, which
+holds its default, its bounds and its allowed values; the reader takes the key's type from the
+field's annotation, so the types, the defaults and the error messages all come from that one
+place (``config.example.toml`` shows every key with the same default: ``tests/test_config.py``
+fails when the two disagree). Rules between keys (one credential kind, a lock mode with its
+retention, ...) are code below the schema. Every error names the key and the file.
 Relative paths resolve against the directory of the config file.
+
+Why dataclasses and not pydantic or msgspec: the per-key part is small (a type, a default, a
+range or a set of values), the rules between keys are most of the work and are plain code
+either way, and the embedded default must need nothing but Python and the daemon's own
+libraries.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import math
 import os
@@ -14,8 +25,9 @@ import re
 import stat
 import string
 import tomllib
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -25,30 +37,51 @@ from .errors import ConfigError
 DEFAULT_BASE_URL = "https://api.voipbin.net/v1.0"
 DEFAULT_LAYOUT = "{year}/{month}/{day}/{id}.{ext}"
 DEFAULT_ACCOUNT = "default"  # the one account of a config without [[accounts]] (and of state before v5)
+LOCK_MODES = ("", "GOVERNANCE", "COMPLIANCE")
 STAGING_DIRECTORY = "s3-staging"  # [archive.s3] staging_directory: this, beside the state database
 LAYOUT_FIELDS = {"year", "month", "day", "hour", "id", "ext", "reference_type", "account"}
 ACCOUNT_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 
+def setting(
+    default: Any, *, minimum: float | None = None, maximum: float | None = None, choices: tuple[str, ...] = (),
+    derived: str = "", secret: bool = False, show: bool = True,
+) -> Any:
+    """A configuration key: its default and what it accepts, stated once. ``derived``: when the
+    key is absent, the value comes from another (it says which) instead of ``default``;
+    ``secret``: also read from ``<key>_file`` and never shown (``repr``)."""
+    return field(default=default, repr=show and not secret, metadata={
+        "key": True, "minimum": minimum, "maximum": maximum, "choices": choices, "derived": derived,
+        "secret": secret,
+    })
+
+
+def config_keys(cls: type) -> list[Field[Any]]:
+    """The fields of a config section that are keys of the file (not computed ones)."""
+    return [f for f in fields(cls) if f.metadata.get("key")]
+
+
 @dataclass(frozen=True)
 class ApiConfig:
-    base_url: str = DEFAULT_BASE_URL
-    accesskey: str = ""
-    token: str = ""
-    username: str = ""
-    password: str = ""
-    login_url: str = ""
-    page_size: int = 100
+    base_url: str = setting(DEFAULT_BASE_URL)
+    accesskey: str = setting("", secret=True)
+    token: str = setting("", secret=True)
+    username: str = setting("")
+    password: str = setting("", secret=True)
+    login_url: str = setting("", derived="<scheme://host of base_url>/auth/login")
+    page_size: int = setting(100, minimum=1, maximum=100)
     # about half the customer's 16.7/s: the budget is shared with the customer's other integrations
-    requests_per_second: float = 8.0
-    burst: int = 8
-    timeout: float = 60.0
-    recordingfiles_timeout: float = 330.0  # the server builds the ZIP while we wait, up to its own 300 s
-    min_transfer_rate: float = 1024.0  # bytes/s a storage transfer must keep up over transfer_rate_window
-    transfer_rate_window: float = 30.0
-    max_retries: int = 5
-    retry_base: float = 0.5
-    retry_max: float = 30.0
+    requests_per_second: float = setting(8.0, minimum=0)
+    burst: int = setting(8, minimum=1, derived="requests_per_second")
+    timeout: float = setting(60.0, minimum=0.1)
+    # the server builds the ZIP while we wait, up to its own 300 s
+    recordingfiles_timeout: float = setting(330.0, minimum=0.1)
+    # bytes/s a storage transfer must keep up over transfer_rate_window
+    min_transfer_rate: float = setting(1024.0, minimum=0)
+    transfer_rate_window: float = setting(30.0, minimum=0.1)
+    max_retries: int = setting(5, minimum=0, maximum=50)
+    retry_base: float = setting(0.5, minimum=0)
+    retry_max: float = setting(30.0, minimum=0)
 
     @property
     def credential_kind(self) -> str:
@@ -72,48 +105,52 @@ class AccountConfig:
 
 @dataclass(frozen=True)
 class ArchiveConfig:
-    destination: str = "directory"  # or "s3"
-    s3: S3Config | None = None  # with destination = "s3"
-    directory: Path = Path("/var/lib/voipbin-archiver/recordings")
-    layout: str = DEFAULT_LAYOUT
-    unpack: bool = False
-    settle_window: float = 3600.0
-    max_members: int = 1000
-    max_member_bytes: int = 4 * 1024**3
-    max_total_bytes: int = 16 * 1024**3
-    max_ratio: float = 1000.0
+    destination: str = setting("directory", choices=("directory", "s3"))
+    s3: S3Config | None = None  # [archive.s3], with destination = "s3"
+    directory: Path = setting(Path("/var/lib/voipbin-archiver/recordings"))
+    layout: str = setting(DEFAULT_LAYOUT, derived="with several [[accounts]]: {account}/ + the default")
+    unpack: bool = setting(False)
+    settle_window: float = setting(3600.0, minimum=0)
+    max_members: int = setting(1000, minimum=1)
+    max_member_bytes: int = setting(4 * 1024**3, minimum=1)
+    max_total_bytes: int = setting(16 * 1024**3, minimum=1)
+    max_ratio: float = setting(1000.0, minimum=1)
     temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 
 @dataclass(frozen=True)
 class StateConfig:
-    database: Path = Path("/var/lib/voipbin-archiver/state.sqlite3")
-    url: str = field(default="", repr=False)  # postgresql://...: the shared state instead of SQLite
-    password: str = field(default="", repr=False)  # for url: password_file or env PGPASSWORD
+    database: Path = setting(Path("/var/lib/voipbin-archiver/state.sqlite3"))
+    url: str = setting("", show=False)  # postgresql://...: the shared state instead of SQLite
+    password: str = setting("", secret=True)  # for url: password_file or env PGPASSWORD
     # seconds a claimed recording stays ours without a heartbeat (url only); renewed every lease/3,
     # so a claim survives two missed renewals (a 30 s database stall) and a dead daemon's work
     # is taken over within 45 s plus one feeder round: under a minute
-    lease: float = 45.0
+    lease: float = setting(45.0, minimum=1)
 
 
 @dataclass(frozen=True)
 class S3Config:
     """``[archive.s3]``: the bucket a ``destination = "s3"`` archive goes to."""
 
-    endpoint: str = "https://s3.amazonaws.com"
-    region: str = "us-east-1"
-    bucket: str = ""
-    prefix: str = ""  # then the layout template
-    access_key_id: str = field(default="", repr=False)
-    secret_access_key: str = field(default="", repr=False)
-    object_lock_mode: str = ""  # "", "GOVERNANCE" or "COMPLIANCE"
-    retain_days: int = 0  # with a lock mode: retain-until = archive time + retain_days
-    legal_hold: bool = False
-    multipart_threshold: int = 64 * 1024**2  # bodies above this go multipart
-    part_size: int = 16 * 1024**2  # S3's minimum part is 5 MiB
-    retries: int = 5  # tries per request (ours: a PUT is HEAD-checked before a resend), then the bucket is down
-    timeout: float = 60.0
-    staging_directory: Path = StateConfig.database.parent / STAGING_DIRECTORY  # bodies over 1 MB in transit
+    endpoint: str = setting("https://s3.amazonaws.com")
+    region: str = setting("us-east-1")
+    bucket: str = setting("")  # required
+    prefix: str = setting("")  # then the layout template
+    access_key_id: str = setting("", secret=True)
+    secret_access_key: str = setting("", secret=True)
+    object_lock_mode: str = setting("", choices=LOCK_MODES)
+    retain_days: int = setting(0, minimum=0, maximum=36500)  # with a lock mode: retain until archive time + this
+    legal_hold: bool = setting(False)
+    # bodies above this go multipart (and it is at least part_size)
+    multipart_threshold: int = setting(64 * 1024**2, maximum=5 * 1024**3)
+    part_size: int = setting(16 * 1024**2, minimum=5 * 1024**2, maximum=5 * 1024**3)  # S3's minimum is 5 MiB
+    # tries per request (ours: a PUT is HEAD-checked before a resend), then the bucket is down
+    retries: int = setting(5, minimum=1, maximum=50)
+    timeout: float = setting(60.0, minimum=0.1)
+    # bodies over 1 MB in transit
+    staging_directory: Path = setting(StateConfig.database.parent / STAGING_DIRECTORY,
+                                      derived=f"{STAGING_DIRECTORY} beside [state] database")
 
     def secrets(self) -> list[str]:
         return [s for s in (self.access_key_id, self.secret_access_key) if s]
@@ -126,39 +163,41 @@ STORE_PROCESSES = {"directory": 2, "s3": 1}
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    concurrency: int = 8
-    store_processes: int = STORE_PROCESSES["directory"]
-    poll_interval: float = 60.0
-    pending_timeout: float = 86400.0
-    poll_backoff_min: float = 5.0
-    poll_backoff_max: float = 300.0
-    max_attempts: int = 10
-    retry_backoff_min: float = 10.0
-    retry_backoff_max: float = 3600.0
-    full_rewalk_interval: float = 86400.0
-    overlap: int = 10
-    trouble_pause: float = 60.0  # service: pause after a refused credential/account or an unwritable archive
+    concurrency: int = setting(8, minimum=1, maximum=256)
+    store_processes: int = setting(STORE_PROCESSES["directory"], minimum=1, maximum=32,
+                                   derived=f"by destination: {STORE_PROCESSES}")
+    poll_interval: float = setting(60.0, minimum=0.01)
+    pending_timeout: float = setting(86400.0, minimum=0)
+    poll_backoff_min: float = setting(5.0, minimum=0.01)
+    poll_backoff_max: float = setting(300.0, minimum=0.01)
+    max_attempts: int = setting(10, minimum=1)
+    retry_backoff_min: float = setting(10.0, minimum=0)
+    retry_backoff_max: float = setting(3600.0, minimum=0)
+    full_rewalk_interval: float = setting(86400.0, minimum=0)
+    overlap: int = setting(10, minimum=0)
+    # service: pause after a refused credential/account or an unwritable archive
+    trouble_pause: float = setting(60.0, minimum=0.1)
 
 
 @dataclass(frozen=True)
 class RetentionConfig:
-    delete_from_server: bool = False  # opt in: deleting the server's copy is irreversible
-    delete_after: float = 604800.0  # seconds after archiving (7 days); 0 = as soon as it is safe
-    delete_incomplete: bool = False  # also delete recordings archived flagged incomplete or damaged
-    store_warn_ratio: float = 0.8
-    store_capacity: int = 10 * 1024**3  # the server's cap per customer (10 GB)
+    delete_from_server: bool = setting(False)  # opt in: deleting the server's copy is irreversible
+    delete_after: float = setting(604800.0, minimum=0)  # seconds after archiving (7 days); 0 = once safe
+    delete_incomplete: bool = setting(False)  # also delete recordings archived flagged incomplete or damaged
+    store_warn_ratio: float = setting(0.8, minimum=0, maximum=1)
+    store_capacity: int = setting(10 * 1024**3, minimum=1)  # the server's cap per customer (10 GB)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = "info"
-    format: str = "auto"
-    progress_interval: float = 10.0  # backfill off a terminal: a "progress" event this often; 0 = off
+    level: str = setting("info", choices=("debug", "info", "warning", "error"))
+    format: str = setting("auto", choices=("auto", "json", "console"))
+    progress_interval: float = setting(10.0, minimum=0)  # backfill off a terminal: a "progress" event; 0 = off
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = ""  # "host:port" for /metrics and /healthz; empty = off
+    listen: str = setting("")  # "host:port" for /metrics and /healthz; empty = off
 
 
 @dataclass(frozen=True)
@@ -204,7 +243,10 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return build_config(data, base_dir=path.resolve().parent, env=env, path=path)
+    try:
+        return build_config(data, base_dir=path.resolve().parent, env=env, path=path)
+    except ConfigError as exc:  # every error names the file as well as the key
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def build_config(
@@ -225,7 +267,7 @@ def build_config(
     if len(set(names)) != len(names):
         raise ConfigError(f"[[accounts]] names must be unique, got {sorted(names)}")
     state = _build_state(reader, env, base_dir)
-    destination = reader.choice("archive", "destination", ArchiveConfig.destination, ("directory", "s3"))
+    destination = reader.key("archive", ArchiveConfig, "destination")
     s3 = _build_s3(reader, env, base_dir, state) if destination == "s3" else None
     if s3 is None and "archive.s3" in data:
         raise ConfigError('[archive.s3] is set but [archive] destination is not "s3"')
@@ -233,49 +275,20 @@ def build_config(
         raise ConfigError('[archive] directory is for destination = "directory"; with "s3", transfers are '
                           "staged in [archive.s3] staging_directory")
     archive = ArchiveConfig(
+        **reader.keys("archive", ArchiveConfig, skip=("destination", "directory", "layout")),
         destination=destination,
         s3=s3,
-        directory=s3.staging_directory if s3 else reader.path("archive", "directory", ArchiveConfig.directory),
-        layout=_check_layout(reader.text("archive", "layout", default_layout(len(accounts))), len(accounts)),
-        unpack=reader.flag("archive", "unpack", False),
-        settle_window=reader.number("archive", "settle_window", 3600.0, minimum=0),
-        max_members=reader.whole("archive", "max_members", 1000, minimum=1),
-        max_member_bytes=reader.whole("archive", "max_member_bytes", 4 * 1024**3, minimum=1),
-        max_total_bytes=reader.whole("archive", "max_total_bytes", 16 * 1024**3, minimum=1),
-        max_ratio=reader.number("archive", "max_ratio", 1000.0, minimum=1),
+        directory=s3.staging_directory if s3 else reader.key("archive", ArchiveConfig, "directory"),
+        layout=_check_layout(reader.key("archive", ArchiveConfig, "layout", default_layout(len(accounts))),
+                             len(accounts)),
     )
     if s3 is not None and archive.unpack:
         raise ConfigError('[archive] unpack = true is for destination = "directory" (in a bucket, the ZIP object '
                           "holds its members)")
-    workers = WorkersConfig(
-        concurrency=reader.whole("workers", "concurrency", 8, minimum=1, maximum=256),
-        store_processes=reader.whole("workers", "store_processes", STORE_PROCESSES[destination], minimum=1, maximum=32),
-        poll_interval=reader.number("workers", "poll_interval", 60.0, minimum=0.01),
-        pending_timeout=reader.number("workers", "pending_timeout", 86400.0, minimum=0),
-        poll_backoff_min=reader.number("workers", "poll_backoff_min", 5.0, minimum=0.01),
-        poll_backoff_max=reader.number("workers", "poll_backoff_max", 300.0, minimum=0.01),
-        max_attempts=reader.whole("workers", "max_attempts", 10, minimum=1),
-        retry_backoff_min=reader.number("workers", "retry_backoff_min", 10.0, minimum=0),
-        retry_backoff_max=reader.number("workers", "retry_backoff_max", 3600.0, minimum=0),
-        full_rewalk_interval=reader.number("workers", "full_rewalk_interval", 86400.0, minimum=0),
-        overlap=reader.whole("workers", "overlap", 10, minimum=0),
-        trouble_pause=reader.number("workers", "trouble_pause", WorkersConfig.trouble_pause, minimum=0.1),
-    )
-    retention = RetentionConfig(
-        delete_from_server=reader.flag("retention", "delete_from_server", RetentionConfig.delete_from_server),
-        delete_after=reader.number("retention", "delete_after", RetentionConfig.delete_after, minimum=0),
-        delete_incomplete=reader.flag("retention", "delete_incomplete", RetentionConfig.delete_incomplete),
-        store_warn_ratio=reader.number("retention", "store_warn_ratio", RetentionConfig.store_warn_ratio, minimum=0),
-        store_capacity=reader.whole("retention", "store_capacity", RetentionConfig.store_capacity, minimum=1),
-    )
-    if retention.store_warn_ratio > 1:
-        raise ConfigError(f"[retention] store_warn_ratio must be <= 1, got {retention.store_warn_ratio}")
-    logging_cfg = LoggingConfig(
-        level=reader.choice("logging", "level", "info", ("debug", "info", "warning", "error")),
-        format=reader.choice("logging", "format", "auto", ("auto", "json", "console")),
-        progress_interval=reader.number("logging", "progress_interval", 10.0, minimum=0),
-    )
-    metrics = MetricsConfig(listen=_check_listen(reader.text("metrics", "listen", "")))
+    workers = WorkersConfig(**reader.keys("workers", WorkersConfig, store_processes=STORE_PROCESSES[destination]))
+    retention = RetentionConfig(**reader.keys("retention", RetentionConfig))
+    logging_cfg = LoggingConfig(**reader.keys("logging", LoggingConfig))
+    metrics = MetricsConfig(listen=_check_listen(reader.key("metrics", MetricsConfig, "listen")))
     reader.reject_unknown()
     warnings = []
     if path is not None and _holds_secret(data) and _world_readable(path):
@@ -288,7 +301,7 @@ def build_config(
 
 
 def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path, need_credential: bool = True) -> ApiConfig:
-    base_url = reader.text("api", "base_url", DEFAULT_BASE_URL).rstrip("/")
+    base_url = reader.key("api", ApiConfig, "base_url").rstrip("/")
     parts = _check_url("api", "base_url", base_url)
     if need_credential:
         accesskey, token, username, password = _credential(reader, env, base_dir, "api")
@@ -299,31 +312,13 @@ def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path, need_creden
                               "move it into an [[accounts]] entry")
         accesskey = token = username = password = ""
 
-    login_url = reader.text("api", "login_url", "")
-    if not login_url:
-        login_url = f"{parts.scheme}://{parts.netloc}/auth/login"
-    rps = reader.number("api", "requests_per_second", ApiConfig.requests_per_second, minimum=0)
+    login_url = reader.key("api", ApiConfig, "login_url") or f"{parts.scheme}://{parts.netloc}/auth/login"
+    rps = reader.key("api", ApiConfig, "requests_per_second")
     return ApiConfig(
-        base_url=base_url,
-        accesskey=accesskey,
-        token=token,
-        username=username,
-        password=password,
-        login_url=login_url,
-        page_size=reader.whole("api", "page_size", 100, minimum=1, maximum=100),
-        requests_per_second=rps,
-        burst=reader.whole("api", "burst", max(1, int(rps)), minimum=1),
-        timeout=reader.number("api", "timeout", ApiConfig.timeout, minimum=0.1),
-        recordingfiles_timeout=reader.number(
-            "api", "recordingfiles_timeout", ApiConfig.recordingfiles_timeout, minimum=0.1
-        ),
-        min_transfer_rate=reader.number("api", "min_transfer_rate", ApiConfig.min_transfer_rate, minimum=0),
-        transfer_rate_window=reader.number(
-            "api", "transfer_rate_window", ApiConfig.transfer_rate_window, minimum=0.1
-        ),
-        max_retries=reader.whole("api", "max_retries", 5, minimum=0, maximum=50),
-        retry_base=reader.number("api", "retry_base", 0.5, minimum=0),
-        retry_max=reader.number("api", "retry_max", 30.0, minimum=0),
+        **reader.keys("api", ApiConfig, skip=("base_url", "username", "login_url", "requests_per_second"),
+                      burst=max(1, int(rps))),
+        base_url=base_url, accesskey=accesskey, token=token, username=username, password=password,
+        login_url=login_url, requests_per_second=rps,
     )
 
 
@@ -385,9 +380,9 @@ def _build_account(reader: _Reader, base_dir: Path, api: ApiConfig, section: str
     reader.data[section_label] = reader.data.pop(section)  # errors from here on name the account
     reader.used |= {(section_label, k) for s, k in reader.used if s == section}
     accesskey, token, username, password = _credential(reader, {}, base_dir, section_label)
-    rps = reader.number(section_label, "requests_per_second", api.requests_per_second, minimum=0)
-    burst = reader.whole(section_label, "burst", max(1, int(rps)) if rps != api.requests_per_second else api.burst,
-                         minimum=1)
+    rps = reader.key(section_label, ApiConfig, "requests_per_second", api.requests_per_second)
+    burst = reader.key(section_label, ApiConfig, "burst",
+                       max(1, int(rps)) if rps != api.requests_per_second else api.burst)
     return AccountConfig(name, replace(
         api, accesskey=accesskey, token=token, username=username, password=password,
         requests_per_second=rps, burst=burst,
@@ -423,9 +418,9 @@ def _lift_subtable(data: dict[str, Any], section: str, sub: str) -> dict[str, An
 
 
 def _build_state(reader: _Reader, env: dict[str, str], base_dir: Path) -> StateConfig:
-    database = reader.path("state", "database", StateConfig.database)
-    url = reader.text("state", "url", "")
-    lease = reader.number("state", "lease", StateConfig.lease, minimum=1)
+    database = reader.key("state", StateConfig, "database")
+    url = reader.key("state", StateConfig, "url")
+    lease = reader.key("state", StateConfig, "lease")
     password = _secret(reader, env, "password", "PGPASSWORD", base_dir, "state")
     if not url:
         if {"password", "password_file", "lease"} & set(reader.data.get("state", {})):
@@ -439,53 +434,34 @@ def _build_state(reader: _Reader, env: dict[str, str], base_dir: Path) -> StateC
     return StateConfig(database=database, url=url, password=password, lease=lease)
 
 
-LOCK_MODES = ("", "GOVERNANCE", "COMPLIANCE")
-
 
 def _build_s3(reader: _Reader, env: dict[str, str], base_dir: Path, state: StateConfig) -> S3Config:
     sec = "archive.s3"
-    endpoint = reader.text(sec, "endpoint", S3Config.endpoint).rstrip("/")
+    values = reader.keys(sec, S3Config, staging_directory=state.database.parent / STAGING_DIRECTORY)
+    endpoint = values["endpoint"] = values["endpoint"].rstrip("/")
     if _check_url(sec, "endpoint", endpoint).path not in ("", "/"):
         raise ConfigError(f"[{sec}] endpoint must be an https:// URL without a path, got {endpoint!r}")
-    bucket = reader.text(sec, "bucket", "")
-    if not bucket:
+    if not values["bucket"]:
         raise ConfigError(f"[{sec}] bucket must be set")
-    prefix = reader.text(sec, "prefix", "")
+    prefix = values["prefix"]
     if prefix.startswith("/") or "\\" in prefix or any(p in (".", "..") for p in prefix.split("/")):
         raise ConfigError(f"[{sec}] prefix must be relative, without '.', '..' or '\\', got {prefix!r}")
     if prefix and not prefix.endswith("/"):
-        prefix += "/"
+        values["prefix"] = prefix + "/"
     key_id = _secret(reader, env, "access_key_id", "AWS_ACCESS_KEY_ID", base_dir, sec)
     secret = _secret(reader, env, "secret_access_key", "AWS_SECRET_ACCESS_KEY", base_dir, sec)
     if not key_id or not secret:
         raise ConfigError(f"[{sec}] access_key_id and secret_access_key must be set (or their _file, or env "
                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
-    mode = reader.text(sec, "object_lock_mode", "").upper()
-    if mode not in LOCK_MODES:
-        raise ConfigError(f'[{sec}] object_lock_mode must be "", "GOVERNANCE" or "COMPLIANCE", got {mode!r}')
-    retain_days = reader.whole(sec, "retain_days", 0, minimum=0, maximum=36500)
+    mode, retain_days = values["object_lock_mode"], values["retain_days"]
     if mode and not retain_days:
         raise ConfigError(f"[{sec}] retain_days must be > 0 with object_lock_mode = {mode!r}")
     if retain_days and not mode:
         raise ConfigError(f'[{sec}] retain_days needs object_lock_mode ("GOVERNANCE" or "COMPLIANCE")')
-    part_size = reader.whole(sec, "part_size", S3Config.part_size, minimum=5 * 1024**2, maximum=5 * 1024**3)
-    return S3Config(
-        endpoint=endpoint,
-        region=reader.text(sec, "region", S3Config.region),
-        bucket=bucket,
-        prefix=prefix,
-        access_key_id=key_id,
-        secret_access_key=secret,
-        object_lock_mode=mode,
-        retain_days=retain_days,
-        legal_hold=reader.flag(sec, "legal_hold", S3Config.legal_hold),
-        multipart_threshold=reader.whole(sec, "multipart_threshold", S3Config.multipart_threshold,
-                                         minimum=part_size, maximum=5 * 1024**3),
-        part_size=part_size,
-        retries=reader.whole(sec, "retries", S3Config.retries, minimum=1, maximum=50),
-        timeout=reader.number(sec, "timeout", S3Config.timeout, minimum=0.1),
-        staging_directory=reader.path(sec, "staging_directory", state.database.parent / STAGING_DIRECTORY),
-    )
+    if values["multipart_threshold"] < values["part_size"]:
+        raise ConfigError(f"[{sec}] multipart_threshold must be >= part_size ({values['part_size']}), "
+                          f"got {values['multipart_threshold']}")
+    return S3Config(**values, access_key_id=key_id, secret_access_key=secret)
 
 
 def _secret(
@@ -588,11 +564,13 @@ class _Reader:
     def flag(self, section: str, key: str, default: bool) -> bool:
         return bool(self._get(section, key, default, lambda v: isinstance(v, bool), "true or false"))
 
-    def number(self, section: str, key: str, default: float, minimum: float | None = None) -> float:
+    def number(
+        self, section: str, key: str, default: float, minimum: float | None = None, maximum: float | None = None
+    ) -> float:
         value = self._get(section, key, default, _is_number, "a number")
         if not math.isfinite(value):
             raise ConfigError(f"[{section}] {key} must be a finite number, got {value}")
-        self._within(section, key, value, minimum, None)
+        self._within(section, key, value, minimum, maximum)
         return float(value)
 
     def whole(
@@ -603,10 +581,39 @@ class _Reader:
         return value
 
     def choice(self, section: str, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(section, key, default).lower()
-        if value not in choices:
-            raise ConfigError(f"[{section}] {key} must be one of {', '.join(choices)}, got {value!r}")
-        return value
+        """One of ``choices``, in any case (and then spelt as the choice is)."""
+        value = self.text(section, key, default)
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        shown = ", ".join(c or '""' for c in choices)
+        raise ConfigError(f"[{section}] {key} must be one of {shown}, got {value!r}")
+
+    def key(self, section: str, cls: type, name: str, default: Any = MISSING) -> Any:
+        """Schema key ``name`` of ``cls`` (a ``setting()`` field) read from [section] and checked as
+        its field says; ``default`` stands in for the field's own (a derived default)."""
+        spec = {f.name: f for f in config_keys(cls)}[name]
+        meta = spec.metadata
+        if default is MISSING:
+            default = spec.default
+        kind = _key_types(cls)[name]
+        if meta["choices"]:
+            return self.choice(section, name, default, meta["choices"])
+        if kind is bool:
+            return self.flag(section, name, default)
+        if kind is int:
+            return self.whole(section, name, default, meta["minimum"], meta["maximum"])
+        if kind is float:
+            return self.number(section, name, default, meta["minimum"], meta["maximum"])
+        if kind is Path:
+            return self.path(section, name, default)
+        return self.text(section, name, default)
+
+    def keys(self, section: str, cls: type, skip: tuple[str, ...] = (), **defaults: Any) -> dict[str, Any]:
+        """Every key of ``cls`` but the secrets and ``skip``, read from [section]; ``defaults``
+        are the derived ones, by name."""
+        return {f.name: self.key(section, cls, f.name, defaults.get(f.name, MISSING))
+                for f in config_keys(cls) if not f.metadata["secret"] and f.name not in skip}
 
     def path(self, section: str, key: str, default: Path) -> Path:
         value = self.text(section, key, str(default))
@@ -623,6 +630,11 @@ class _Reader:
             for key in body:
                 if (section, key) not in self.used and (section, key) not in secret_files:
                     raise ConfigError(f"[{section}] unknown key {key!r}")
+
+
+@functools.cache
+def _key_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _is_number(value: Any) -> bool:

@@ -159,12 +159,15 @@ def db_rows(db: Path, sql: str = "SELECT id, state, path, sha256, last_error FRO
         con.close()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true or fail after ``timeout`` seconds (no blind sleeps)."""
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+                     progress: Callable[[], object] | None = None) -> None:
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds (no blind sleeps);
+    ``progress`` says how far it got, in the failure."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            got = f" (got {progress()})" if progress is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{got}")
         await asyncio.sleep(0.05)
 
 

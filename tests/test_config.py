@@ -169,3 +169,63 @@ def test_s3_config_defaults_secrets_from_env_or_file_and_redaction(tmp_path):
     cfg = _cfg(tmp_path, S3 + 'access_key_id="AKIA1"\nsecret_access_key_file="secret"\n[workers]\nstore_processes=3\n')
     assert cfg.workers.store_processes == 3, "set, it is kept"
     assert cfg.archive.s3 is not None and cfg.archive.s3.secret_access_key == "from-a-file"
+
+
+def _example_keys() -> dict[str, dict[str, object]]:
+    """Every key ``config.example.toml`` shows, set or commented out, by section, with its value."""
+    import re
+
+    sections: dict[str, dict[str, object]] = {}
+    current = ""
+    for line in (REPO / "config.example.toml").read_text().splitlines():
+        header = re.fullmatch(r"(?:# )?\[\[?([a-z0-9.]+)\]\]?", line.strip())
+        if header:
+            current = header.group(1)
+            sections.setdefault(current, {})
+            continue
+        key = re.match(r"(?:# )?([a-z][a-z0-9_]*) = (.+)$", line)
+        if key and current:
+            assert key.group(1) not in sections[current], f"[{current}] {key.group(1)} is shown twice"
+            sections[current][key.group(1)] = tomllib.loads(f"v = {key.group(2)}")["v"]
+    return sections
+
+
+def test_the_example_shows_every_key_of_the_schema_with_its_default_and_nothing_else():
+    """One schema (the ``setting()`` fields in config.py): the example must agree with it, key
+    for key and default for default; a key added, renamed or re-defaulted on one side fails here."""
+    from archiver.config import (
+        ApiConfig,
+        ArchiveConfig,
+        LoggingConfig,
+        MetricsConfig,
+        RetentionConfig,
+        S3Config,
+        StateConfig,
+        WorkersConfig,
+        config_keys,
+    )
+
+    schema = {"api": ApiConfig, "archive": ArchiveConfig, "archive.s3": S3Config, "state": StateConfig,
+              "workers": WorkersConfig, "retention": RetentionConfig, "logging": LoggingConfig,
+              "metrics": MetricsConfig}
+    shown = _example_keys()
+    assert set(shown) == {*schema, "accounts"}, sorted(shown)
+    for section, cls in schema.items():
+        expected: dict[str, object] = {}
+        for spec in config_keys(cls):
+            default = str(spec.default) if isinstance(spec.default, Path) else spec.default
+            expected[spec.name] = default
+            if spec.metadata["secret"]:
+                expected[f"{spec.name}_file"] = ""
+        assert set(shown[section]) == set(expected), (section, set(shown[section]) ^ set(expected))
+        for key, default in expected.items():
+            assert shown[section][key] == default, f"[{section}] {key}: the example shows {shown[section][key]!r}, " \
+                                                   f"the schema's default is {default!r}"
+    credentials = {"accesskey", "accesskey_file", "token", "token_file", "username", "password", "password_file"}
+    assert set(shown["accounts"]) <= {"name", "requests_per_second", "burst", *credentials}
+
+
+def test_errors_name_the_file_as_well_as_the_key(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        _cfg(tmp_path, f'[api]\naccesskey="{KEY}"\n[workers]\nconcurrency=0\n')
+    assert str(exc.value).startswith(f"{tmp_path / 'config.toml'}: [workers] concurrency must be >= 1")

@@ -50,7 +50,8 @@ async def test_service_keeps_a_capped_store_flowing_and_deletes_each_copy_once_a
         for _ in range(59):  # a steady stream of new calls, five times what the store holds
             await asyncio.sleep(0.15)
             sim.add_recording()
-        await wait_until(lambda: len(sim.deletes) == 60, 60, "every recording deleted from the server")
+        await wait_until(lambda: len(sim.deletes) == 60, 120, "every recording deleted from the server",
+                         lambda: f"{len(sim.deletes)} deleted, {len(sim.complete_downloads)} downloaded")
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 15)
