@@ -214,3 +214,66 @@ def archived_this_run(out: str) -> int:
         if parts[:1] == ["archived"]:
             return int(parts[1])
     raise AssertionError(f"no summary in {out!r}")
+
+
+# The fast loop, `pytest -m "not slow"`: every module is still exercised, by the quicker of its
+# tests; these (each over ~3 s on 2 cores, or a power-cut run) wait for CI and `pytest` alone.
+# Whole modules by file, single tests by function name (every parametrisation of it).
+SLOW_MODULES = {"test_powercut.py"}
+SLOW = {
+    "test_accounts.py": {"test_a_backfill_of_three_accounts_keeps_each_apart",
+                         "test_the_service_pauses_a_frozen_account_and_serves_the_others"},
+    "test_backfill.py": {"test_pending_timeout_is_judged_on_a_fresh_poll"},
+    "test_chaos.py": {"test_chaos_kill9_with_faults"},
+    "test_cli.py": {"test_demo_leaves_a_config_for_status_and_verify"},
+    "test_crash.py": {"test_sigkill_mid_backfill_then_resume",
+                      "test_sigterm_during_a_slow_walk_stops_within_seconds_and_resumes_from_the_checkpoint",
+                      "test_store_helpers_killed_mid_backfill_are_replaced_and_nothing_is_lost"},
+    "test_faults.py": {"test_a_dripping_storage_answer_cannot_hold_a_backfill",
+                       "test_rate_limit_429_is_honoured_and_slows_the_pool"},
+    "test_fuzz.py": {"test_error_bodies", "test_listing_pages", "test_timestamps", "test_zip_extraction_stays_inside",
+                     "test_zip_inspector"},
+    "test_pg.py": {"test_a_backfill_waits_for_a_dead_daemons_claims",
+                   "test_a_daemon_stopped_past_its_lease_is_taken_over_without_a_second_copy",
+                   "test_a_database_not_up_yet_is_exit_1_for_systemd_to_retry", "test_a_slow_transfer_keeps_its_lease",
+                   "test_the_database_going_away_pauses_the_service_and_loses_nothing",
+                   "test_three_daemons_share_four_accounts_and_survive_a_kill",
+                   "test_two_daemons_delete_each_server_copy_once_with_one_audit_trail",
+                   "test_two_daemons_share_one_bucket"},
+    "test_realserver.py": {"test_a_429_while_under_our_pace_says_once_that_others_use_the_budget",
+                           "test_a_recordingfiles_answer_slower_than_a_minute_is_archived",
+                           "test_default_pace_leaves_half_the_shared_budget_and_meets_no_429",
+                           "test_frozen_account_mid_backfill_exits_3_counts_nothing_and_a_plain_rerun_finishes",
+                           "test_login_429_and_5xx_are_transient_not_a_refused_credential",
+                           "test_recordings_without_audio_get_their_own_state_and_keep_their_metadata",
+                           "test_wait_bounds_the_backfill_with_a_request_that_hangs"},
+    "test_retention.py": {"test_dry_run_and_what_is_never_due",
+                          "test_kill_9_around_the_delete_leaves_exactly_one_deletion_and_one_audit_line",
+                          "test_service_keeps_a_capped_store_flowing_and_deletes_each_copy_once_after_it_is_safe"},
+    "test_s3.py": {"test_a_corrupted_upload_is_refused_by_the_store_and_sent_again", "test_a_large_body_goes_multipart",
+                   "test_a_lost_answer_without_the_versions_listing_permission",
+                   "test_a_lost_database_is_rebuilt_from_the_bucket_without_uploading_again",
+                   "test_an_upload_whose_commit_was_lost_is_adopted_not_uploaded_again",
+                   "test_backfill_to_a_compliance_bucket", "test_deleting_the_server_copy_re_verifies_the_object_first",
+                   "test_sigkill_mid_backfill_then_resume",
+                   "test_the_gateway_going_away_pauses_the_service_and_loses_nothing",
+                   "test_verify_catches_an_object_replaced_out_of_band"},
+    "test_service.py": {"test_backfill_off_a_terminal_logs_progress_events"},
+    "test_state.py": {"test_a_corrupt_database_is_a_clear_exit_2_that_releases_the_lock"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the slow tests (``SLOW``); a name there that no test has any more is an error, so
+    a rename cannot quietly move a slow test into the fast loop."""
+    seen: set[tuple[str, str]] = set()
+    for item in items:
+        module = item.path.name
+        name = getattr(item, "originalname", item.name)
+        if module in SLOW_MODULES or name in SLOW.get(module, ()):
+            item.add_marker(pytest.mark.slow)
+            seen.add((module, name))
+    collected = {item.path.name for item in items}
+    missing = [f"{m}::{n}" for m, names in SLOW.items() if m in collected for n in names if (m, n) not in seen]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {missing}")
