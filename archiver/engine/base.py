@@ -18,10 +18,7 @@ from ..client import ApiClient
 from ..config import Config, WorkersConfig
 from ..destinations import Destination
 from ..download import Downloader
-from ..errors import (
-    AuthRefused,
-    LocalStorageError,
-)
+from ..errors import AuthRefused, LocalStorageError
 from ..logs import redact
 from ..metrics import Metrics
 from ..retention import StoreUsage
@@ -29,7 +26,7 @@ from ..state import Row, State
 from ..storepool import StorePool
 
 log = structlog.get_logger("archiver.engine")
-T = TypeVar("T")
+T = TypeVar("T")  # what a guarded piece of work returns (workers._guarded)
 
 WALKED_ELSEWHERE = -1  # _walk's answer when another daemon walks the account (a shared state)
 SHUTDOWN_GRACE = 6.0  # seconds in-flight downloads get to finish on SIGTERM before they are abandoned
@@ -59,7 +56,6 @@ class RunResult:
     state_unusable: bool = False  # the state database turned out damaged mid-run (exit 2)
     deletion_error: str = ""  # a backfill left deletions that were due undone: why (exit 1)
     deletions_left: int = 0  # due for deletion from the server at the end of a backfill, not deleted
-
 
 
 class EngineParts:

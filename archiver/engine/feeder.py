@@ -5,14 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import structlog
-
-from ..errors import (
-    LocalStorageError,
-)
+from ..errors import LocalStorageError
 from .base import EngineParts
-
-log = structlog.get_logger("archiver.engine")
 
 
 class Feeder(EngineParts):

@@ -51,7 +51,7 @@ from .base import (
     summary_meta,
 )
 
-log = structlog.get_logger("archiver.pgstate")
+log = structlog.get_logger("archiver.state.postgres")
 
 NOW = "extract(epoch from statement_timestamp())"  # the database's clock: one for every daemon's leases
 
