@@ -14,19 +14,24 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from . import __version__
 from .config import Config, build_config, default_config_path, load_config
-from .engine import RunResult
 from .errors import AuthRefused, ConfigError, LocalStorageError, StateLocked, StateUnusable
-from .expiry import expiry_warning
+from .export import export
+from .find import add_filters, as_record, filters_of, json_lines, query_of, table
 from .logs import configure_logging, redact
-from .service import mark_for_repair, prune, run_engine, status, verify
-from .state import FLAGS, STATES, unusable_message, waiting_count
+from .state import FLAGS, STATES, open_state, unusable_message, waiting_count
 from .store import write_file_atomic
+
+if TYPE_CHECKING:
+    from .engine import RunResult
+
+# The engine, the API client and aiohttp (an SSL context at import) are imported by the commands
+# that use them, not here: ``find`` and ``export`` answer in a fraction of a second without them.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
@@ -75,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("sqlite", type=Path, help="the SQLite state database to copy (left as it is)")
     im.add_argument("--account", action="append", default=[], metavar="OLD=NEW",
                     help="import the SQLite file's account OLD as NEW (repeatable; a single-account file's is default)")
+    f = sub.add_parser("find", parents=[after],
+                       help="list archived recordings by time, number, call...: from the state alone")
+    add_filters(f)
+    f.add_argument("--json", action="store_true", help="one JSON object per line")
+    f.add_argument("--limit", type=int, default=0, help="at most this many (0: all)")
+    ex = sub.add_parser("export", parents=[after],
+                        help="copy what the filters match into a new folder, re-verified, with SHA256SUMS")
+    ex.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    add_filters(ex)
     d = sub.add_parser("demo", help="archive from the bundled simulator into ./demo-archive (no account needed)")
     d.add_argument("--recordings", type=int, default=60)
     d.add_argument("--directory", type=Path, default=Path("demo-archive"))
@@ -101,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_verify(cfg, args.repair, args.deep))
         if args.command == "prune":
             return asyncio.run(_prune(cfg, args.dry_run))
+        if args.command == "find":
+            return asyncio.run(_find(cfg, args))
+        if args.command == "export":
+            return asyncio.run(_export(cfg, args))
         if args.command == "import-state":
             return asyncio.run(_import_state(cfg, args.sqlite, args.account))
+        from .service import run_engine
+
         if args.command == "backfill":
             if args.since and args.until and args.since >= args.until:
                 raise ConfigError("--since must be before --until")
@@ -138,6 +158,48 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+async def _find(cfg: Config, args: argparse.Namespace) -> int:
+    """``find``: exit 0 with results, 1 with none."""
+    if args.limit < 0:
+        raise ConfigError("--limit must be 0 (all) or more")
+    state = await open_state(cfg.state, readonly=True)
+    try:
+        rows = await state.find(query_of(args, args.limit))
+    finally:
+        await state.close()
+    prefix = cfg.archive.s3.prefix if cfg.archive.destination == "s3" and cfg.archive.s3 else ""
+    records = [as_record(r, prefix) for r in rows]
+    if args.json:
+        sys.stdout.write(json_lines(records))
+    elif records:
+        print(table(records))
+    if not records:
+        print("find: no recording matches", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _export(cfg: Config, args: argparse.Namespace) -> int:
+    """``export``: exit 0 when every file matched what was archived, 1 otherwise (or when
+    nothing matched), 2 for a non-empty ``--out``."""
+    report = await export(cfg, query_of(args), args.out, filters_of(args))
+    if not report.recordings and not report.mismatches and not report.not_archived:
+        print("export: no recording matches; nothing written", file=sys.stderr)
+        return EXIT_FAILED
+    for problem in report.mismatches:
+        print(f"export: {problem}", file=sys.stderr)
+    print(f"exported {len(report.recordings)} recording(s), {len(report.sums)} file(s), "
+          f"{report.bytes / 1e6:.1f} MB to {args.out}"
+          + (f"; {len(report.not_archived)} matched but not archived (yet): listed in export.json"
+             if report.not_archived else ""))
+    if not report.complete:
+        print(f"export FAILED: {len(report.mismatches)} recording(s) are not what was archived (above); "
+              f"no SHA256SUMS written", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"check it with: cd {args.out} && sha256sum -c SHA256SUMS")
+    return EXIT_OK
+
+
 def _exit_code(result: RunResult) -> int:
     if result.auth_refused:
         return EXIT_AUTH
@@ -165,6 +227,8 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
         ("waiting", "-", waiting),
         ("new recordings", s["discovered"], ""),
         ("pages listed", s["pages"], ""),
+        *([("call pages listed", s["call_pages"], ""), ("new calls", s["calls"], "")] if s["call_pages"] else []),
+        *([("calls noted late", s["calls_noted"], "")] if s["calls_noted"] else []),
         ("HTTP requests", requests.get("requests", 0), ""),
         ("429 answers", requests.get("http_429", 0), ""),
         ("data", f"{mb:.1f} MB", f"{mb / seconds if seconds else 0:.1f} MB/s"),
@@ -217,6 +281,8 @@ async def _import_state(cfg: Config, source: Path, renames: list[str]) -> int:
 
 
 async def _status(cfg: Config, as_json: bool) -> int:
+    from .service import status
+
     try:
         info = await status(cfg)
     except FileNotFoundError:
@@ -282,11 +348,15 @@ def _status_table(info: dict[str, Any]) -> str:
 
 
 def _expiry_line(label: str, expires: float | None) -> str:
+    from .expiry import expiry_warning
+
     warning = expiry_warning(expires)
     return f"{label}: {_when(expires)}" + (f"  WARNING: {warning}" if warning else "")
 
 
 async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:
+    from .service import mark_for_repair, run_engine, verify
+
     checked, problems, bad = await verify(cfg, deep)
     for problem in problems:
         print(f"BAD  {problem}")
@@ -308,6 +378,8 @@ async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:
 
 
 async def _prune(cfg: Config, dry_run: bool) -> int:
+    from .service import prune
+
     if not dry_run and not cfg.retention.delete_from_server:
         raise ConfigError("[retention] delete_from_server is false: nothing is deleted from the server "
                           "(set it to true to prune; `prune --dry-run` shows what would be)")
@@ -328,6 +400,8 @@ async def _prune(cfg: Config, dry_run: bool) -> int:
 
 
 async def _demo(args: argparse.Namespace, live: bool) -> int:
+    from .service import run_engine
+
     """Start the simulator on 127.0.0.1 and archive from it, as a newcomer's first look."""
     from .simulator import SimConfig, Simulator
 

@@ -308,6 +308,30 @@ class ApiClient:
         self.stats["list"] += 1
         return await self._request("/recordings", params)
 
+    async def transcribes_of(self, recording_id: str, page_token: str = "") -> Any:
+        """A page of ``GET /transcribes`` for one recording (the filter needs both parameters)."""
+        params = {"reference_type": "recording", "reference_id": check_id(recording_id), "page_size": "100"}
+        if page_token:
+            params["page_token"] = page_token
+        self.stats["transcribes"] += 1
+        return await self._request("/transcribes", params)
+
+    async def transcript_lines(self, transcribe_id: str, page_token: str = "") -> Any:
+        """A page of ``GET /transcripts?transcribe_id=``: one session's lines."""
+        params = {"transcribe_id": check_id(transcribe_id), "page_size": "100"}
+        if page_token:
+            params["page_token"] = page_token
+        self.stats["transcripts"] += 1
+        return await self._request("/transcripts", params)
+
+    async def list_calls(self, page_token: str, page_size: int) -> Any:
+        """A page of ``GET /calls`` (paged like ``/recordings``): the calls' metadata for ``find``."""
+        params = {"page_size": str(page_size)}
+        if page_token:
+            params["page_token"] = page_token
+        self.stats["calls"] += 1
+        return await self._request("/calls", params)
+
     async def accesskey_expiry(self, max_pages: int = 20) -> float | None:
         """When our access key expires (epoch), from ``GET /accesskeys``: the key whose
         ``token_prefix`` our key starts with. None when the listing does not show it."""

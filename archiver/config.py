@@ -115,6 +115,8 @@ class ArchiveConfig:
     max_member_bytes: int = setting(4 * 1024**3, minimum=1)
     max_total_bytes: int = setting(16 * 1024**3, minimum=1)
     max_ratio: float = setting(1000.0, minimum=1)
+    call_metadata: bool = setting(True)  # walk GET /calls: who spoke to whom, for find and the sidecar
+    transcripts: bool = setting(False)  # fetch each archived recording's transcripts: <id>.transcript.json
     temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 

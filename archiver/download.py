@@ -94,7 +94,7 @@ class Downloader:
             body = await self._stream(tmp, url)
             job = StoreJob(
                 row.id, row.raw, row.tm_create, row.tm_end, directory, tmp, body.take(), body.spilled,
-                body.expected_length, body.hashes, row.account,
+                body.expected_length, body.hashes, row.account, row.call,
             )
             stored = await self.store.store(job, row.account)
             archived = await self.destination.commit(job, stored)

@@ -75,6 +75,12 @@ def sidecar_path(final: Path) -> Path:
     return final.with_suffix(".json")
 
 
+def beside_rel(rel: str, suffix: str) -> str:
+    """``<id>.<suffix>`` beside the recording at ``rel`` (its body, or a sidecar alone): a
+    bucket's late call (``call.json``), a transcript (``transcript.json``)."""
+    return rel.rpartition(".")[0] + "." + suffix
+
+
 _temp_tag = ""  # this process's mark in temporary names, when other daemons write beside it
 
 

@@ -1,8 +1,9 @@
-"""Walk ``GET /recordings`` page by page, following the opaque ``next_page_token``."""
+"""Walk a listing (``GET /recordings``, ``GET /calls``) page by page, following the opaque
+``next_page_token``: both are paged alike, newest first, the token the last item's ``tm_create``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,12 +28,17 @@ class Lister(Protocol):
 class Page:
     token: str  # the token this page was requested with ("" for the newest page)
     next_token: str  # "" when this is the last page
-    recordings: list[Recording] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)  # what ``parse_item`` made of each item
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (id or "?", reason)
     raw_count: int = 0
 
+    @property
+    def recordings(self) -> list[Recording]:
+        """The items of a page of ``GET /recordings``."""
+        return self.items
 
-def parse_page(body: Any, token: str) -> Page:
+
+def parse_page(body: Any, token: str, parse_item: Callable[[Any], Any] = parse_recording) -> Page:
     """Validate one listing answer; bad items are rejected one by one, never the whole walk."""
     if not isinstance(body, dict):
         log.error("page_malformed", reason=f"answer is a {type(body).__name__}, not an object")
@@ -54,33 +60,38 @@ def parse_page(body: Any, token: str) -> Page:
     page = Page(token=token, next_token=next_token, raw_count=len(items))
     for item in items:
         try:
-            page.recordings.append(parse_recording(item))
+            page.items.append(parse_item(item))
         except InvalidRecording as exc:
             raw_id = item.get("id") if isinstance(item, dict) else None
             page.rejected.append((str(raw_id)[:80] if raw_id is not None else "?", str(exc)))
     return page
 
 
-async def walk_pages(client: Lister, page_size: int, start_token: str = "") -> AsyncIterator[Page]:
+async def walk_pages(
+    client: Lister, page_size: int, start_token: str = "", *,
+    fetch: Callable[[str, int], Awaitable[Any]] | None = None, parse_item: Callable[[Any], Any] = parse_recording,
+) -> AsyncIterator[Page]:
     """Yield pages newest-first until an empty page, an empty token or a token seen before.
 
     The caller stores each page (and checkpoints ``page.next_token``) before asking for the
     next one, so an interrupted walk resumes where it stopped. A server that loops is stopped
     with ``InvalidRecording`` (the checkpoint keeps its place): a page that repeats recordings of
     the page before, page tokens that stop going back in time, or more than ``MAX_WALK_PAGES``.
-    Memory stays bounded: only the previous page's ids and token are kept.
+    Memory stays bounded: only the previous page's ids and token are kept. ``fetch`` and
+    ``parse_item`` walk another listing (``client.list_calls``, ``calls.parse_call``).
     """
+    fetch = fetch or client.list_recordings
     token = start_token
     previous_ids: set[str] = set()
     previous_time = _token_time(token)
     for pages in range(1, MAX_WALK_PAGES + 1):
-        body = await client.list_recordings(token, page_size)
-        page = parse_page(body, token)
-        ids = {r.id for r in page.recordings}
+        body = await fetch(token, page_size)
+        page = parse_page(body, token, parse_item)
+        ids = {r.id for r in page.items}
         repeated = ids & previous_ids
         if repeated:
             raise InvalidRecording(
-                f"the listing loops: the page after token {token[:40]!r} repeats {len(repeated)} recording(s) "
+                f"the listing loops: the page after token {token[:40]!r} repeats {len(repeated)} item(s) "
                 "of the page before; walk stopped"
             )
         yield page

@@ -100,6 +100,7 @@ class SimConfig:
     files_after: float = 2.0
     deleted: int = 0
     conference_every: int = 7  # every Nth recording is a confbridge (one file)
+    transcribed_every: int = 3  # every Nth recording has a transcription session (GET /transcribes)
     faults: dict[str, float] = field(default_factory=dict)
     accesskey: str = ""
     username: str = "demo"
@@ -139,6 +140,9 @@ class SimRecording:
     deleted_via_api: bool = False  # deleted by a client's DELETE (after it archived the recording)
     member_missing: bool = False  # the cached ZIP lacks its last member, for good
     build_seconds: float = 0.0
+    call_listed: bool = True  # its call (reference_type "call") is listed by GET /calls; False: deleted
+    call_overrides: dict[str, Any] = field(default_factory=dict)  # fields of its call's JSON
+    transcribing: bool = False  # its transcription is still "progressing"
 
 
 def _ts(value: datetime | None, style: str) -> str | None:
@@ -236,6 +240,7 @@ class Simulator:
         self.extra_listing_items: list[Any] = []  # raw junk added to the newest page
         self.json_override = ""  # a hostile server: this text instead of every JSON answer
         self._rising_pages = 0  # pages served under the "rising_token" quirk
+        self.extra_calls: list[Any] = []  # raw calls added to the newest page of GET /calls
         self.recordings: dict[str, SimRecording] = {}
         self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
         self._body_cache: dict[tuple[str, str], tuple[bytes, str, str]] = {}
@@ -370,6 +375,59 @@ class Simulator:
         raw.update(rec.raw_overrides)
         return raw
 
+    def call_json(self, rec: SimRecording) -> dict[str, Any]:
+        """The call a recording of ``reference_type`` "call" names: created 3 s before the
+        recording, incoming or outgoing by turns, a German caller and a US number of ours."""
+        rng = random.Random(rec.reference_id)
+        incoming = rng.random() < 0.5
+        ours = {"type": "tel", "target": f"+1415555{rng.randrange(10000):04d}", "target_name": "", "name": "",
+                "detail": ""}
+        theirs = {"type": "tel", "target": f"+4930{rng.randrange(10**7):07d}", "target_name": "", "name": "",
+                  "detail": ""}
+        created = rec.tm_create - timedelta(seconds=3)
+        hangup = rec.tm_create + timedelta(seconds=2 + rec.duration)
+        style = self.cfg.timestamps
+        zero = "00000000-0000-0000-0000-000000000000"
+        raw: dict[str, Any] = {
+            "id": rec.reference_id, "customer_id": CUSTOMER_ID, "owner_type": "", "owner_id": zero,
+            "flow_id": zero, "activeflow_id": zero, "type": "flow", "master_call_id": zero, "chained_call_ids": [],
+            "groupcall_id": zero, "recording_id": rec.id, "recording_ids": [rec.id],
+            "source": theirs if incoming else ours, "destination": ours if incoming else theirs,
+            "status": "hangup", "direction": "incoming" if incoming else "outgoing",
+            "hangup_by": rng.choice(("remote", "local")), "hangup_reason": "normal",
+            "tm_ringing": _ts(created + timedelta(seconds=1), style),
+            "tm_progressing": _ts(created + timedelta(seconds=2), style),
+            "tm_hangup": _ts(hangup, style), "tm_create": _ts(created, style), "tm_update": _ts(hangup, style),
+        }
+        raw.update(rec.call_overrides)
+        return raw
+
+    def transcribes(self, rec: SimRecording) -> list[dict[str, Any]]:
+        """The transcription sessions of a recording: none, or one per direction for a call."""
+        if not self.cfg.transcribed_every or int(rec.id[:8], 16) % self.cfg.transcribed_every:
+            return []
+        directions = ("in", "out") if rec.reference_type == "call" else ("in",)
+        return [{
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rec.id}/{d}")), "customer_id": CUSTOMER_ID,
+            "reference_type": "recording", "reference_id": rec.id, "status": "progressing" if rec.transcribing
+            else "done", "language": "en-US", "direction": d, "provider": "gcp",
+            "tm_create": _ts(rec.tm_create + timedelta(seconds=3), self.cfg.timestamps),
+        } for d in directions]
+
+    def transcript_lines(self, transcribe_id: str, rec: SimRecording) -> list[dict[str, Any]]:
+        n = 3 + int(transcribe_id[:2], 16) % 5
+        return [{"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{transcribe_id}/{i}")), "transcribe_id": transcribe_id,
+                 "direction": "in", "message": f"line {i} of recording {rec.id[:8]}",
+                 "tm_transcript": _ts(rec.tm_create + timedelta(seconds=2 + i), self.cfg.timestamps)}
+                for i in range(n)]
+
+    def _listed_calls(self) -> list[tuple[float, SimRecording]]:
+        """(-tm_create epoch of the call, recording) of every listed call, newest first."""
+        calls = [(-(r.tm_create - timedelta(seconds=3)).timestamp(), r) for r in self.recordings.values()
+                 if r.reference_type == "call" and r.call_listed and not self.is_deleted(r)]
+        calls.sort(key=lambda c: (c[0], c[1].reference_id))
+        return calls
+
     def member_names(self, rec: SimRecording) -> list[str]:
         """The files a complete recording has, named as the call manager names them."""
         stamp = rec.tm_create.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -456,6 +514,9 @@ class Simulator:
         app.router.add_delete("/v1.0/recordings/{id}", self.h_delete)
         app.router.add_get("/v1.0/storage_account", self.h_storage_account)
         app.router.add_get("/v1.0/recordingfiles/{id}", self.h_files)
+        app.router.add_get("/v1.0/calls", self.h_calls)
+        app.router.add_get("/v1.0/transcribes", self.h_transcribes)
+        app.router.add_get("/v1.0/transcripts", self.h_transcripts)
         app.router.add_get("/v1.0/accesskeys", self.h_accesskeys)
         app.router.add_get("/storage/{id}", self.h_storage)
         app.router.add_get("/_sim/stats", self.h_stats)
@@ -658,6 +719,73 @@ class Simulator:
         if not token and self.quirk == "result_not_list":
             return self._json({"result": {"oops": items[:1]}, "next_page_token": next_token})
         return self._json({"result": items, "next_page_token": next_token})
+
+    async def h_calls(self, request: web.Request) -> web.StreamResponse:
+        """``GET /calls``: paged like ``/recordings`` (newest first, the token the last call's
+        ``tm_create``). A recording deleted here takes its call with it (the call manager's
+        delete cascade is not modelled beyond that); ``call_listed = False``: a deleted call."""
+        gate = await self._api_gate(request, "calls")
+        if gate is not None:
+            return gate
+        try:
+            size = max(1, min(100, int(request.query.get("page_size", "100"))))
+        except ValueError:
+            return self._error(request, 400, "INVALID_ARGUMENT", "page_size")
+        token = request.query.get("page_token", "")
+        calls = self._listed_calls()
+        start = 0
+        if token:
+            ts = _parse_token(token)
+            if ts is None:
+                return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
+            start = bisect.bisect_right([c[0] for c in calls], -ts.timestamp())
+        page = calls[start : start + size]
+        items: list[Any] = [self.call_json(rec) for _, rec in page]
+        style = "tutorial" if self.cfg.timestamps == "tutorial" else "token"
+        next_token = _page_token(page[-1][1].tm_create - timedelta(seconds=3), style) if page else ""
+        if not token and self.extra_calls:
+            items = list(self.extra_calls) + items
+        return self._json({"result": items, "next_page_token": next_token})
+
+    async def h_transcribes(self, request: web.Request) -> web.StreamResponse:
+        """``GET /transcribes``: the filter needs both ``reference_type`` and ``reference_id``
+        (or neither: every session); one page here, as a recording has at most a few."""
+        gate = await self._api_gate(request, "transcribes")
+        if gate is not None:
+            return gate
+        ref_type, ref_id = request.query.get("reference_type"), request.query.get("reference_id")
+        if (ref_type is None) != (ref_id is None) or ref_type not in (None, "recording", "call", "confbridge"):
+            return self._error(request, 400, "INVALID_ARGUMENT", "reference_type and reference_id go together")
+        if ref_type == "recording":
+            rec = self.recordings.get(ref_id or "")
+            items = self.transcribes(rec) if rec is not None and not self.is_deleted(rec) else []
+        elif ref_type is None:
+            items = [t for r in self.recordings.values() for t in self.transcribes(r)]
+        else:
+            items = []
+        return self._json({"result": items, "next_page_token": ""})
+
+    async def h_transcripts(self, request: web.Request) -> web.StreamResponse:
+        """``GET /transcripts?transcribe_id=`` (required): the session's lines, paged by
+        ``page_size`` (the token: how many came before, as the server's is opaque anyway)."""
+        gate = await self._api_gate(request, "transcripts")
+        if gate is not None:
+            return gate
+        transcribe_id = request.query.get("transcribe_id", "")
+        try:
+            size = max(1, min(100, int(request.query.get("page_size", "100"))))
+            start = int(request.query.get("page_token") or "0")
+        except ValueError:
+            return self._error(request, 400, "INVALID_ARGUMENT", "page_size or page_token")
+        if not transcribe_id:
+            return self._error(request, 400, "INVALID_ARGUMENT", "transcribe_id is required")
+        for rec in self.recordings.values():
+            if any(t["id"] == transcribe_id for t in self.transcribes(rec)):
+                lines = self.transcript_lines(transcribe_id, rec)
+                page = lines[start : start + size]
+                token = str(start + size) if start + size < len(lines) else ""
+                return self._json({"result": page, "next_page_token": token})
+        return self._json({"result": [], "next_page_token": ""})
 
     async def h_detail(self, request: web.Request) -> web.StreamResponse:
         gate = await self._api_gate(request, "detail")
@@ -867,6 +995,8 @@ class MultiSimulator:
     ROUTES = (("POST", "/auth/login", "h_login"), ("GET", "/v1.0/recordings", "h_list"),
               ("GET", "/v1.0/recordings/{id}", "h_detail"), ("DELETE", "/v1.0/recordings/{id}", "h_delete"),
               ("GET", "/v1.0/storage_account", "h_storage_account"), ("GET", "/v1.0/recordingfiles/{id}", "h_files"),
+              ("GET", "/v1.0/calls", "h_calls"), ("GET", "/v1.0/transcribes", "h_transcribes"),
+              ("GET", "/v1.0/transcripts", "h_transcripts"),
               ("GET", "/v1.0/accesskeys", "h_accesskeys"), ("GET", "/storage/{id}", "h_storage"),
               ("GET", "/_sim/stats", "h_stats"), ("POST", "/_sim/control", "h_control"),
               ("GET", "/_sim/urls", "h_urls"))

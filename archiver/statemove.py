@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import ACCOUNT_NAME, DEFAULT_ACCOUNT, Config
 from .errors import ConfigError, StateUnusable
+from .state.base import CALL_COLUMNS as CALL_ROW
 from .state.postgres import MIGRATE_LOCK, PgState, asyncpg_module
 from .state.sqlite import StateDB, audit_path
 
@@ -32,11 +33,12 @@ COLUMNS = (
     "account", "id", "state", "raw", "status", "reference_type", "tm_create", "tm_end", "discovered_at",
     "attempts", "polls", "next_attempt_at", "last_error", "path", "size", "sha256", "server_hashes", "members",
     "archived_at", "updated_at", "flag", "flag_reason", "delete_intent_at", "server_deleted_at",
-    "delete_request_id",
+    "delete_request_id", "tm_start", "reference_id", "call_noted_at", "transcript_state", "transcript_due_at",
 )
 _FLOATS = {"tm_create", "tm_end", "discovered_at", "next_attempt_at", "archived_at", "updated_at",
-           "delete_intent_at", "server_deleted_at"}
+           "delete_intent_at", "server_deleted_at", "tm_start", "call_noted_at", "transcript_due_at"}
 _INTS = {"attempts", "polls", "size", "members"}
+CALL_COLUMNS = tuple(c.strip() for c in CALL_ROW.split(","))  # the calls' columns, alike in both schemas
 _SAMPLE = 20  # archived files looked for in the directory, to catch a config that names another one
 _SIZE, _PATH = COLUMNS.index("size"), COLUMNS.index("path")
 BATCH = 5000  # rows read from SQLite and copied to PostgreSQL at a time
@@ -80,6 +82,7 @@ async def import_sqlite(cfg: Config, source: Path, renames: dict[str, str]) -> I
         db = sqlite.db
         walks = [tuple(r) for r in await db.execute_fetchall("SELECT account, name, token, updated_at FROM walks")]
         meta = [tuple(r) for r in await db.execute_fetchall("SELECT account, key, value FROM meta")]
+        calls = [tuple(r) for r in await db.execute_fetchall(f"SELECT {', '.join(CALL_COLUMNS)} FROM calls")]
         accounts = sorted({r[0] for r in await db.execute_fetchall(
             "SELECT DISTINCT account FROM recordings INDEXED BY recordings_state")} | {w[0] for w in walks}
             | {m[0] for m in meta})
@@ -87,7 +90,8 @@ async def import_sqlite(cfg: Config, source: Path, renames: dict[str, str]) -> I
         audit = _audit_lines(audit_path(source), target)
         report = ImportReport(walks=len(walks), meta=len(meta), audit_lines=len(audit))
         await _write(cfg, _batches(db, target, report), [(target[a], *rest) for a, *rest in walks],
-                     [(target[a], *rest) for a, *rest in meta], audit, report, sorted(set(target.values())))
+                     [(target[a], *rest) for a, *rest in meta], audit, report, sorted(set(target.values())),
+                     [(target.get(a, a), *rest) for a, *rest in calls])
     finally:
         await sqlite.close()
     report.warnings += _missing_files(cfg, report.sample)
@@ -154,6 +158,12 @@ def _record(row: dict[str, Any], account: str) -> tuple[Any, ...]:
     return tuple(values)
 
 
+def _call_record(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """One call as PostgreSQL's types want it (the three times, last, as floats; the rest text)."""
+    times = len(CALL_COLUMNS) - 3
+    return tuple(float(v) if v is not None and i >= times else v for i, v in enumerate(row))
+
+
 def _audit_lines(path: Path, target: dict[str, str]) -> list[tuple[str, str, str]]:
     """(account in PostgreSQL, recording id, line) of each deletion in the audit file, the line
     unchanged; a line written before accounts existed is the account ``default``'s."""
@@ -176,10 +186,10 @@ def _audit_lines(path: Path, target: dict[str, str]) -> list[tuple[str, str, str
 
 async def _write(cfg: Config, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
                  meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
-                 accounts: list[str]) -> None:
+                 accounts: list[str], calls: list[tuple[Any, ...]] | None = None) -> None:
     state = await PgState.open(cfg.state)  # creates or migrates the schema
     try:
-        await _copy(state, MIGRATE_LOCK, batches, walks, meta, audit, report, accounts)
+        await _copy(state, MIGRATE_LOCK, batches, walks, meta, audit, report, accounts, calls or [])
     except asyncpg_module().PostgresError as exc:  # a value PostgreSQL refuses (a NUL in a text...): all rolled back
         raise StateUnusable(f"PostgreSQL refused the import ({type(exc).__name__}: {exc}): nothing was imported") \
             from None
@@ -189,7 +199,7 @@ async def _write(cfg: Config, batches: AsyncIterator[list[tuple[Any, ...]]], wal
 
 async def _copy(state: PgState, lock: int, batches: AsyncIterator[list[tuple[Any, ...]]], walks: list[tuple[Any, ...]],
                 meta: list[tuple[Any, ...]], audit: list[tuple[str, str, str]], report: ImportReport,
-                accounts: list[str]) -> None:
+                accounts: list[str], calls: list[tuple[Any, ...]] | None = None) -> None:
     """The copy and its check, in one transaction."""
     async with state.connection() as con, con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock($1)", lock)  # one import at a time
@@ -203,6 +213,8 @@ async def _copy(state: PgState, lock: int, batches: AsyncIterator[list[tuple[Any
                     "merges into an account; import into a new database, or with --account OLD=NEW")
         async for records in batches:
             await con.copy_records_to_table("recordings", records=records, columns=list(COLUMNS))
+        await con.copy_records_to_table("calls", records=[_call_record(c) for c in calls or []],
+                                        columns=list(CALL_COLUMNS))
         await con.executemany("INSERT INTO walks (account, name, token, updated_at) VALUES ($1, $2, $3, $4)",
                               [(a, n, t, float(u)) for a, n, t, u in walks])
         await con.executemany("INSERT INTO meta (account, key, value) VALUES ($1, $2, $3) "

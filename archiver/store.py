@@ -93,6 +93,7 @@ class StoreJob:
     expected_length: int | None  # Content-Length
     hashes: dict[str, str]  # x-goog-hash
     account: str = DEFAULT_ACCOUNT  # whose recording ({account} in the layout)
+    call: dict[str, Any] | None = None  # the sidecar's "call" block; None: call metadata is off
 
     @property
     def ref_type(self) -> str:
@@ -340,7 +341,10 @@ class Store:
         }
         if self.stage_only and digest.md5 is not None:  # a bucket's HEAD shows it as the ETag
             meta["md5"] = base64.b64encode(digest.md5.digest()).decode()
-        return json.dumps({"recording": job.raw, "archive": meta}, indent=2, sort_keys=True).encode()
+        doc: dict[str, Any] = {"recording": job.raw, "archive": meta}
+        if job.call is not None:
+            doc["call"] = job.call
+        return json.dumps(doc, indent=2, sort_keys=True).encode()
 
     def _commit_no_audio(
         self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], reason: str

@@ -17,9 +17,9 @@ from .layout import sidecar_path
 
 def check_archived(root: Path, row: dict[str, Any]) -> list[str]:
     """Problems with one archived recording's files (empty list: all good)."""
-    outside = _outside(root, row["path"])
-    if outside:
-        return [outside]
+    escape = outside(root, row["path"])
+    if escape:
+        return [escape]
     if row["state"] == "no_audio":
         return _check_no_audio(root, row)
     problems: list[str] = []
@@ -68,7 +68,7 @@ def sidecar_agrees(meta: dict[str, Any], row: dict[str, Any]) -> bool:
     return bool(meta.get("sha256") == row["sha256"] and meta.get("size") == row["size"])
 
 
-def _outside(root: Path, rel: str) -> str:
+def outside(root: Path, rel: str) -> str:
     """A problem if the file or a directory on its way is a symlink, or its real path leaves
     the archive ("" when it is a plain file inside)."""
     current = root

@@ -229,6 +229,7 @@ SLOW = {
     "test_crash.py": {"test_sigkill_mid_backfill_then_resume",
                       "test_sigterm_during_a_slow_walk_stops_within_seconds_and_resumes_from_the_checkpoint",
                       "test_store_helpers_killed_mid_backfill_are_replaced_and_nothing_is_lost"},
+    "test_find.py": {"test_find_and_export_answer_from_a_locked_bucket"},
     "test_faults.py": {"test_a_dripping_storage_answer_cannot_hold_a_backfill",
                        "test_rate_limit_429_is_honoured_and_slows_the_pool"},
     "test_fuzz.py": {"test_error_bodies", "test_listing_pages", "test_timestamps", "test_zip_extraction_stays_inside",

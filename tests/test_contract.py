@@ -185,3 +185,53 @@ async def test_server_errors_carry_the_servers_status_strings(make_sim):
         rec_id = next(iter(sim.recordings))
         _check_error(*await _get(http, f"{sim.base_url}/recordingfiles/{rec_id}", accesskey=sim.accesskey),
                      "UNAVAILABLE", "SIGNING_NOT_CONFIGURED")
+
+
+CALL_FIELDS = {  # the notes' section "Calls and transcripts": what a call carries
+    "id": str, "direction": str, "status": str, "source": dict, "destination": dict, "hangup_by": str,
+    "hangup_reason": str, "recording_id": str, "recording_ids": list, "master_call_id": str,
+    "chained_call_ids": list, "groupcall_id": str, "activeflow_id": str, "tm_ringing": str, "tm_progressing": str,
+    "tm_hangup": str, "tm_create": str, "tm_update": str,
+}
+ADDRESS_FIELDS = {"type", "target", "target_name", "name", "detail"}
+
+
+async def test_calls_are_paged_like_recordings_and_name_their_recordings(make_sim):
+    sim = await make_sim(recordings=150, audio_bytes=1000, conference_every=7)
+    gone = next(r for r in sim.recordings.values() if r.reference_type == "call")
+    gone.call_listed = False
+    key = {"accesskey": sim.accesskey}
+    calls: list[dict[str, Any]] = []
+    token = ""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            status, headers, body = await _get(http, sim.base_url + "/calls", page_size="100",
+                                               **({"page_token": token} if token else {}), **key)
+            assert status == 200 and UUID.fullmatch(headers["X-Request-Id"])
+            page = json.loads(body)
+            assert set(page) == {"result", "next_page_token"}
+            if not page["result"]:
+                assert page["next_page_token"] == ""
+                break
+            assert len(page["result"]) <= 100
+            calls += page["result"]
+            token = page["next_page_token"]
+            assert parse_timestamp(token) == parse_timestamp(page["result"][-1]["tm_create"]), "the last call's time"
+        _check_error(*await _get(http, sim.base_url + "/calls", accesskey="vb_wrong"),
+                     "UNAUTHENTICATED", "AUTHENTICATION_REQUIRED")
+        _check_error(*await _get(http, sim.base_url + "/calls", page_token="nope", **key), "INVALID_ARGUMENT",
+                     "INVALID_ARGUMENT")
+    expected = [r for r in sim.recordings.values() if r.reference_type == "call" and r is not gone]
+    assert len(calls) == len(expected) and len({c["id"] for c in calls}) == len(calls), "each call once"
+    created = [parse_timestamp(c["tm_create"]) for c in calls]
+    assert created == sorted(created, reverse=True), "newest first"
+    by_id = {r.reference_id: r for r in expected}
+    for call in calls:
+        assert {k: type(call[k]) for k in CALL_FIELDS} == CALL_FIELDS, call
+        assert call["direction"] in ("incoming", "outgoing")
+        for side in ("source", "destination"):
+            assert set(call[side]) == ADDRESS_FIELDS and call[side]["type"] == "tel"
+            assert re.fullmatch(r"\+\d{8,15}", call[side]["target"]), "a tel target is E.164 with +"
+        rec = by_id[call["id"]]  # a recording's reference_id is its call's id
+        assert call["recording_ids"] == [rec.id] and call["recording_id"] == rec.id
+        assert RFC3339.fullmatch(call["tm_hangup"]) and parse_timestamp(call["tm_create"]) < rec.tm_create

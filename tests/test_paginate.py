@@ -94,7 +94,7 @@ async def test_backfill_resumes_at_the_checkpointed_page(make_sim, tmp_path):
 
 @pytest.mark.parametrize(
     ("quirk", "message"),
-    [("endless", "repeats 10 recording(s)"), ("rising_token", "stopped going back in time")],
+    [("endless", "repeats 10 item(s)"), ("rising_token", "stopped going back in time")],
 )
 async def test_a_listing_that_loops_is_stopped_with_a_clear_error(tmp_path, make_sim, quirk, message):
     sim = await make_sim(recordings=30, audio_bytes=2000)

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,16 @@ async def test_status_and_verify_read_the_shared_state(tmp_path, multi_sim, pg_u
     assert {n: c["archived"] for n, c in status["accounts"].items()} == {"acme": 5, "beta": 5}
     verify = await run_cli("--config", str(cfg), "verify")
     assert verify.rc == 0 and "verified 10 archived" in verify.out, verify
+    beta = sim.accounts["beta"]
+    rec = next(r for r in beta.recordings.values() if r.reference_type == "call")
+    number = beta.call_json(rec)["source"]["target"]
+    found = await run_cli("--config", str(cfg), "find", "--number", number[1:], "--account", "beta", "--json")
+    assert found.rc == 0 and [json.loads(line)["recording_id"] for line in found.out.splitlines()] == [rec.id], found
+    out = tmp_path / "production"
+    exported = await run_cli("--config", str(cfg), "export", "--out", str(out), "--account", "acme")
+    assert exported.rc == 0, exported
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 10, check.stdout + check.stderr
     con = await asyncpg.connect(pg_url)
     try:
         await con.execute("ALTER TABLE recordings RENAME COLUMN flag TO flag_gone")  # a schema someone changed
@@ -411,9 +422,11 @@ async def test_a_sqlite_state_moves_into_postgresql_without_downloading_again(tm
     con = await asyncpg.connect(pg_url)
     try:
         trail = await con.fetchval("SELECT count(*) FROM deletions WHERE account='acme'")
+        calls = await con.fetchval("SELECT count(*) FROM calls WHERE account='acme'")
     finally:
         await con.close()
     assert trail == 12, "the SQLite run's audit lines and the new ones, in one trail"
+    assert calls == sum(1 for r in acme.recordings.values() if r.reference_type == "call"), "the calls came along"
 
 
 async def _import_in_batches_of_five(config: Path, source: Path, pg_url: str, expected: list[Any]) -> None:

@@ -22,18 +22,21 @@ async def test_an_older_database_is_migrated_on_start(tmp_path):
     con = sqlite3.connect(db)
     con.executescript(f"BEGIN; {MIGRATIONS[0]}; PRAGMA user_version = 1; COMMIT;")
     con.execute(
-        "INSERT INTO recordings (id, state, raw, discovered_at, updated_at) VALUES ('a', 'pending', '{}', 0, 0)"
+        "INSERT INTO recordings (id, state, raw, discovered_at, updated_at) VALUES ('a', 'pending', ?, 0, 0)",
+        ('{"tm_start": "2021-01-28 09:17:00.814000", "reference_type": "call", "reference_id": "c-1"}',),
     )
     con.commit()
     con.close()
     state = await StateDB.open(db)
     try:
         version = (await state.db.execute_fetchall("PRAGMA user_version"))[0][0]
-        assert version == len(MIGRATIONS) == 5
+        assert version == len(MIGRATIONS) == 6
         indexes = {r[0] for r in await state.db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"recordings_due", "recordings_waiting_created", "recordings_errors", "recordings_flagged",
                 "recordings_deletable"} <= indexes
         assert (await state.counts())["pending"] == 1, "rows survive the migration"
+        (row,) = await state.db.execute_fetchall("SELECT tm_start, reference_id FROM recordings")
+        assert (row[0], row[1]) == (1611825420.814, "c-1"), "v6 fills in find's columns from the JSON"
     finally:
         await state.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..state.base import Row
 from ..store import Archived, Staged, StoreJob
@@ -46,6 +46,22 @@ class Destination:
 
     async def check(self, row: dict[str, Any], deep: bool = False) -> list[str]:
         """Problems with one archived recording's copy (empty: all good)."""
+        raise NotImplementedError
+
+    async def read(self, rel: str, sink: BinaryIO) -> bool:
+        """Write the bytes of the archive's file ``rel`` (a path under the directory, a key under
+        the prefix) to ``sink``, from its start (a retry starts it again); False when there is
+        no such file (``export``)."""
+        raise NotImplementedError
+
+    async def write_beside(self, row: dict[str, Any], suffix: str, doc: dict[str, Any]) -> None:
+        """A JSON document beside ``row``'s files, ``<id>.<suffix>`` (a transcript), written once
+        like every file (a directory: temporary name, fsync, rename; a bucket: locked)."""
+        raise NotImplementedError
+
+    async def note_call(self, row: dict[str, Any], call: dict[str, Any]) -> None:
+        """``row``'s call, listed only after its sidecar was written: note it beside the archive
+        copy (``row`` has ``id``, ``state``, ``path``)."""
         raise NotImplementedError
 
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:

@@ -14,17 +14,17 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
 from ..config import ArchiveConfig
 from ..errors import LocalStorageError, VerificationError
 from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
-from ..layout import EXTENSIONS, Layout, sidecar_path
+from ..layout import EXTENSIONS, Layout, beside_rel, sidecar_path
 from ..state.base import Row
 from ..store import Archived, Staged, StoreJob, fsync_path, limits, remove_quietly, write_file_atomic
-from ..verify import check_archived
+from ..verify import check_archived, outside
 from .base import Destination
 
 log = structlog.get_logger("archiver.destinations.directory")
@@ -54,6 +54,33 @@ class DirectoryDestination(Destination):
     async def check(self, row: dict[str, Any], deep: bool = False) -> list[str]:
         """Always the deep check: re-hashing a local file is what ``verify`` is for."""
         return await asyncio.to_thread(check_archived, self.layout.root, row)
+
+    async def read(self, rel: str, sink: BinaryIO) -> bool:
+        """Never through a symlink, never outside the archive (``verify``'s own check)."""
+        path = self.layout.path(rel)
+        if outside(self.layout.root, rel):
+            raise LocalStorageError(f"{rel}: {outside(self.layout.root, rel)}")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise LocalStorageError(f"cannot read {rel}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                sink.write(chunk)
+        return True
+
+    async def write_beside(self, row: dict[str, Any], suffix: str, doc: dict[str, Any]) -> None:
+        path = self.layout.path(beside_rel(row["path"], suffix))
+        data = json.dumps(doc, indent=2, sort_keys=True).encode()
+        await asyncio.to_thread(_write_durable, path, data)
+
+    async def note_call(self, row: dict[str, Any], call: dict[str, Any]) -> None:
+        """The sidecar rewritten with its ``call`` block (temporary name, fsync, rename)."""
+        path = self.layout.path(row["path"])
+        side = path if row["state"] == "no_audio" else sidecar_path(path)
+        await asyncio.to_thread(_rewrite_sidecar, side, "call", call)
 
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
         await asyncio.to_thread(_mark_sidecar, self.layout.root / row["path"], request_id, status)
@@ -160,6 +187,27 @@ def _check_wav_file(path: Path) -> None:
         while chunk := f.read(CHUNK):
             riff.feed(chunk)
     riff.finish()
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    try:
+        write_file_atomic(path, data)
+        fsync_path(path.parent)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot write {path.name}: {exc.strerror}") from None
+
+
+def _rewrite_sidecar(side: Path, key: str, value: dict[str, Any]) -> None:
+    """The sidecar at ``side`` with ``key`` set to ``value``, the rest as it was."""
+    try:
+        if side.is_symlink():
+            raise OSError("a symlink")
+        doc = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise LocalStorageError(f"cannot read the sidecar {side.name}: {exc}") from None
+    doc[key] = value
+    write_file_atomic(side, json.dumps(doc, indent=2, sort_keys=True).encode())
+    fsync_path(side.parent)
 
 
 def _mark_sidecar(data_file: Path, request_id: str, status: int) -> None:

@@ -33,14 +33,14 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import structlog
 
 from ..config import ArchiveConfig, S3Config
 from ..errors import ConfigError, DestinationUnavailable, TransientError
-from ..layout import EXTENSIONS, Layout
+from ..layout import EXTENSIONS, Layout, beside_rel
 from ..logs import register_secret
 from ..state.base import Row
 from ..store import Archived, Staged, StoreJob
@@ -310,6 +310,37 @@ class S3Destination(Destination):
                 problems.append(f"{key}: changed (downloaded: size {size}, sha256 {sha[:16]}..., "
                                 f"expected {row['sha256'][:16]}...)")
         return problems
+
+    async def read(self, rel: str, sink: BinaryIO) -> bool:
+        key = self.key(rel)
+
+        async def get() -> bool:
+            sink.seek(0)
+            sink.truncate()
+            answer = await self._client.get_object(Bucket=self.s3.bucket, Key=key)
+            async with answer["Body"] as stream:
+                while chunk := await stream.read(READ_CHUNK):
+                    sink.write(chunk)
+            return True
+
+        got = await self._call(get, "GET", key, missing_ok=True)
+        return bool(got)
+
+    async def write_beside(self, row: dict[str, Any], suffix: str, doc: dict[str, Any]) -> None:
+        key = self.key(beside_rel(row["path"], suffix))
+        if await self._check_before_write(key) is not None:
+            return
+        data = json.dumps(doc, indent=2, sort_keys=True).encode()
+        await self._put(key, data, row["id"], row["sha256"] or "", self._lock(), "application/json")
+
+    async def note_call(self, row: dict[str, Any], call: dict[str, Any]) -> None:
+        """``<id>.call.json`` beside the sidecar, locked like it: a locked sidecar is never
+        rewritten (that would be a second version). Written once: one already there stays."""
+        key = self.key(beside_rel(row["path"], "call.json"))
+        if await self._check_before_write(key) is not None:
+            return
+        data = json.dumps({"recording_id": row["id"], "call": call}, indent=2, sort_keys=True).encode()
+        await self._put(key, data, row["id"], row["sha256"] or "", self._lock(), "application/json")
 
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
         """Nothing in the bucket: a locked object is never rewritten (that would be a second
@@ -611,6 +642,7 @@ def _describe(head: dict[str, Any] | None) -> str:
 
 def _sidecar_rel(rel: str) -> str:
     return rel.rpartition(".")[0] + ".json"
+
 
 
 def _md5_hex(b64: Any) -> str:

@@ -35,14 +35,16 @@ from ..retention import Pruner, StoreUsage, read_store
 from ..state import Row, State
 from ..storepool import StorePool
 from .base import SHUTDOWN_GRACE, WALKED_ELSEWHERE, EngineParts, Job, RunResult
+from .calls import CallWalker
 from .feeder import Feeder
+from .transcripts import Transcripts
 from .walker import Walker
 from .workers import Workers
 
 log = structlog.get_logger("archiver.engine")
 
 
-class Engine(Walker, Feeder, Workers, EngineParts):
+class Engine(Walker, CallWalker, Transcripts, Feeder, Workers, EngineParts):
     """One engine per account. ``backfill()`` returns when done; ``serve()`` when ``stop`` is set."""
 
     def __init__(
@@ -110,7 +112,7 @@ class Engine(Walker, Feeder, Workers, EngineParts):
         self.ready.set()
         try:
             try:
-                walked = await self._walk_unless_stopped(full=True, since=since, until=until)
+                walked = await self._walk_both(full=True, since=since, until=until)
                 if walked is not None and walked != WALKED_ELSEWHERE:
                     await self._succeeded()
             except (AuthRefused, LocalStorageError) as exc:
@@ -125,6 +127,10 @@ class Engine(Walker, Feeder, Workers, EngineParts):
             # the downloads under way finish (or the grace ends) before deletions, so every
             # recording archived by this run is due for deletion in this run, not the next
             await self._let_in_flight_finish()
+            try:  # before deletions: the server's copy may take its transcripts with it
+                await self._fetch_transcripts()
+            except (AuthRefused, LocalStorageError) as exc:
+                await self._halt(exc)
             if self.pruner is not None and not self.no_delete and not self.stop.is_set():
                 if await self._prune():  # deletions due run after the downloads
                     await self._count_deletions_left()
@@ -169,12 +175,13 @@ class Engine(Walker, Feeder, Workers, EngineParts):
                 self.unwritable = ""
                 self.metrics.unwritable.set(0)
             full = await self._full_walk_due()
-            new = await self._walk_unless_stopped(full=full)
+            new = await self._walk_both(full=full)
             if new is None or new == WALKED_ELSEWHERE:
                 return  # stopped mid-walk (the checkpoint keeps its place), or not ours to walk
             await self.state.set_meta("last_cycle", str(time.time()))
             await self._succeeded()
             await self._watch_store()
+            await self._fetch_transcripts()
         except (AuthRefused, LocalStorageError) as exc:
             await self._halt(exc)
             return
@@ -195,6 +202,13 @@ class Engine(Walker, Feeder, Workers, EngineParts):
             "cycle_done", full_walk=full, new=new, requests=self.client.stats["requests"] - before,
             seconds=round(time.time() - started, 3), cpu_seconds=round(time.process_time() - cpu, 4), **counts,
         )
+
+    async def _walk_both(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int | None:
+        """The calls walk (``[archive] call_metadata``; about one request per 100 calls), then
+        the recordings walk: a call starts before its recording, so each recording listed has
+        its call in the state by the time its sidecar is written (later calls: ``_note_calls``)."""
+        await self._walk_calls_guarded(full, since)
+        return await self._walk_unless_stopped(full=full, since=since, until=until)
 
     async def _wait_first(self, feeder: asyncio.Task[None], wait: float) -> None:
         """Until the feeder has nothing left, a stop, or the backfill's ``--wait`` is over: then

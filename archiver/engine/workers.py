@@ -8,9 +8,11 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
+from ..calls import call_block
 from ..errors import (
     AuthRefused,
     InvalidRecording,
@@ -105,12 +107,21 @@ class Workers(EngineParts):
             if polled is None:
                 return None
             row = polled
+        if self.cfg.archive.call_metadata:
+            row = replace(row, call=await self._call_block(row))
         directory = self.downloader.directory(row)
         adopted = await self.downloader.adopt(row, directory)
         if adopted is not None:
             await self._archived(row, adopted, started)
             return None
         return Job(row, directory, await self.client.recordingfile_url(row.id), started)
+
+    async def _call_block(self, row: Row) -> dict[str, Any]:
+        """The sidecar's ``call`` block: the call as the state knows it now, or why there is none."""
+        ref_type = str(row.raw.get("reference_type") or "")
+        ref_id = row.raw.get("reference_id")
+        call = await self.state.call_of(ref_id) if ref_type == "call" and isinstance(ref_id, str) else None
+        return call_block(call, ref_type)
 
     async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
         """Run one stage for ``row``; every outcome but success is recorded here. Recording it
@@ -167,6 +178,7 @@ class Workers(EngineParts):
             row.id, result.rel_path, result.size, result.sha256,
             ",".join(f"{k}={v}" for k, v in result.server_hashes.items()), result.members,
             result.state, result.flag, result.flag_reason,
+            call_noted=bool(row.call and row.call.get("id")) and not result.adopted,
         )
         seconds = time.monotonic() - started
         self.result.stats[result.state] += 1

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..calls import Call
 from ..config import StateConfig
 from ..model import Recording
 from ..ratelimit import Grant
@@ -26,6 +27,7 @@ from .base import (
     STATES,
     STORED,
     WAITING,
+    FindQuery,
     Row,
     empty_summary,
     unusable_message,
@@ -39,6 +41,7 @@ __all__ = [
     "STATES",
     "STORED",
     "WAITING",
+    "FindQuery",
     "PgState",
     "Row",
     "State",
@@ -80,7 +83,9 @@ class State(Protocol):
     async def close(self) -> None: ...
 
     # the walk
-    def walk_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...
+    def walk_lock(self, listing: str = "recordings") -> contextlib.AbstractAsyncContextManager[bool]:
+        """Whether this process walks the account's ``listing`` (``recordings``, ``calls``) now."""
+        ...
     async def store_page(self, recordings: list[Recording], walk: str | None, next_token: str) -> tuple[int, int]: ...
     async def walk_checkpoint(self, walk: str) -> str | None: ...
     async def end_walk(self, walk: str) -> None: ...
@@ -98,11 +103,38 @@ class State(Protocol):
     async def update(self, rec_id: str, **fields: Any) -> None: ...
     async def mark_archived(
         self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
-        state: str = "archived", flag: str = "", flag_reason: str = "",
+        state: str = "archived", flag: str = "", flag_reason: str = "", call_noted: bool = False,
     ) -> None: ...
     async def release_downloading(self, in_flight: set[str]) -> int: ...
     async def recover(self) -> list[Row]: ...
     async def retry_failed(self) -> int: ...
+
+    # calls: who spoke to whom (``GET /calls``), for the sidecar and for ``find``
+    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int, int]:
+        """Store a page of calls (new, changed) and checkpoint the walk in one transaction:
+        (new, known, recording ids the calls name that the state does not know)."""
+        ...
+
+    async def call_of(self, call_id: str) -> dict[str, Any] | None: ...
+
+    async def calls_to_note(self, limit: int) -> list[dict[str, Any]]:
+        """Stored recordings whose call was listed only after their sidecar was written."""
+        ...
+
+    async def mark_call_noted(self, ids: list[str]) -> None: ...
+
+    async def transcripts_due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Stored recordings whose transcripts are to be fetched (``[archive] transcripts``)."""
+        ...
+
+    async def mark_transcript(self, rec_id: str, state: str | None, due_at: float | None = None) -> None:
+        """``done`` (stored), ``none`` (there are none), or None with ``due_at``: ask again then."""
+        ...
+
+    async def find(self, query: FindQuery) -> list[dict[str, Any]]:
+        """Recordings matching ``query`` with their calls (``base.found``), oldest first: the
+        state alone answers, never the API or the archive."""
+        ...
 
     # deleting the server's copy (retention.py)
     def prune_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...

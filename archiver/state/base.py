@@ -4,12 +4,13 @@ summary assembled from either database's rows. Nothing here talks to a database.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_ACCOUNT
-from ..model import Recording
+from ..model import Recording, parse_timestamp
 
 STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
 FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
@@ -38,6 +39,7 @@ class Row:
     tm_create: float | None
     tm_end: float | None
     account: str = DEFAULT_ACCOUNT
+    call: dict[str, Any] | None = None  # the sidecar's "call" block (``calls.call_block``); None: none kept
 
 
 ROW_COLUMNS = "id, state, raw, attempts, polls, tm_create, tm_end, account"  # what row_from() reads
@@ -51,6 +53,90 @@ def row_from(r: Any) -> Row:
 
 def epoch(ts: Any) -> float | None:
     return ts.timestamp() if ts is not None else None
+
+
+def catalog_columns(raw: dict[str, Any]) -> tuple[float | None, str | None]:
+    """What ``find`` filters a recording on, from its JSON: (``tm_start``, or ``tm_create`` for
+    one that never started, as epoch; ``reference_id``, the call's id for a call's recording).
+    Kept beside ``raw`` in the same statement wherever ``raw`` is written."""
+    start = None
+    for key in ("tm_start", "tm_create"):
+        try:
+            start = parse_timestamp(raw.get(key))
+        except ValueError:
+            start = None
+        if start is not None:
+            break
+    ref = raw.get("reference_id")
+    return epoch(start), ref if isinstance(ref, str) and 0 < len(ref) <= 64 else None
+
+
+@dataclass(frozen=True)
+class FindQuery:
+    """``find``'s and ``export``'s filters; each one set narrows the answer (all of them: AND)."""
+
+    since: float | None = None  # tm_start >= (epoch)
+    until: float | None = None  # tm_start <
+    number: str = ""  # calls.address_key(): E.164 digits, or a SIP/agent target; source or destination
+    call: str = ""
+    recording: str = ""
+    direction: str = ""
+    account: str = ""
+    state: str = ""
+    flagged: bool = False
+    limit: int = 0  # 0: every match
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The WHERE clause (``?`` placeholders, recordings as ``r``, calls as ``c``) and its
+        parameters. A number is looked up in the calls' two address indexes first."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for sql, value, wanted in (
+            ("r.tm_start >= ?", self.since, self.since is not None),
+            ("r.tm_start < ?", self.until, self.until is not None),
+            ("r.id = ?", self.recording, bool(self.recording)),
+            ("r.reference_type = 'call' AND r.reference_id = ?", self.call, bool(self.call)),
+            ("c.direction = ?", self.direction, bool(self.direction)),
+            ("r.account = ?", self.account, bool(self.account)),
+            ("r.state = ?", self.state, bool(self.state)),
+        ):
+            if wanted:
+                clauses.append(sql)
+                params.append(value)
+        if self.flagged:
+            clauses.append("r.flag IS NOT NULL")
+        if self.number:
+            clauses.append("r.reference_id IN (SELECT id FROM calls WHERE source = ? UNION"
+                           " SELECT id FROM calls WHERE destination = ?) AND (c.source = ? OR c.destination = ?)")
+            params += [self.number] * 4
+        return (" AND ".join(clauses) or "1=1"), params
+
+
+CALL_COLUMNS = ("account, id, raw, direction, status, source, destination, source_target, destination_target,"
+                " hangup_reason, tm_create, discovered_at, updated_at")  # store_calls' INSERT
+CALL_UPDATES = ", ".join(f"{c}=excluded.{c}" for c in (
+    "raw", "direction", "status", "source", "destination", "source_target", "destination_target", "hangup_reason",
+    "updated_at"))  # what a call listed again with other content changes
+FIND_FROM = "recordings r LEFT JOIN calls c ON c.account = r.account AND c.id = r.reference_id"
+
+
+def find_sql(query: FindQuery, iso: Callable[[str], str]) -> tuple[str, list[Any]]:
+    """The one SELECT of ``find`` (``?`` placeholders), oldest first. Each column is already
+    what ``find --json`` prints (``iso``: the backend's SQL for an epoch as an ISO 8601 UTC
+    string), so a month of a million-recording archive needs no per-row work in Python."""
+    where, params = query.where()
+    columns = (
+        f"r.id AS recording_id, r.account, {iso('r.tm_start')} AS tm_start, {iso('r.tm_end')} AS tm_end,"
+        " r.reference_type, CASE WHEN r.reference_type = 'call' THEN r.reference_id END AS call_id,"
+        " c.id IS NOT NULL AS call_listed, c.direction, c.source_target AS source,"
+        " c.destination_target AS destination, c.hangup_reason, r.state, r.flag, r.flag_reason, r.path, r.size,"
+        " r.sha256, r.server_deleted_at IS NOT NULL AS server_deleted"
+    )
+    sql = f"SELECT {columns} FROM {FIND_FROM} WHERE {where} ORDER BY r.tm_start, r.account, r.id"
+    if query.limit:
+        sql += " LIMIT ?"
+        params.append(query.limit)
+    return sql, params
 
 
 def initial_state(rec: Recording) -> tuple[str, str | None]:

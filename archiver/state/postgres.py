@@ -30,22 +30,28 @@ from typing import Any, cast
 
 import structlog
 
+from ..calls import Call
 from ..config import StateConfig
 from ..errors import LocalStorageError, StateUnusable
 from ..logs import register_secret
 from ..model import Recording
 from ..ratelimit import Grant
 from .base import (
+    CALL_COLUMNS,
+    CALL_UPDATES,
     DELETABLE_COLUMNS,
     FLAGS,
     ROW_COLUMNS,
     STATES,
     STORED_SQL,
     SUMMARY_META,
+    FindQuery,
     Row,
     assemble_summaries,
+    catalog_columns,
     counts_by_account,
     epoch,
+    find_sql,
     initial_state,
     row_from,
     summary_meta,
@@ -105,7 +111,40 @@ MIGRATIONS: list[str] = [
     CREATE TABLE pace (account text PRIMARY KEY, tokens double precision NOT NULL, at double precision NOT NULL,
         granted double precision NOT NULL DEFAULT 0);
     """,
+    # v2: an archive that answers (``find``, ``export``): as SQLite's v6
+    """
+    ALTER TABLE recordings ADD COLUMN tm_start double precision;
+    ALTER TABLE recordings ADD COLUMN reference_id text;
+    ALTER TABLE recordings ADD COLUMN call_noted_at double precision;
+    ALTER TABLE recordings ADD COLUMN transcript_state text;
+    ALTER TABLE recordings ADD COLUMN transcript_due_at double precision;
+    UPDATE recordings SET reference_id = raw::jsonb->>'reference_id'
+        WHERE jsonb_typeof(raw::jsonb->'reference_id') = 'string';
+    CREATE INDEX recordings_start ON recordings(tm_start);
+    CREATE INDEX recordings_reference ON recordings(reference_id) WHERE reference_id IS NOT NULL;
+    CREATE INDEX recordings_transcripts_due ON recordings(account, transcript_due_at)
+        WHERE transcript_state IS NULL AND state IN ('archived', 'no_audio');
+    CREATE TABLE calls (
+        account text NOT NULL,
+        id text NOT NULL,
+        raw text NOT NULL,
+        direction text NOT NULL DEFAULT '',
+        status text NOT NULL DEFAULT '',
+        source text NOT NULL DEFAULT '',
+        destination text NOT NULL DEFAULT '',
+        source_target text,
+        destination_target text,
+        hangup_reason text,
+        tm_create double precision,
+        discovered_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (account, id)
+    );
+    CREATE INDEX calls_source ON calls(source);
+    CREATE INDEX calls_destination ON calls(destination);
+    """,
 ]
+CATALOG_FILLED_AT = 2  # the version after which recordings' tm_start is filled in from raw
 MIGRATE_LOCK = 0x766F6970  # advisory lock key while migrating or importing ("voip")
 
 
@@ -117,6 +156,19 @@ def asyncpg_module() -> Any:
             '[state] url needs PostgreSQL\'s driver: pip install "voipbin-archiver[postgresql]"'
         ) from None
     return asyncpg
+
+
+async def _fill_tm_start(con: Any) -> None:
+    """Each known recording's ``tm_start`` from its JSON, once, in migration v2's transaction."""
+    updates = []
+    for r in await con.fetch("SELECT account, id, raw FROM recordings WHERE tm_start IS NULL"):
+        try:
+            start, _ = catalog_columns(json.loads(r["raw"]))
+        except (ValueError, AttributeError):
+            continue
+        if start is not None:
+            updates.append((start, r["account"], r["id"]))
+    await con.executemany("UPDATE recordings SET tm_start=$1 WHERE account=$2 AND id=$3", updates)
 
 
 async def _keep_session(con: Any) -> None:
@@ -227,6 +279,8 @@ class PgState:
                                         f"(v{len(MIGRATIONS)}): upgrade voipbin-archiver")
                 for number in range(version, len(MIGRATIONS)):
                     await con.execute(MIGRATIONS[number])
+                    if number + 1 == CATALOG_FILLED_AT:
+                        await _fill_tm_start(con)
                     await con.execute("UPDATE archiver_schema SET version=$1", number + 1)
 
     @contextlib.contextmanager
@@ -260,10 +314,11 @@ class PgState:
     # ---- the walk ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def walk_lock(self) -> AsyncIterator[bool]:
-        """Whether this daemon walks the account now: one daemon at a time (a dead daemon's
-        lock goes with its session)."""
-        async with self._advisory(f"voipbin-archiver:walk:{self._acct}") as got:
+    async def walk_lock(self, listing: str = "recordings") -> AsyncIterator[bool]:
+        """Whether this daemon walks the account's ``listing`` now: one daemon at a time (a
+        dead daemon's lock goes with its session)."""
+        suffix = "" if listing == "recordings" else f":{listing}"
+        async with self._advisory(f"voipbin-archiver:walk:{self._acct}{suffix}") as got:
             yield got
 
     @contextlib.asynccontextmanager
@@ -302,19 +357,21 @@ class PgState:
                 if rec.id not in known:
                     known[rec.id] = state
                     inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
-                                    epoch(rec.tm_create), epoch(rec.tm_end), now, now, reason, now))
+                                    epoch(rec.tm_create), epoch(rec.tm_end), now, now, reason, now,
+                                    *catalog_columns(rec.raw)))
                 elif (rec.ended or rec.deleted) and known[rec.id] == "discovered":  # (no statement for the rest)
                     moves.append((state, json.dumps(rec.raw), rec.status, epoch(rec.tm_end), reason, now, now,
-                                  account, rec.id))
+                                  *catalog_columns(rec.raw), account, rec.id))
             if inserts:
                 await con.executemany(
                     "INSERT INTO recordings (account, id, state, raw, status, reference_type, tm_create, tm_end,"
-                    " discovered_at, next_attempt_at, last_error, updated_at)"
-                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT DO NOTHING", inserts)
+                    " discovered_at, next_attempt_at, last_error, updated_at, tm_start, reference_id)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT DO NOTHING", inserts)
             if moves:
                 await con.executemany(
                     "UPDATE recordings SET state=$1, raw=$2, status=$3, tm_end=$4, last_error=$5, next_attempt_at=$6,"
-                    " updated_at=$7 WHERE account=$8 AND id=$9 AND state='discovered'", moves)
+                    " updated_at=$7, tm_start=$8, reference_id=$9 WHERE account=$10 AND id=$11"
+                    " AND state='discovered'", moves)
             if walk is not None:
                 if next_token:
                     await con.execute(
@@ -343,6 +400,79 @@ class PgState:
 
     async def delete_meta(self, key: str) -> None:
         await self._execute("DELETE FROM meta WHERE account=$1 AND key=$2", self._acct, key)
+
+    # ---- calls (``find``'s metadata) -----------------------------------------------------------
+
+    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int, int]:
+        """As ``StateDB.store_calls``: (new, known, recording ids named that the state does not know)."""
+        account = self._acct
+        now = time.time()
+        with self._reachable():
+            async with self.pool.acquire() as con, con.transaction():
+                ids = list(dict.fromkeys(c.id for c in calls))
+                known = {r[0]: r[1] for r in await con.fetch(
+                    "SELECT id, raw FROM calls WHERE account=$1 AND id = ANY($2::text[])", account, ids)}
+                new = 0
+                upserts = []
+                for call in calls:
+                    raw = json.dumps(call.raw)
+                    if known.get(call.id) == raw:
+                        continue
+                    new += call.id not in known
+                    known[call.id] = raw
+                    upserts.append((account, call.id, raw, call.direction, call.status, call.source,
+                                    call.destination, call.source_target, call.destination_target,
+                                    call.hangup_reason, epoch(call.tm_create), now, now))
+                if upserts:
+                    await con.executemany(
+                        f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
+                        f" ON CONFLICT (account, id) DO UPDATE SET {CALL_UPDATES}", upserts)
+                named = list({rid for c in calls for rid in c.recording_ids})
+                present = await con.fetchval(
+                    "SELECT count(*) FROM recordings WHERE account=$1 AND id = ANY($2::text[])", account, named)
+                if walk is not None:
+                    if next_token:
+                        await con.execute(
+                            "INSERT INTO walks (account, name, token, updated_at) VALUES ($1,$2,$3,$4) ON CONFLICT"
+                            " (account, name) DO UPDATE SET token=excluded.token, updated_at=excluded.updated_at",
+                            account, walk, next_token, now)
+                    else:
+                        await con.execute("DELETE FROM walks WHERE account=$1 AND name=$2", account, walk)
+        return new, len(calls) - new, len(named) - int(present)
+
+    async def call_of(self, call_id: str) -> dict[str, Any] | None:
+        rows = await self._fetch("SELECT raw FROM calls WHERE account=$1 AND id=$2", self._acct, call_id)
+        return json.loads(rows[0][0]) if rows else None
+
+    async def calls_to_note(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT r.id, r.state, r.path, r.sha256, r.reference_type, c.raw AS call_raw FROM recordings r"
+            " JOIN calls c ON c.account = r.account AND c.id = r.reference_id"
+            f" WHERE r.account=$1 AND r.reference_type='call' AND r.state IN ({STORED_SQL})"
+            " AND r.call_noted_at IS NULL LIMIT $2", self._acct, limit)
+        return [{**dict(r), "call": json.loads(r["call_raw"])} for r in rows]
+
+    async def mark_call_noted(self, ids: list[str]) -> None:
+        await self._execute("UPDATE recordings SET call_noted_at=$1 WHERE account=$2 AND id = ANY($3::text[])",
+                            time.time(), self._acct, ids)
+
+    async def transcripts_due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT id, state, path, sha256 FROM recordings WHERE account=$1 AND transcript_state IS NULL"
+            f" AND state IN ({STORED_SQL}) AND (transcript_due_at IS NULL OR transcript_due_at <= $2) LIMIT $3",
+            self._acct, now, limit)
+        return [dict(r) for r in rows]
+
+    async def mark_transcript(self, rec_id: str, state: str | None, due_at: float | None = None) -> None:
+        await self._execute("UPDATE recordings SET transcript_state=$1, transcript_due_at=$2 WHERE account=$3"
+                            " AND id=$4", state, due_at, self._acct, rec_id)
+
+    async def find(self, query: FindQuery) -> list[dict[str, Any]]:
+        sql, params = find_sql(query, lambda col: f"to_char(to_timestamp({col}) AT TIME ZONE 'UTC',"
+                                                  " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+        parts = sql.split("?")
+        numbered = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+        return [dict(r) for r in await self._fetch(numbered, *params)]
 
     # ---- the pace ----------------------------------------------------------------------------
 
@@ -417,8 +547,10 @@ class PgState:
 
     async def update(self, rec_id: str, **fields: Any) -> None:
         """Set columns of one row while it is ours (or nobody's); the lease goes with the row
-        unless it stays ``downloading``. Lost to another daemon: nothing changes, and it is logged."""
+        unless it stays ``downloading``. Lost to another daemon: nothing changes, and it is logged.
+        ``raw`` may be a dict (``find``'s columns follow it)."""
         if "raw" in fields and not isinstance(fields["raw"], str):
+            fields["tm_start"], fields["reference_id"] = catalog_columns(fields["raw"])
             fields["raw"] = json.dumps(fields["raw"])
         fields["updated_at"] = time.time()
         sets = [f"{k}=${n}" for n, k in enumerate(fields, start=1)]
@@ -436,17 +568,18 @@ class PgState:
 
     async def mark_archived(
         self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
-        state: str = "archived", flag: str = "", flag_reason: str = "",
+        state: str = "archived", flag: str = "", flag_reason: str = "", call_noted: bool = False,
     ) -> None:
         """Idempotent: an archived row with the same SHA-256 is left as it is; with another
-        SHA-256 the first is kept and the conflict logged (never two answers for one recording)."""
+        SHA-256 the first is kept and the conflict logged (never two answers for one recording).
+        ``call_noted``: its sidecar holds its call already."""
         now = time.time()
         rows = await self._fetch(
             "UPDATE recordings SET state=$1, path=$2, size=$3, sha256=$4, server_hashes=$5, members=$6, flag=$7,"
-            " flag_reason=$8, archived_at=$9, last_error=NULL, updated_at=$9, lease_owner=NULL, lease_until=NULL"
-            " WHERE account=$10 AND id=$11 AND state NOT IN ('archived', 'no_audio') RETURNING id",
+            " flag_reason=$8, archived_at=$9, last_error=NULL, updated_at=$9, lease_owner=NULL, lease_until=NULL,"
+            " call_noted_at=$12 WHERE account=$10 AND id=$11 AND state NOT IN ('archived', 'no_audio') RETURNING id",
             state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None, now,
-            self._acct, rec_id,
+            self._acct, rec_id, now if call_noted else None,
         )
         if rows:
             return

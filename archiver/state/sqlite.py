@@ -35,20 +35,26 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import aiosqlite
 
+from ..calls import Call
 from ..errors import LocalStorageError, StateLocked, StateUnusable
 from ..model import Recording
 from ..store import fsync_path, mkdir_durable
 from .base import (
+    CALL_COLUMNS,
+    CALL_UPDATES,
     DELETABLE_COLUMNS,
     FLAGS,
     ROW_COLUMNS,
     STATES,
     STORED_SQL,
     SUMMARY_META,
+    FindQuery,
     Row,
     assemble_summaries,
+    catalog_columns,
     counts_by_account,
     epoch,
+    find_sql,
     initial_state,
     row_from,
     summary_meta,
@@ -168,7 +174,42 @@ MIGRATIONS: list[str] = [
     DROP TABLE meta;
     ALTER TABLE meta_v5 RENAME TO meta;
     """,
+    # v6: an archive that answers (``find``, ``export``): each recording's start and call id beside
+    # its JSON (tm_start is filled in from raw after this script: SQL cannot parse both its
+    # styles), and the calls of ``GET /calls``, their addresses as ``find --number`` compares them.
+    """
+    ALTER TABLE recordings ADD COLUMN tm_start REAL;
+    ALTER TABLE recordings ADD COLUMN reference_id TEXT;
+    ALTER TABLE recordings ADD COLUMN call_noted_at REAL;
+    ALTER TABLE recordings ADD COLUMN transcript_state TEXT;
+    ALTER TABLE recordings ADD COLUMN transcript_due_at REAL;
+    UPDATE recordings SET reference_id = json_extract(raw, '$.reference_id')
+        WHERE json_valid(raw) AND json_type(raw, '$.reference_id') = 'text';
+    CREATE INDEX recordings_start ON recordings(tm_start);
+    CREATE INDEX recordings_reference ON recordings(reference_id) WHERE reference_id IS NOT NULL;
+    CREATE INDEX recordings_transcripts_due ON recordings(account, transcript_due_at)
+        WHERE transcript_state IS NULL AND state IN ('archived', 'no_audio');
+    CREATE TABLE calls (
+        account TEXT NOT NULL,
+        id TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        direction TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL DEFAULT '',
+        destination TEXT NOT NULL DEFAULT '',
+        source_target TEXT,
+        destination_target TEXT,
+        hangup_reason TEXT,
+        tm_create REAL,
+        discovered_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (account, id)
+    );
+    CREATE INDEX calls_source ON calls(source);
+    CREATE INDEX calls_destination ON calls(destination);
+    """,
 ]
+CATALOG_FILLED_AT = 6  # the version after which recordings' tm_start is filled in from raw
 
 
 P = ParamSpec("P")
@@ -335,11 +376,27 @@ class StateDB:
             await self.db.executescript(
                 f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
             )
+            if number + 1 == CATALOG_FILLED_AT:
+                await self._fill_tm_start()
+
+    async def _fill_tm_start(self) -> None:
+        """Each known recording's ``tm_start`` from its JSON, once, after migration v6."""
+        rows = await self._fetchall("SELECT account, id, raw FROM recordings WHERE tm_start IS NULL")
+        updates = []
+        for r in rows:
+            try:
+                start, _ = catalog_columns(json.loads(r["raw"]))
+            except (ValueError, AttributeError):
+                continue
+            if start is not None:
+                updates.append((start, r["account"], r["id"]))
+        await self.db.executemany("UPDATE recordings SET tm_start=? WHERE account=? AND id=?", updates)
+        await self.db.commit()
 
     # ---- the walk ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def walk_lock(self) -> AsyncIterator[bool]:
+    async def walk_lock(self, listing: str = "recordings") -> AsyncIterator[bool]:
         """Whether this process walks the account now: always (one process per database)."""
         yield True
 
@@ -369,20 +426,23 @@ class StateDB:
             if rec.id not in known:
                 known[rec.id] = state  # a page may (in theory) list an id twice
                 inserts.append((account, rec.id, state, json.dumps(rec.raw), rec.status, rec.reference_type,
-                                epoch(rec.tm_create), epoch(rec.tm_end), now, now, reason, now))
+                                epoch(rec.tm_create), epoch(rec.tm_end), now, now, reason, now,
+                                *catalog_columns(rec.raw)))
             elif (rec.ended or rec.deleted) and known[rec.id] == "discovered":  # (no statement for the rest)
                 moves.append((state, json.dumps(rec.raw), rec.status, epoch(rec.tm_end), reason, now, now,
-                              account, rec.id))
+                              *catalog_columns(rec.raw), account, rec.id))
         if inserts:
             await self.db.executemany(
                 "INSERT OR IGNORE INTO recordings (account, id, state, raw, status, reference_type, tm_create,"
-                " tm_end, discovered_at, next_attempt_at, last_error, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " tm_end, discovered_at, next_attempt_at, last_error, updated_at, tm_start, reference_id)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 inserts,
             )
         if moves:
             await self.db.executemany(
                 "UPDATE recordings SET state=?, raw=?, status=?, tm_end=?, last_error=?,"
-                " next_attempt_at=?, updated_at=? WHERE account=? AND id=? AND state='discovered'",
+                " next_attempt_at=?, updated_at=?, tm_start=?, reference_id=? WHERE account=? AND id=?"
+                " AND state='discovered'",
                 moves,
             )
         if walk is not None:
@@ -425,6 +485,92 @@ class StateDB:
         await self.db.execute("DELETE FROM meta WHERE account=? AND key=?", (self._acct, key))
         await self.db.commit()
 
+    # ---- calls (``find``'s metadata) -----------------------------------------------------------
+
+    @_writes
+    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int, int]:
+        """Insert unknown calls, update changed ones and checkpoint the walk, in one
+        transaction. Returns (new, known, recording ids the calls name that the state does not
+        know: deleted on the server before we listed them, or another account's)."""
+        account = self._acct
+        now = time.time()
+        ids = list(dict.fromkeys(c.id for c in calls))
+        known: dict[str, str] = {r[0]: r[1] for r in await self._fetchall(
+            f"SELECT id, raw FROM calls WHERE account=? AND id IN ({','.join('?' * len(ids))})",
+            (account, *ids))} if ids else {}
+        new = 0
+        upserts = []
+        for call in calls:
+            raw = json.dumps(call.raw)
+            if known.get(call.id) == raw:
+                continue
+            new += call.id not in known
+            known[call.id] = raw
+            upserts.append((account, call.id, raw, call.direction, call.status, call.source, call.destination,
+                            call.source_target, call.destination_target, call.hangup_reason, epoch(call.tm_create),
+                            now, now))
+        if upserts:
+            await self.db.executemany(
+                f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id)"
+                f" DO UPDATE SET {CALL_UPDATES}", upserts)
+        named = list({rid for c in calls for rid in c.recording_ids})
+        strangers = 0
+        for start in range(0, len(named), 500):
+            chunk = named[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found_ids = await self._fetchall(
+                f"SELECT id FROM recordings WHERE account=? AND id IN ({marks})", (account, *chunk))
+            strangers += len(chunk) - len(found_ids)
+        if walk is not None:
+            if next_token:
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO walks (account, name, token, updated_at) VALUES (?,?,?,?)",
+                    (account, walk, next_token, now))
+            else:
+                await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (account, walk))
+        await self.db.commit()
+        return new, len(calls) - new, strangers
+
+    async def call_of(self, call_id: str) -> dict[str, Any] | None:
+        """The JSON of one of this account's calls, None when it is not (or not yet) listed."""
+        rows = await self._fetchall("SELECT raw FROM calls WHERE account=? AND id=?", (self._acct, call_id))
+        return json.loads(rows[0][0]) if rows else None
+
+    async def calls_to_note(self, limit: int) -> list[dict[str, Any]]:
+        """Stored recordings whose call was listed after their sidecar was written, with it."""
+        rows = await self._fetchall(
+            "SELECT r.id, r.state, r.path, r.sha256, r.reference_type, c.raw AS call_raw FROM recordings r"
+            " JOIN calls c ON c.account = r.account AND c.id = r.reference_id"
+            f" WHERE r.account=? AND r.reference_type='call' AND r.state IN ({STORED_SQL})"
+            " AND r.call_noted_at IS NULL LIMIT ?", (self._acct, limit))
+        return [{**dict(r), "call": json.loads(r["call_raw"])} for r in rows]
+
+    @_writes
+    async def mark_call_noted(self, ids: list[str]) -> None:
+        now = time.time()
+        await self.db.executemany("UPDATE recordings SET call_noted_at=? WHERE account=? AND id=?",
+                                  [(now, self._acct, rec_id) for rec_id in ids])
+        await self.db.commit()
+
+    async def transcripts_due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Stored recordings whose transcripts are not fetched yet (or due again: progressing)."""
+        rows = await self._fetchall(
+            "SELECT id, state, path, sha256 FROM recordings INDEXED BY recordings_transcripts_due WHERE account=?"
+            f" AND transcript_state IS NULL AND state IN ({STORED_SQL}) AND (transcript_due_at IS NULL"
+            " OR transcript_due_at <= ?) LIMIT ?", (self._acct, now, limit))
+        return [dict(r) for r in rows]
+
+    @_writes
+    async def mark_transcript(self, rec_id: str, state: str | None, due_at: float | None = None) -> None:
+        await self.db.execute("UPDATE recordings SET transcript_state=?, transcript_due_at=? WHERE account=? AND id=?",
+                              (state, due_at, self._acct, rec_id))
+        await self.db.commit()
+
+    async def find(self, query: FindQuery) -> list[dict[str, Any]]:
+        """What ``find`` and ``export`` list: recordings and their calls, oldest first."""
+        sql, params = find_sql(query, lambda col: f"strftime('%Y-%m-%dT%H:%M:%fZ', {col}, 'unixepoch')")
+        return [dict(r) for r in await self._fetchall(sql, params)]
+
     # ---- the worker pool ---------------------------------------------------------------------
 
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[Row]:
@@ -462,8 +608,9 @@ class StateDB:
 
     @_writes
     async def update(self, rec_id: str, **fields: Any) -> None:
-        """Set columns of one row and commit; ``raw`` may be a dict."""
+        """Set columns of one row and commit; ``raw`` may be a dict (``find``'s columns follow it)."""
         if "raw" in fields and not isinstance(fields["raw"], str):
+            fields["tm_start"], fields["reference_id"] = catalog_columns(fields["raw"])
             fields["raw"] = json.dumps(fields["raw"])
         fields["updated_at"] = time.time()
         sets = ", ".join(f"{k}=?" for k in fields)
@@ -474,13 +621,15 @@ class StateDB:
 
     async def mark_archived(
         self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
-        state: str = "archived", flag: str = "", flag_reason: str = "",
+        state: str = "archived", flag: str = "", flag_reason: str = "", call_noted: bool = False,
     ) -> None:
         """Record a stored recording (``archived`` or ``no_audio``). Concurrent calls share one
-        transaction (group commit); each returns only once its own row is committed."""
+        transaction (group commit); each returns only once its own row is committed.
+        ``call_noted``: its sidecar holds its call already."""
         now = time.time()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        values = (state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None)
+        values = (state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None,
+                  now if call_noted else None)
         self._archived_batch.append(((*values, now, now, self._acct, rec_id), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_archived())
@@ -493,7 +642,8 @@ class StateDB:
             try:
                 await self.db.executemany(
                     "UPDATE recordings SET state=?, path=?, size=?, sha256=?, server_hashes=?, members=?,"
-                    " flag=?, flag_reason=?, archived_at=?, last_error=NULL, updated_at=? WHERE account=? AND id=?",
+                    " flag=?, flag_reason=?, call_noted_at=?, archived_at=?, last_error=NULL, updated_at=?"
+                    " WHERE account=? AND id=?",
                     [values for values, _ in batch],
                 )
                 await self.db.commit()
