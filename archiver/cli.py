@@ -400,9 +400,8 @@ async def _prune(cfg: Config, dry_run: bool) -> int:
 
 
 async def _demo(args: argparse.Namespace, live: bool) -> int:
-    from .service import run_engine
-
     """Start the simulator on 127.0.0.1 and archive from it, as a newcomer's first look."""
+    from .service import run_engine
     from .simulator import SimConfig, Simulator
 
     log = structlog.get_logger("archiver.demo")
@@ -431,7 +430,30 @@ async def _demo(args: argparse.Namespace, live: bool) -> int:
     print("look at it with:")
     print(f"  voipbin-archiver --config {demo_config} status")
     print(f"  voipbin-archiver --config {demo_config} verify")
+    await _demo_find(cfg, demo_config)
     return _exit_code(result)
+
+
+async def _demo_find(cfg: Config, demo_config: Path) -> None:
+    """The archive answering: the recordings of one caller, and the export that hands them over."""
+    from .find import as_record
+    from .state import FindQuery
+
+    state = await open_state(cfg.state, readonly=True)
+    try:
+        rows = [as_record(r) for r in await state.find(FindQuery(state="archived"))]
+        number = next((r["source"] for r in rows if r["source"] and r["direction"] == "incoming"), None)
+        found = [as_record(r) for r in await state.find(FindQuery(number=number[1:]))] if number else []
+    finally:
+        await state.close()
+    if not number:
+        return
+    print(f"ask it (from the state alone): every recording of {number}:")
+    print(f"  voipbin-archiver --config {demo_config} find --number {number}")
+    print("    " + table(found).replace("\n", "\n    "))
+    print("hand them over, each file re-verified, with SHA256SUMS:")
+    print(f"  voipbin-archiver --config {demo_config} export --number {number} --out demo-production")
+    print("  (cd demo-production && sha256sum -c SHA256SUMS)")
 
 
 def _write_demo_config(path: Path, cfg: Config) -> None:

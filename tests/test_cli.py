@@ -83,6 +83,10 @@ async def test_demo_leaves_a_config_for_status_and_verify(tmp_path):
     assert status.rc == 0 and info["archived"] == info["total"] == 10, status  # 12, two of them deleted
     verify = await run_cli("verify", "--config", str(config), cwd=tmp_path)  # --config after the command
     assert verify.rc == 0 and "0 problem(s)" in verify.out, verify
+    shown = next(line.strip() for line in result.out.splitlines() if " export --number " in line)
+    export = await run_cli(*shown.split()[1:], cwd=tmp_path)  # the demo's own export command, as printed
+    assert export.rc == 0 and "sha256sum -c SHA256SUMS" in export.out, export
+    assert (tmp_path / "demo-production" / "SHA256SUMS").read_text().count("\n") >= 2
 
 
 async def test_verify_repair_downloads_again_what_is_missing_or_changed(tmp_path, make_sim):
