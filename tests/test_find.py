@@ -225,7 +225,8 @@ async def test_transcripts_opt_in_are_kept_beside_their_recordings_and_exported(
 async def test_call_metadata_costs_about_one_request_per_hundred_calls(tmp_path, make_sim):
     sim = await make_sim(recordings=600, audio_bytes=500, mode="wav")
     cfg = write_config(tmp_path, sim)
-    assert (result := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, result
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert result.rc == 0, result
     calls = sum(1 for r in sim.recordings.values() if r.reference_type == "call")
     assert calls == 515 and sim.stats["calls"] == 7, sim.stats  # 5 full pages, the rest, the empty one after it
     assert sim.stats["calls"] / 600 <= 0.03
