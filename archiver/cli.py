@@ -22,7 +22,7 @@ from . import __version__
 from .config import Config, build_config, default_config_path, load_config
 from .errors import AuthRefused, ConfigError, LocalStorageError, StateLocked, StateUnusable
 from .export import export
-from .find import add_filters, as_record, filters_of, json_lines, query_of, table
+from .find import add_filters, filters_of, query_of, table
 from .logs import configure_logging, redact
 from .state import FLAGS, STATES, open_state, unusable_message, waiting_count
 from .store import write_file_atomic
@@ -162,18 +162,22 @@ async def _find(cfg: Config, args: argparse.Namespace) -> int:
     """``find``: exit 0 with results, 1 with none."""
     if args.limit < 0:
         raise ConfigError("--limit must be 0 (all) or more")
+    query = query_of(args, args.limit)
+    prefix = cfg.archive.s3.prefix if cfg.archive.destination == "s3" and cfg.archive.s3 else ""
     state = await open_state(cfg.state, readonly=True)
     try:
-        rows = await state.find(query_of(args, args.limit))
+        if args.json:
+            lines = await state.find_json(query, prefix)
+            found = len(lines)
+            sys.stdout.write("".join(line + "\n" for line in lines))
+        else:
+            rows = await state.find(query)
+            found = len(rows)
+            if rows:
+                print(table(rows))
     finally:
         await state.close()
-    prefix = cfg.archive.s3.prefix if cfg.archive.destination == "s3" and cfg.archive.s3 else ""
-    records = [as_record(r, prefix) for r in rows]
-    if args.json:
-        sys.stdout.write(json_lines(records))
-    elif records:
-        print(table(records))
-    if not records:
+    if not found:
         print("find: no recording matches", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
@@ -436,14 +440,13 @@ async def _demo(args: argparse.Namespace, live: bool) -> int:
 
 async def _demo_find(cfg: Config, demo_config: Path) -> None:
     """The archive answering: the recordings of one caller, and the export that hands them over."""
-    from .find import as_record
     from .state import FindQuery
 
     state = await open_state(cfg.state, readonly=True)
     try:
-        rows = [as_record(r) for r in await state.find(FindQuery(state="archived"))]
+        rows = await state.find(FindQuery(state="archived"))
         number = next((r["source"] for r in rows if r["source"] and r["direction"] == "incoming"), None)
-        found = [as_record(r) for r in await state.find(FindQuery(number=number[1:]))] if number else []
+        found = await state.find(FindQuery(number=number[1:])) if number else []
     finally:
         await state.close()
     if not number:

@@ -10,7 +10,6 @@ same E.164 number however it is written), ``--call``, ``--recording``, ``--direc
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -94,22 +93,6 @@ def filters_of(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def as_record(row: dict[str, Any], key_prefix: str = "") -> dict[str, Any]:
-    """One result as ``find --json`` prints it: the state's columns (``base.find_sql``), and
-    what they say of the call and of the bucket's key."""
-    if row["reference_type"] != "call":
-        note = f"no call (a {row['reference_type'] or 'recording without a reference'})"
-    elif not row["call_listed"]:
-        note = "call not listed (deleted on the server, or not walked yet)"
-    else:
-        note = None
-    row["call_listed"] = bool(row["call_listed"])
-    row["server_deleted"] = bool(row["server_deleted"])
-    row["call_note"] = note
-    row["key"] = key_prefix + row["path"] if key_prefix and row["path"] else None
-    return row
-
-
 def table(records: list[dict[str, Any]]) -> str:
     """The records as a table for a terminal, one line each."""
     accounts = len({r["account"] for r in records}) > 1
@@ -128,5 +111,3 @@ def table(records: list[dict[str, Any]]) -> str:
                      for line in lines)
 
 
-def json_lines(records: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)

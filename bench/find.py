@@ -139,6 +139,8 @@ def main() -> None:
             "a month": [*base, "--since", f"{month:%Y-%m}", "--until", f"{month + timedelta(days=31):%Y-%m}"],
             "a call": [*base, "--call", call],
             "a number in a month": [*base, "--number", "+" + number, "--since", "2024-01", "--until", "2024-02"],
+            "a month, as a table": [c for c in base if c != "--json"] + [
+                "--since", f"{month:%Y-%m}", "--until", f"{month + timedelta(days=31):%Y-%m}"],
         }
         floor = timed([sys.executable, "-c", "import archiver.cli"], args.runs)
         print(f"N={args.recordings:,}, {args.runs} runs each; the floor (python + importing the CLI): "

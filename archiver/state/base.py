@@ -120,19 +120,48 @@ CALL_UPDATES = ", ".join(f"{c}=excluded.{c}" for c in (
 FIND_FROM = "recordings r LEFT JOIN calls c ON c.account = r.account AND c.id = r.reference_id"
 
 
-def find_sql(query: FindQuery, iso: Callable[[str], str]) -> tuple[str, list[Any]]:
-    """The one SELECT of ``find`` (``?`` placeholders), oldest first. Each column is already
-    what ``find --json`` prints (``iso``: the backend's SQL for an epoch as an ISO 8601 UTC
-    string), so a month of a million-recording archive needs no per-row work in Python."""
+@dataclass(frozen=True)
+class Dialect:
+    """The SQL a backend writes its own way for ``find``: an epoch as an ISO 8601 UTC string, a
+    JSON object of (key, expression) pairs, a boolean as JSON ``true``/``false``."""
+
+    iso: Callable[[str], str]
+    json_object: Callable[[list[tuple[str, str]]], str]
+    json_bool: Callable[[str], str]
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def find_columns(dialect: Dialect, key_prefix: str = "") -> list[tuple[str, str]]:
+    """What ``find`` prints of each recording, as (name, SQL expression) pairs: every value made
+    by the database, so a month of a million-recording archive needs no per-row work in Python."""
+    no_ref = "CASE WHEN r.reference_type = '' THEN 'recording without a reference' ELSE r.reference_type END"
+    return [
+        ("recording_id", "r.id"), ("account", "r.account"), ("tm_start", dialect.iso("r.tm_start")),
+        ("tm_end", dialect.iso("r.tm_end")), ("reference_type", "r.reference_type"),
+        ("call_id", "CASE WHEN r.reference_type = 'call' THEN r.reference_id END"),
+        ("call_listed", dialect.json_bool("c.id IS NOT NULL")),
+        ("call_note", f"CASE WHEN r.reference_type <> 'call' THEN 'no call (a ' || {no_ref} || ')'"
+                      " WHEN c.id IS NULL THEN 'call not listed (deleted on the server, or not walked yet)' END"),
+        ("direction", "c.direction"), ("source", "c.source_target"), ("destination", "c.destination_target"),
+        ("hangup_reason", "c.hangup_reason"), ("state", "r.state"), ("flag", "r.flag"),
+        ("flag_reason", "r.flag_reason"), ("path", "r.path"),
+        ("key", f"CASE WHEN r.path IS NOT NULL THEN {_literal(key_prefix)} || r.path END" if key_prefix else "NULL"),
+        ("size", "r.size"), ("sha256", "r.sha256"),
+        ("server_deleted", dialect.json_bool("r.server_deleted_at IS NOT NULL")),
+    ]
+
+
+def find_sql(query: FindQuery, dialect: Dialect, as_json: bool = False, key_prefix: str = "") -> tuple[str, list[Any]]:
+    """The one SELECT of ``find`` (``?`` placeholders), oldest first: the ``find_columns``, or
+    with ``as_json`` each row as one JSON object (the line ``find --json`` prints)."""
     where, params = query.where()
-    columns = (
-        f"r.id AS recording_id, r.account, {iso('r.tm_start')} AS tm_start, {iso('r.tm_end')} AS tm_end,"
-        " r.reference_type, CASE WHEN r.reference_type = 'call' THEN r.reference_id END AS call_id,"
-        " c.id IS NOT NULL AS call_listed, c.direction, c.source_target AS source,"
-        " c.destination_target AS destination, c.hangup_reason, r.state, r.flag, r.flag_reason, r.path, r.size,"
-        " r.sha256, r.server_deleted_at IS NOT NULL AS server_deleted"
-    )
-    sql = f"SELECT {columns} FROM {FIND_FROM} WHERE {where} ORDER BY r.tm_start, r.account, r.id"
+    columns = find_columns(dialect, key_prefix)
+    select = (f"{dialect.json_object(columns)} AS line" if as_json else
+              ", ".join(f"{expr} AS {name}" for name, expr in columns))
+    sql = f"SELECT {select} FROM {FIND_FROM} WHERE {where} ORDER BY r.tm_start, r.account, r.id"
     if query.limit:
         sql += " LIMIT ?"
         params.append(query.limit)

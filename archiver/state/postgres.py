@@ -45,6 +45,7 @@ from .base import (
     STATES,
     STORED_SQL,
     SUMMARY_META,
+    Dialect,
     FindQuery,
     Row,
     assemble_summaries,
@@ -156,6 +157,19 @@ def asyncpg_module() -> Any:
             '[state] url needs PostgreSQL\'s driver: pip install "voipbin-archiver[postgresql]"'
         ) from None
     return asyncpg
+
+
+PG_FIND = Dialect(
+    iso=lambda col: f"to_char(to_timestamp({col}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+    json_object=lambda pairs: "json_build_object(" + ", ".join(f"'{k}', {v}" for k, v in pairs) + ")::text",
+    json_bool=lambda expr: f"({expr})",
+)
+
+
+def _numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1``, ``$2``, ... (the shared SQL has no literal ``?``)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
 
 
 async def _fill_tm_start(con: Any) -> None:
@@ -468,11 +482,12 @@ class PgState:
                             " AND id=$4", state, due_at, self._acct, rec_id)
 
     async def find(self, query: FindQuery) -> list[dict[str, Any]]:
-        sql, params = find_sql(query, lambda col: f"to_char(to_timestamp({col}) AT TIME ZONE 'UTC',"
-                                                  " 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
-        parts = sql.split("?")
-        numbered = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
-        return [dict(r) for r in await self._fetch(numbered, *params)]
+        sql, params = find_sql(query, PG_FIND)
+        return [dict(r) for r in await self._fetch(_numbered(sql), *params)]
+
+    async def find_json(self, query: FindQuery, key_prefix: str = "") -> list[str]:
+        sql, params = find_sql(query, PG_FIND, as_json=True, key_prefix=key_prefix)
+        return [r[0] for r in await self._fetch(_numbered(sql), *params)]
 
     # ---- the pace ----------------------------------------------------------------------------
 

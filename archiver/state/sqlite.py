@@ -48,6 +48,7 @@ from .base import (
     STATES,
     STORED_SQL,
     SUMMARY_META,
+    Dialect,
     FindQuery,
     Row,
     assemble_summaries,
@@ -212,6 +213,11 @@ MIGRATIONS: list[str] = [
 CATALOG_FILLED_AT = 6  # the version after which recordings' tm_start is filled in from raw
 
 
+SQLITE_FIND = Dialect(
+    iso=lambda col: f"strftime('%Y-%m-%dT%H:%M:%fZ', {col}, 'unixepoch')",
+    json_object=lambda pairs: "json_object(" + ", ".join(f"'{k}', {v}" for k, v in pairs) + ")",
+    json_bool=lambda expr: f"json(CASE WHEN {expr} THEN 'true' ELSE 'false' END)",
+)
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -568,8 +574,13 @@ class StateDB:
 
     async def find(self, query: FindQuery) -> list[dict[str, Any]]:
         """What ``find`` and ``export`` list: recordings and their calls, oldest first."""
-        sql, params = find_sql(query, lambda col: f"strftime('%Y-%m-%dT%H:%M:%fZ', {col}, 'unixepoch')")
-        return [dict(r) for r in await self._fetchall(sql, params)]
+        sql, params = find_sql(query, SQLITE_FIND)
+        return [{**r, "call_listed": bool(r["call_listed"]), "server_deleted": bool(r["server_deleted"])}
+                for r in map(dict, await self._fetchall(sql, params))]
+
+    async def find_json(self, query: FindQuery, key_prefix: str = "") -> list[str]:
+        sql, params = find_sql(query, SQLITE_FIND, as_json=True, key_prefix=key_prefix)
+        return [r[0] for r in await self._fetchall(sql, params)]
 
     # ---- the worker pool ---------------------------------------------------------------------
 
