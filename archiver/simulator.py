@@ -7,6 +7,11 @@ What it serves:
 * ``POST /auth/login``, ``GET /v1.0/recordings`` (keyset pages, newest first),
   ``GET /v1.0/recordings/{id}``, ``GET /v1.0/recordingfiles/{id}`` (307 to a signed URL),
   ``GET /storage/{id}`` (the signed "storage" object, with ``x-goog-hash``).
+* ``GET /v1.0/calls`` (paged like the recordings: the call each recording of ``reference_type``
+  "call" names, created 3 s before it, incoming or outgoing, E.164 ``tel`` addresses; a call
+  can be unlisted, as one deleted on the server, and junk or repeated calls added to the newest
+  page), ``GET /v1.0/transcribes`` (both filter parameters or a 400) and ``GET /v1.0/transcripts``
+  (``transcribe_id`` required; paged): every ``transcribed_every``-th recording has sessions.
 * ZIP bodies (today's server) or single WAVs (the tutorial's), both timestamp styles.
 * Recordings that end after a delay, whose files arrive late (empty ZIP, then one of two
   members, then all), deleted ones; the per-customer rate limit (429 + ``Retry-After`` +

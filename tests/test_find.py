@@ -55,6 +55,8 @@ async def test_find_and_export_answer_from_a_directory_archive(tmp_path, make_si
     backfill = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
     assert backfill.rc == 0, backfill
     assert "call pages listed" in backfill.out
+    events = [json.loads(line) for line in backfill.err.splitlines() if line.startswith("{")]
+    assert [e["call_id"] for e in events if e["event"] == "call_rejected"] == ["not-a-uuid"]
     assert sim.stats["calls"] / 30 <= 0.1, sim.stats  # one page of 100 and the empty one after it
     target = calls[3]
     number = sim.call_json(target)["source"]["target"]  # "+4930..."

@@ -56,7 +56,7 @@ class CallWalker(EngineParts):
                 full = True  # never walked whole: the first walk goes all the way back
             start = (await self.state.walk_checkpoint(CALLS_WALK) or "") if full else ""
             stop_before = since - CALL_LEAD if since is not None else None
-            new_total = strangers = 0
+            new_total = 0
             async for page in walk_pages(self.client, self.cfg.api.page_size, start,
                                          fetch=self.client.list_calls, parse_item=parse_call):
                 for raw_id, reason in page.rejected:
@@ -65,10 +65,9 @@ class CallWalker(EngineParts):
                 reached = stop_before is not None and any(c.tm_create and c.tm_create < stop_before
                                                           for c in page.items)
                 token = "" if reached else page.next_token
-                new, known, unknown = await asyncio.shield(
+                new, known = await asyncio.shield(
                     self.state.store_calls(page.items, CALLS_WALK if full else None, token))
                 new_total += new
-                strangers += unknown
                 self.result.stats["call_pages"] += 1
                 self.result.stats["calls"] += new
                 if reached:
@@ -79,9 +78,6 @@ class CallWalker(EngineParts):
                 await self.state.end_walk(CALLS_WALK)
                 if stop_before is None:
                     await self.state.set_meta("walk_done:calls", str(time.time()))
-            if strangers:
-                log.info("calls_name_unknown_recordings", recordings=strangers,
-                         hint="recordings deleted on the server before they were listed, or not listed yet")
             log.debug("calls_walk_done", full=full, new=new_total)
         if new_total:
             await self._note_calls()

@@ -110,9 +110,9 @@ class State(Protocol):
     async def retry_failed(self) -> int: ...
 
     # calls: who spoke to whom (``GET /calls``), for the sidecar and for ``find``
-    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int, int]:
+    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int]:
         """Store a page of calls (new, changed) and checkpoint the walk in one transaction:
-        (new, known, recording ids the calls name that the state does not know)."""
+        (new, unchanged)."""
         ...
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None: ...

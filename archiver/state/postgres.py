@@ -417,8 +417,8 @@ class PgState:
 
     # ---- calls (``find``'s metadata) -----------------------------------------------------------
 
-    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int, int]:
-        """As ``StateDB.store_calls``: (new, known, recording ids named that the state does not know)."""
+    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int]:
+        """As ``StateDB.store_calls``: (new, unchanged)."""
         account = self._acct
         now = time.time()
         with self._reachable():
@@ -441,9 +441,6 @@ class PgState:
                     await con.executemany(
                         f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
                         f" ON CONFLICT (account, id) DO UPDATE SET {CALL_UPDATES}", upserts)
-                named = list({rid for c in calls for rid in c.recording_ids})
-                present = await con.fetchval(
-                    "SELECT count(*) FROM recordings WHERE account=$1 AND id = ANY($2::text[])", account, named)
                 if walk is not None:
                     if next_token:
                         await con.execute(
@@ -452,7 +449,7 @@ class PgState:
                             account, walk, next_token, now)
                     else:
                         await con.execute("DELETE FROM walks WHERE account=$1 AND name=$2", account, walk)
-        return new, len(calls) - new, len(named) - int(present)
+        return new, len(calls) - len(upserts)
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None:
         rows = await self._fetch("SELECT raw FROM calls WHERE account=$1 AND id=$2", self._acct, call_id)

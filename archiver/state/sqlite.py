@@ -494,10 +494,9 @@ class StateDB:
     # ---- calls (``find``'s metadata) -----------------------------------------------------------
 
     @_writes
-    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int, int]:
+    async def store_calls(self, calls: list[Call], walk: str | None, next_token: str) -> tuple[int, int]:
         """Insert unknown calls, update changed ones and checkpoint the walk, in one
-        transaction. Returns (new, known, recording ids the calls name that the state does not
-        know: deleted on the server before we listed them, or another account's)."""
+        transaction. Returns (new, unchanged)."""
         account = self._acct
         now = time.time()
         ids = list(dict.fromkeys(c.id for c in calls))
@@ -519,14 +518,6 @@ class StateDB:
             await self.db.executemany(
                 f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id)"
                 f" DO UPDATE SET {CALL_UPDATES}", upserts)
-        named = list({rid for c in calls for rid in c.recording_ids})
-        strangers = 0
-        for start in range(0, len(named), 500):
-            chunk = named[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            found_ids = await self._fetchall(
-                f"SELECT id FROM recordings WHERE account=? AND id IN ({marks})", (account, *chunk))
-            strangers += len(chunk) - len(found_ids)
         if walk is not None:
             if next_token:
                 await self.db.execute(
@@ -535,7 +526,7 @@ class StateDB:
             else:
                 await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (account, walk))
         await self.db.commit()
-        return new, len(calls) - new, strangers
+        return new, len(calls) - len(upserts)
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None:
         """The JSON of one of this account's calls, None when it is not (or not yet) listed."""
