@@ -234,3 +234,39 @@ async def test_call_metadata_costs_about_one_request_per_hundred_calls(tmp_path,
     assert sim.stats["calls"] / 600 <= 0.03
     line = next(line for line in result.out.splitlines() if line.strip().startswith("call pages listed"))
     assert line.split()[-1] == str(sim.stats["calls"]), result.out
+
+
+async def test_find_works_while_the_service_runs_and_on_a_copy_of_the_database(tmp_path, make_sim):
+    import asyncio
+    import signal
+
+    from tests.conftest import cli_command, cli_env, wait_until
+
+    sim = await make_sim(recordings=10, audio_bytes=2000)
+    cfg = write_config(tmp_path, sim)
+    log_file = open(tmp_path / "run.log", "wb")
+    proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
+                                                stdout=log_file, stderr=log_file, env=cli_env())
+    db = tmp_path / "state.sqlite3"
+    try:
+        await wait_until(lambda: db.exists() and db_rows(db, "SELECT count(*) FROM recordings WHERE state='archived'")
+                         == [(10,)], 60, "the service archived all 10")
+        live = await run_cli("--config", str(cfg), "find", "--json")
+        assert live.rc == 0 and len(_records(live.out)) == 10, live
+        added = sim.add_recording()  # and it goes on archiving while we ask
+        await wait_until(lambda: db_rows(db, f"SELECT state FROM recordings WHERE id='{added}'") == [("archived",)],
+                         60, "the new recording archived")
+        again = await run_cli("--config", str(cfg), "find", "--recording", added)
+        assert again.rc == 0 and added in again.out, again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+        log_file.close()
+    assert proc.returncode == 0
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "state.sqlite3").write_bytes(db.read_bytes())  # a backup, somewhere else, read-only
+    (copy / "state.sqlite3").chmod(0o400)
+    copy_cfg = write_config(copy, sim, state={"database": "state.sqlite3"})
+    copied = await run_cli("--config", str(copy_cfg), "find", "--json")
+    assert copied.rc == 0 and len(_records(copied.out)) == 11, copied
