@@ -246,6 +246,7 @@ class Simulator:
         self.json_override = ""  # a hostile server: this text instead of every JSON answer
         self._rising_pages = 0  # pages served under the "rising_token" quirk
         self.extra_calls: list[Any] = []  # raw calls added to the newest page of GET /calls
+        self.calls_delay = 0.0  # seconds each GET /calls answer takes beyond the latency (a slow listing)
         self.recordings: dict[str, SimRecording] = {}
         self._order: list[tuple[float, str]] = []  # (-tm_create epoch, id), newest first
         self._body_cache: dict[tuple[str, str], tuple[bytes, str, str]] = {}
@@ -732,6 +733,8 @@ class Simulator:
         gate = await self._api_gate(request, "calls")
         if gate is not None:
             return gate
+        if self.calls_delay:
+            await asyncio.sleep(self.calls_delay)
         try:
             size = max(1, min(100, int(request.query.get("page_size", "100"))))
         except ValueError:

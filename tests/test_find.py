@@ -51,10 +51,12 @@ async def test_find_and_export_answer_from_a_directory_archive(tmp_path, make_si
     sim.extra_calls = [sim.call_json(repeated),  # listed twice
                        {**sim.call_json(calls[2]), "id": str(uuid.uuid4()), "recording_ids": [str(uuid.uuid4())]},
                        {"id": "not-a-uuid"}]
+    sim.calls_delay = 1.0  # the calls walk behind the downloads: each sidecar must wait for its call
     cfg = write_config(tmp_path, sim)
     backfill = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
     assert backfill.rc == 0, backfill
     assert "call pages listed" in backfill.out
+    assert "calls noted late" not in backfill.out, "each sidecar waited for its call (the walks run side by side)"
     events = [json.loads(line) for line in backfill.err.splitlines() if line.startswith("{")]
     assert [e["call_id"] for e in events if e["event"] == "call_rejected"] == ["not-a-uuid"]
     assert sim.stats["calls"] / 30 <= 0.1, sim.stats  # one page of 100 and the empty one after it

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -85,6 +85,12 @@ class EngineParts:
     metrics: Metrics
     store_usage: StoreUsage | None
     unwritable: str
+    calls_reached: float  # the calls walk has stored every listed call created since (epoch); -inf: none runs
+    calls_moved: asyncio.Event  # set (and replaced) at each page of the calls walk, and at its end
+
+    async def _call_block(self, row: Row) -> dict[str, Any]:
+        """The sidecar's ``call`` block for ``row`` (``calls.CallWalker``)."""
+        raise NotImplementedError
 
     def store_near_full(self) -> bool:
         usage = self.store_usage

@@ -4,8 +4,10 @@ the sidecar and ``find``), and the call noted beside a recording archived before
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -13,11 +15,14 @@ from ..calls import call_block, parse_call
 from ..errors import AuthRefused, LocalStorageError
 from ..logs import redact
 from ..paginate import walk_pages
+from ..state import Row
 from .base import EngineParts
 
 log = structlog.get_logger("archiver.engine")
 
 CALLS_WALK = "calls"  # the full walk's checkpoint name
+CALL_WAIT = 30.0  # seconds a sidecar waits at most for the calls walk to reach its call
+CALL_HEADROOM = 3600.0  # seconds a call may have begun before its recording (a recording started mid-call)
 CALL_LEAD = timedelta(days=1)  # a backfill --since walks calls this much further back (a call starts first)
 NOTE_BATCH = 200
 
@@ -25,6 +30,31 @@ NOTE_BATCH = 200
 class CallWalker(EngineParts):
     """Walks ``GET /calls`` (full walks checkpointed, incremental ones stop at calls already
     stored unchanged) and writes each late call beside its archived recording."""
+
+    async def _call_block(self, row: Row) -> dict[str, Any]:
+        """The sidecar's ``call`` block: the call as the state knows it, or why there is none.
+        While the calls walk has not yet passed the recording's time, the call may be on a page
+        still to come: wait for it (at most ``CALL_WAIT``)."""
+        ref_type = str(row.raw.get("reference_type") or "")
+        ref_id = row.raw.get("reference_id")
+        if ref_type != "call" or not isinstance(ref_id, str):
+            return call_block(None, ref_type)
+        call = await self.state.call_of(ref_id)
+        created = row.tm_create if row.tm_create is not None else time.time()
+        deadline = time.monotonic() + CALL_WAIT
+        while call is None and self.calls_reached > created - CALL_HEADROOM and not self.stop.is_set():
+            moved = self.calls_moved
+            try:
+                await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+            call = await self.state.call_of(ref_id)
+        return call_block(call, ref_type)
+
+    def _calls_moved_to(self, reached: float) -> None:
+        self.calls_reached = reached
+        moved, self.calls_moved = self.calls_moved, asyncio.Event()
+        moved.set()
 
     async def _walk_calls_guarded(self, full: bool, since: datetime | None = None) -> None:
         """``_walk_calls`` whose failure never fails the run: a call is metadata, a recording
@@ -54,33 +84,45 @@ class CallWalker(EngineParts):
                 return
             if not full and await self.state.get_meta("walk_done:calls") is None:
                 full = True  # never walked whole: the first walk goes all the way back
-            start = (await self.state.walk_checkpoint(CALLS_WALK) or "") if full else ""
-            stop_before = since - CALL_LEAD if since is not None else None
-            new_total = 0
-            async for page in walk_pages(self.client, self.cfg.api.page_size, start,
-                                         fetch=self.client.list_calls, parse_item=parse_call):
-                for raw_id, reason in page.rejected:
-                    self.result.stats["calls_rejected"] += 1
-                    log.warning("call_rejected", call_id=redact(raw_id), reason=reason)
-                reached = stop_before is not None and any(c.tm_create and c.tm_create < stop_before
-                                                          for c in page.items)
-                token = "" if reached else page.next_token
-                new, known = await asyncio.shield(
-                    self.state.store_calls(page.items, CALLS_WALK if full else None, token))
-                new_total += new
-                self.result.stats["call_pages"] += 1
-                self.result.stats["calls"] += new
-                if reached:
-                    break
-                if not full and (known >= self.workers_cfg.overlap or (page.raw_count and known == len(page.items))):
-                    break
-            if full:
-                await self.state.end_walk(CALLS_WALK)
-                if stop_before is None:
-                    await self.state.set_meta("walk_done:calls", str(time.time()))
-            log.debug("calls_walk_done", full=full, new=new_total)
+            self._calls_moved_to(math.inf)
+            try:
+                new_total = await self._walk_call_pages(full, since)
+            finally:
+                self._calls_moved_to(-math.inf)  # whatever the walk stored, it has stored
         if new_total:
             await self._note_calls()
+
+    async def _walk_call_pages(self, full: bool, since: datetime | None) -> int:
+        """The calls walk's pages, each stored whole; returns how many calls were new."""
+        start = (await self.state.walk_checkpoint(CALLS_WALK) or "") if full else ""
+        stop_before = since - CALL_LEAD if since is not None else None
+        new_total = 0
+        async for page in walk_pages(self.client, self.cfg.api.page_size, start,
+                                     fetch=self.client.list_calls, parse_item=parse_call):
+            for raw_id, reason in page.rejected:
+                self.result.stats["calls_rejected"] += 1
+                log.warning("call_rejected", call_id=redact(raw_id), reason=reason)
+            reached = stop_before is not None and any(c.tm_create and c.tm_create < stop_before
+                                                      for c in page.items)
+            token = "" if reached else page.next_token
+            new, known = await asyncio.shield(
+                self.state.store_calls(page.items, CALLS_WALK if full else None, token))
+            new_total += new
+            times = [c.tm_create.timestamp() for c in page.items if c.tm_create is not None]
+            if times:
+                self._calls_moved_to(min(times))
+            self.result.stats["call_pages"] += 1
+            self.result.stats["calls"] += new
+            if reached:
+                break
+            if not full and (known >= self.workers_cfg.overlap or (page.raw_count and known == len(page.items))):
+                break
+        if full:
+            await self.state.end_walk(CALLS_WALK)
+            if stop_before is None:
+                await self.state.set_meta("walk_done:calls", str(time.time()))
+        log.debug("calls_walk_done", full=full, new=new_total)
+        return new_total
 
     async def _note_calls(self) -> None:
         """Each stored recording whose call was listed only after its sidecar was written gets

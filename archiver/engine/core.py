@@ -10,6 +10,7 @@ in flight, so a recording never has two downloads at once.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from datetime import datetime
 from typing import Literal
@@ -72,6 +73,8 @@ class Engine(Walker, CallWalker, Transcripts, Feeder, Workers, EngineParts):
         self._recording: set[asyncio.Task[None]] = set()  # stored files whose commit is under way
         self._recorders = asyncio.Semaphore(cfg.workers.concurrency * 2)
         self.wake = asyncio.Event()
+        self.calls_reached = -math.inf
+        self.calls_moved = asyncio.Event()
         self.stop = asyncio.Event()
         self.result = RunResult()
         self.paused_until = 0.0
@@ -204,11 +207,19 @@ class Engine(Walker, CallWalker, Transcripts, Feeder, Workers, EngineParts):
         )
 
     async def _walk_both(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int | None:
-        """The calls walk (``[archive] call_metadata``; about one request per 100 calls), then
-        the recordings walk: a call starts before its recording, so each recording listed has
-        its call in the state by the time its sidecar is written (later calls: ``_note_calls``)."""
-        await self._walk_calls_guarded(full, since)
-        return await self._walk_unless_stopped(full=full, since=since, until=until)
+        """The recordings walk and beside it the calls walk (``[archive] call_metadata``; about
+        one request per 100 calls, both newest first). A sidecar whose call is not stored yet
+        waits for the calls walk to pass its time (``_call_block``), so downloads start at once
+        and the sidecars still have their calls (a call listed later: ``_note_calls``)."""
+        calls = asyncio.create_task(self._walk_calls_guarded(full, since), name="calls-walk")
+        try:
+            walked = await self._walk_unless_stopped(full=full, since=since, until=until)
+        except BaseException:
+            calls.cancel()
+            await asyncio.gather(calls, return_exceptions=True)
+            raise
+        await calls
+        return walked
 
     async def _wait_first(self, feeder: asyncio.Task[None], wait: float) -> None:
         """Until the feeder has nothing left, a stop, or the backfill's ``--wait`` is over: then

@@ -8,11 +8,9 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import Any
 
 import structlog
 
-from ..calls import call_block
 from ..errors import (
     AuthRefused,
     InvalidRecording,
@@ -115,13 +113,6 @@ class Workers(EngineParts):
             await self._archived(row, adopted, started)
             return None
         return Job(row, directory, await self.client.recordingfile_url(row.id), started)
-
-    async def _call_block(self, row: Row) -> dict[str, Any]:
-        """The sidecar's ``call`` block: the call as the state knows it now, or why there is none."""
-        ref_type = str(row.raw.get("reference_type") or "")
-        ref_id = row.raw.get("reference_id")
-        call = await self.state.call_of(ref_id) if ref_type == "call" and isinstance(ref_id, str) else None
-        return call_block(call, ref_type)
 
     async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
         """Run one stage for ``row``; every outcome but success is recorded here. Recording it
