@@ -272,3 +272,20 @@ async def test_find_works_while_the_service_runs_and_on_a_copy_of_the_database(t
     copy_cfg = write_config(copy, sim, state={"database": "state.sqlite3"})
     copied = await run_cli("--config", str(copy_cfg), "find", "--json")
     assert copied.rc == 0 and len(_records(copied.out)) == 11, copied
+
+
+async def test_export_lists_recordings_without_audio_or_incomplete_and_what_is_not_archived(tmp_path, make_sim):
+    sim = await make_sim(recordings=8, audio_bytes=2000, no_audio=1, missing_member=1, pending=1, end_after=3600)
+    cfg = write_config(tmp_path, sim, archive={"directory": "archive", "settle_window": 0})
+    assert (result := await run_cli("--config", str(cfg), "backfill", "--wait", "0")).rc == 0, result
+    out = tmp_path / "production"
+    exported = await run_cli("--config", str(cfg), "export", "--out", str(out))
+    assert exported.rc == 0 and "1 matched but not archived" in exported.out, exported
+    report = json.loads((out / "export.json").read_text())
+    by_state = {r["state"]: r for r in report["recordings"] if r["state"] == "no_audio" or r["flag"]}
+    assert by_state["no_audio"]["files"] == [by_state["no_audio"]["files"][0]]
+    assert by_state["no_audio"]["files"][0].endswith(".json") and "no audio" in by_state["no_audio"]["note"]
+    assert by_state["archived"]["flag"] == "incomplete" and "incomplete" in by_state["archived"]["note"]
+    assert [r["state"] for r in report["not_archived"]] == ["discovered"]
+    check = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(": OK") == 6 * 2 + 1, check.stdout  # 6 archived, 1 sidecar alone
