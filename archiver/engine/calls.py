@@ -64,8 +64,14 @@ class CallWalker(EngineParts):
         try:
             walk = asyncio.ensure_future(self._walk_calls(full, since))
             stopper = asyncio.ensure_future(self.stop.wait())
-            await asyncio.wait({walk, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
+            try:
+                await asyncio.wait({walk, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # the recordings walk failed: this one ends with it, never after
+                walk.cancel()
+                await asyncio.gather(walk, return_exceptions=True)
+                raise
+            finally:
+                stopper.cancel()
             if not walk.done():
                 walk.cancel()
                 await asyncio.gather(walk, return_exceptions=True)

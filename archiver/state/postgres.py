@@ -166,6 +166,20 @@ PG_FIND = Dialect(
 )
 
 
+async def _checkpoint(con: Any, account: str, walk: str | None, next_token: str, now: float) -> None:
+    """A walk's checkpoint, in the transaction that stored its page: the next page's token, or
+    none once the walk is over (``walk`` None: an incremental walk keeps none)."""
+    if walk is None:
+        return
+    if next_token:
+        await con.execute(
+            "INSERT INTO walks (account, name, token, updated_at) VALUES ($1,$2,$3,$4) ON CONFLICT"
+            " (account, name) DO UPDATE SET token=excluded.token, updated_at=excluded.updated_at",
+            account, walk, next_token, now)
+    else:
+        await con.execute("DELETE FROM walks WHERE account=$1 AND name=$2", account, walk)
+
+
 def _numbered(sql: str) -> str:
     """``?`` placeholders as PostgreSQL's ``$1``, ``$2``, ... (the shared SQL has no literal ``?``)."""
     parts = sql.split("?")
@@ -386,14 +400,7 @@ class PgState:
                     "UPDATE recordings SET state=$1, raw=$2, status=$3, tm_end=$4, last_error=$5, next_attempt_at=$6,"
                     " updated_at=$7, tm_start=$8, reference_id=$9 WHERE account=$10 AND id=$11"
                     " AND state='discovered'", moves)
-            if walk is not None:
-                if next_token:
-                    await con.execute(
-                        "INSERT INTO walks (account, name, token, updated_at) VALUES ($1,$2,$3,$4) ON CONFLICT"
-                        " (account, name) DO UPDATE SET token=excluded.token, updated_at=excluded.updated_at",
-                        account, walk, next_token, now)
-                else:
-                    await con.execute("DELETE FROM walks WHERE account=$1 AND name=$2", account, walk)
+            await _checkpoint(con, account, walk, next_token, now)
         return len(inserts), len(recordings) - len(inserts)
 
     async def walk_checkpoint(self, walk: str) -> str | None:
@@ -441,14 +448,7 @@ class PgState:
                     await con.executemany(
                         f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"
                         f" ON CONFLICT (account, id) DO UPDATE SET {CALL_UPDATES}", upserts)
-                if walk is not None:
-                    if next_token:
-                        await con.execute(
-                            "INSERT INTO walks (account, name, token, updated_at) VALUES ($1,$2,$3,$4) ON CONFLICT"
-                            " (account, name) DO UPDATE SET token=excluded.token, updated_at=excluded.updated_at",
-                            account, walk, next_token, now)
-                    else:
-                        await con.execute("DELETE FROM walks WHERE account=$1 AND name=$2", account, walk)
+                await _checkpoint(con, account, walk, next_token, now)
         return new, len(calls) - len(upserts)
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None:

@@ -451,16 +451,21 @@ class StateDB:
                 " AND state='discovered'",
                 moves,
             )
-        if walk is not None:
-            if next_token:
-                await self.db.execute(
-                    "INSERT OR REPLACE INTO walks (account, name, token, updated_at) VALUES (?,?,?,?)",
-                    (account, walk, next_token, now),
-                )
-            else:
-                await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (account, walk))
+        await self._checkpoint(walk, next_token, now)
         await self.db.commit()
         return len(inserts), len(recordings) - len(inserts)
+
+    async def _checkpoint(self, walk: str | None, next_token: str, now: float) -> None:
+        """A walk's checkpoint, in the transaction that stored its page (committed by the
+        caller): the next page's token, or none once the walk is over (``walk`` None: an
+        incremental walk keeps none)."""
+        if walk is None:
+            return
+        if next_token:
+            await self.db.execute("INSERT OR REPLACE INTO walks (account, name, token, updated_at) VALUES (?,?,?,?)",
+                                  (self._acct, walk, next_token, now))
+        else:
+            await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (self._acct, walk))
 
     async def walk_checkpoint(self, walk: str) -> str | None:
         rows = await self._fetchall(
@@ -518,13 +523,7 @@ class StateDB:
             await self.db.executemany(
                 f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id)"
                 f" DO UPDATE SET {CALL_UPDATES}", upserts)
-        if walk is not None:
-            if next_token:
-                await self.db.execute(
-                    "INSERT OR REPLACE INTO walks (account, name, token, updated_at) VALUES (?,?,?,?)",
-                    (account, walk, next_token, now))
-            else:
-                await self.db.execute("DELETE FROM walks WHERE account=? AND name=?", (account, walk))
+        await self._checkpoint(walk, next_token, now)
         await self.db.commit()
         return new, len(calls) - len(upserts)
 
