@@ -336,11 +336,7 @@ class S3Destination(Destination):
     async def note_call(self, row: dict[str, Any], call: dict[str, Any]) -> None:
         """``<id>.call.json`` beside the sidecar, locked like it: a locked sidecar is never
         rewritten (that would be a second version). Written once: one already there stays."""
-        key = self.key(beside_rel(row["path"], "call.json"))
-        if await self._check_before_write(key) is not None:
-            return
-        data = json.dumps({"recording_id": row["id"], "call": call}, indent=2, sort_keys=True).encode()
-        await self._put(key, data, row["id"], row["sha256"] or "", self._lock(), "application/json")
+        await self.write_beside(row, "call.json", {"recording_id": row["id"], "call": call})
 
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
         """Nothing in the bucket: a locked object is never rewritten (that would be a second

@@ -132,8 +132,8 @@ class State(Protocol):
         ...
 
     async def find(self, query: FindQuery) -> list[dict[str, Any]]:
-        """Recordings matching ``query`` with their calls (``base.found``), oldest first: the
-        state alone answers, never the API or the archive."""
+        """Recordings matching ``query`` with their calls (the columns of ``base.find_columns``),
+        oldest first: the state alone answers, never the API or the archive."""
         ...
 
     async def find_json(self, query: FindQuery, key_prefix: str = "") -> list[str]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..calls import Call
 from ..config import DEFAULT_ACCOUNT
 from ..model import Recording, parse_timestamp
 
@@ -69,6 +70,38 @@ def catalog_columns(raw: dict[str, Any]) -> tuple[float | None, str | None]:
             break
     ref = raw.get("reference_id")
     return epoch(start), ref if isinstance(ref, str) and 0 < len(ref) <= 64 else None
+
+
+def tm_start_fills(rows: Any) -> list[tuple[float, str, str]]:
+    """(``tm_start``, account, id) for each row of (account, id, raw) whose JSON has a start: the
+    one-off fill of an older state's recordings when the column arrives (a migration)."""
+    fills = []
+    for r in rows:
+        try:
+            start, _ = catalog_columns(json.loads(r["raw"]))
+        except (ValueError, AttributeError):
+            continue
+        if start is not None:
+            fills.append((start, r["account"], r["id"]))
+    return fills
+
+
+def call_rows(calls: list[Call], stored: dict[str, str], account: str, now: float) -> tuple[list[tuple[Any, ...]], int]:
+    """The rows (``CALL_COLUMNS``) to insert or update for a page of calls, and how many of them
+    are new; ``stored``: the JSON the state holds of each already known. A call stored with
+    the same JSON is left alone; one listed twice in the page is written once."""
+    stored = dict(stored)
+    new = 0
+    rows = []
+    for call in calls:
+        raw = json.dumps(call.raw)
+        if stored.get(call.id) == raw:
+            continue
+        new += call.id not in stored
+        stored[call.id] = raw
+        rows.append((account, call.id, raw, call.direction, call.status, call.source, call.destination,
+                     call.source_target, call.destination_target, call.hangup_reason, epoch(call.tm_create), now, now))
+    return rows, new
 
 
 @dataclass(frozen=True)

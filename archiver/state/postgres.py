@@ -49,6 +49,7 @@ from .base import (
     FindQuery,
     Row,
     assemble_summaries,
+    call_rows,
     catalog_columns,
     counts_by_account,
     epoch,
@@ -56,6 +57,7 @@ from .base import (
     initial_state,
     row_from,
     summary_meta,
+    tm_start_fills,
 )
 
 log = structlog.get_logger("archiver.state.postgres")
@@ -188,15 +190,8 @@ def _numbered(sql: str) -> str:
 
 async def _fill_tm_start(con: Any) -> None:
     """Each known recording's ``tm_start`` from its JSON, once, in migration v2's transaction."""
-    updates = []
-    for r in await con.fetch("SELECT account, id, raw FROM recordings WHERE tm_start IS NULL"):
-        try:
-            start, _ = catalog_columns(json.loads(r["raw"]))
-        except (ValueError, AttributeError):
-            continue
-        if start is not None:
-            updates.append((start, r["account"], r["id"]))
-    await con.executemany("UPDATE recordings SET tm_start=$1 WHERE account=$2 AND id=$3", updates)
+    rows = await con.fetch("SELECT account, id, raw FROM recordings WHERE tm_start IS NULL")
+    await con.executemany("UPDATE recordings SET tm_start=$1 WHERE account=$2 AND id=$3", tm_start_fills(rows))
 
 
 async def _keep_session(con: Any) -> None:
@@ -433,17 +428,7 @@ class PgState:
                 ids = list(dict.fromkeys(c.id for c in calls))
                 known = {r[0]: r[1] for r in await con.fetch(
                     "SELECT id, raw FROM calls WHERE account=$1 AND id = ANY($2::text[])", account, ids)}
-                new = 0
-                upserts = []
-                for call in calls:
-                    raw = json.dumps(call.raw)
-                    if known.get(call.id) == raw:
-                        continue
-                    new += call.id not in known
-                    known[call.id] = raw
-                    upserts.append((account, call.id, raw, call.direction, call.status, call.source,
-                                    call.destination, call.source_target, call.destination_target,
-                                    call.hangup_reason, epoch(call.tm_create), now, now))
+                upserts, new = call_rows(calls, known, account, now)
                 if upserts:
                     await con.executemany(
                         f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)"

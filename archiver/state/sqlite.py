@@ -52,6 +52,7 @@ from .base import (
     FindQuery,
     Row,
     assemble_summaries,
+    call_rows,
     catalog_columns,
     counts_by_account,
     epoch,
@@ -59,6 +60,7 @@ from .base import (
     initial_state,
     row_from,
     summary_meta,
+    tm_start_fills,
     unusable_message,
 )
 
@@ -388,15 +390,7 @@ class StateDB:
     async def _fill_tm_start(self) -> None:
         """Each known recording's ``tm_start`` from its JSON, once, after migration v6."""
         rows = await self._fetchall("SELECT account, id, raw FROM recordings WHERE tm_start IS NULL")
-        updates = []
-        for r in rows:
-            try:
-                start, _ = catalog_columns(json.loads(r["raw"]))
-            except (ValueError, AttributeError):
-                continue
-            if start is not None:
-                updates.append((start, r["account"], r["id"]))
-        await self.db.executemany("UPDATE recordings SET tm_start=? WHERE account=? AND id=?", updates)
+        await self.db.executemany("UPDATE recordings SET tm_start=? WHERE account=? AND id=?", tm_start_fills(rows))
         await self.db.commit()
 
     # ---- the walk ----------------------------------------------------------------------------
@@ -508,17 +502,7 @@ class StateDB:
         known: dict[str, str] = {r[0]: r[1] for r in await self._fetchall(
             f"SELECT id, raw FROM calls WHERE account=? AND id IN ({','.join('?' * len(ids))})",
             (account, *ids))} if ids else {}
-        new = 0
-        upserts = []
-        for call in calls:
-            raw = json.dumps(call.raw)
-            if known.get(call.id) == raw:
-                continue
-            new += call.id not in known
-            known[call.id] = raw
-            upserts.append((account, call.id, raw, call.direction, call.status, call.source, call.destination,
-                            call.source_target, call.destination_target, call.hangup_reason, epoch(call.tm_create),
-                            now, now))
+        upserts, new = call_rows(calls, known, account, now)
         if upserts:
             await self.db.executemany(
                 f"INSERT INTO calls ({CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id)"
