@@ -206,8 +206,7 @@ def _rewrite_sidecar(side: Path, key: str, value: dict[str, Any]) -> None:
     except (OSError, ValueError) as exc:
         raise LocalStorageError(f"cannot read the sidecar {side.name}: {exc}") from None
     doc[key] = value
-    write_file_atomic(side, json.dumps(doc, indent=2, sort_keys=True).encode())
-    fsync_path(side.parent)
+    _write_durable(side, json.dumps(doc, indent=2, sort_keys=True).encode())
 
 
 def _mark_sidecar(data_file: Path, request_id: str, status: int) -> None:
