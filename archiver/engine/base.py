@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -87,6 +88,26 @@ class EngineParts:
     unwritable: str
     calls_reached: float  # the calls walk has stored every listed call created since (epoch); -inf: none runs
     calls_moved: asyncio.Event  # set (and replaced) at each page of the calls walk, and at its end
+
+    async def _until_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work``, abandoned (cancelled) at once when ``stop`` is set: None then. Cancelling the
+        caller cancels ``work`` too, so it never runs on after whoever started it (a walk must
+        not write to a state that is being closed)."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
 
     async def _call_block(self, row: Row) -> dict[str, Any]:
         """The sidecar's ``call`` block for ``row`` (``calls.CallWalker``)."""

@@ -61,22 +61,8 @@ class CallWalker(EngineParts):
         archived without it gets it on a later cycle. A refused credential still stops it."""
         if not self.cfg.archive.call_metadata or self.stop.is_set():
             return
-        try:
-            walk = asyncio.ensure_future(self._walk_calls(full, since))
-            stopper = asyncio.ensure_future(self.stop.wait())
-            try:
-                await asyncio.wait({walk, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:  # the recordings walk failed: this one ends with it, never after
-                walk.cancel()
-                await asyncio.gather(walk, return_exceptions=True)
-                raise
-            finally:
-                stopper.cancel()
-            if not walk.done():
-                walk.cancel()
-                await asyncio.gather(walk, return_exceptions=True)
-                return
-            walk.result()
+        try:  # cancelled when the recordings walk fails: this one ends with it, never after
+            await self._until_stopped(self._walk_calls(full, since))
         except (AuthRefused, LocalStorageError):
             raise
         except Exception as exc:  # noqa: BLE001 - logged; recordings go on without their calls

@@ -30,16 +30,10 @@ class Walker(EngineParts):
     ) -> int | None:
         """``_walk``, abandoned at once when ``stop`` is set (SIGTERM must not wait for a slow
         listing); None then. Each page is stored whole before the next is asked for."""
-        walk = asyncio.ensure_future(self._walk(full, since, until))
-        stopper = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait({walk, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if walk.done():
-            return walk.result()
-        walk.cancel()
-        await asyncio.gather(walk, return_exceptions=True)
-        log.info("walk_interrupted", hint="the next run resumes from the checkpoint")
-        return None
+        walked = await self._until_stopped(self._walk(full, since, until))
+        if walked is None:
+            log.info("walk_interrupted", hint="the next run resumes from the checkpoint")
+        return walked
 
     async def _walk(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int:
         """``_walk_pages`` unless another daemon walks this account now (a shared state): one
