@@ -332,6 +332,14 @@ class ApiClient:
         self.stats["calls"] += 1
         return await self._request("/calls", params)
 
+    async def list_storage_files(self, page_token: str, page_size: int) -> Any:
+        """A page of ``GET /storage_files``: the customer's stored files with their signed URLs."""
+        params = {"page_size": str(page_size)}
+        if page_token:
+            params["page_token"] = page_token
+        self.stats["storage_files"] += 1
+        return await self._request("/storage_files", params)
+
     async def accesskey_expiry(self, max_pages: int = 20) -> float | None:
         """When our access key expires (epoch), from ``GET /accesskeys``: the key whose
         ``token_prefix`` our key starts with. None when the listing does not show it."""

@@ -76,6 +76,8 @@ class ApiConfig:
     timeout: float = setting(60.0, minimum=0.1)
     # the server builds the ZIP while we wait, up to its own 300 s
     recordingfiles_timeout: float = setting(330.0, minimum=0.1)
+    # fetch a recent recording's channel files from GET /storage_files' signed URLs (no API budget)
+    storage_listing: bool = setting(True)
     # bytes/s a storage transfer must keep up over transfer_rate_window
     min_transfer_rate: float = setting(1024.0, minimum=0)
     transfer_rate_window: float = setting(30.0, minimum=0.1)

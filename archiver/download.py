@@ -20,16 +20,18 @@ import structlog
 from .client import ApiClient
 from .config import ArchiveConfig
 from .destinations import Destination
-from .errors import LocalStorageError, NotReady, TransientError, VerificationError
+from .errors import InvalidRecording, LocalStorageError, NotReady, TransientError, VerificationError
 from .inspect import CHUNK, body_kind, parse_goog_hash
 from .layout import Layout, temp_path
+from .logs import redact
 from .state import Row
-from .store import Archived, Staged, StoreJob, create_exclusive, make_dirs, remove_quietly
+from .store import Archived, ListedFile, Staged, StoreJob, create_exclusive, make_dirs, remove_quietly
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.download")
 
 TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
+LISTING_TRIES = 2  # tries of a recording's listed files before it goes through /recordingfiles instead
 WRITE_BUFFER = 1 << 20  # bodies up to this size go to the store helper whole, in memory
 
 
@@ -56,6 +58,8 @@ class Downloader:
         self.destination = destination
         self.layout = Layout(cfg.directory, cfg.layout)
         self._made_dirs: set[Path] = set()
+        # recordings whose listed files failed (this process): /recordingfiles from now on
+        self.listing_failed: set[str] = set()
 
     def directory(self, row: Row) -> Path:
         return self.destination.staging_directory(row)
@@ -63,12 +67,69 @@ class Downloader:
     async def adopt(self, row: Row, directory: Path) -> Archived | None:
         return await self.destination.adopt(row, directory)
 
-    async def archive(self, row: Row, directory: Path, url: str | None = None) -> Archived:
-        """Download (from ``url`` if already resolved), verify and store ``row`` in ``directory``
-        (from ``self.directory(row)``); raise an ``archiver.errors`` class otherwise."""
+    async def archive(
+        self, row: Row, directory: Path, url: str | None = None, listed: tuple[dict[str, Any], ...] = ()
+    ) -> Archived:
+        """Download (from ``url`` if already resolved, or from its ``listed`` channel files),
+        verify and store ``row`` in ``directory`` (from ``self.directory(row)``); raise an
+        ``archiver.errors`` class otherwise. Listed files that fail (refused, expired, failing
+        verification twice) leave the recording to ``/recordingfiles``, in the same attempt."""
         if directory not in self._made_dirs:  # created once per process, not checked per file
             await asyncio.to_thread(make_dirs, self.layout.root, directory)
             self._made_dirs.add(directory)
+        if listed:
+            try:
+                return await self._from_listing(row, directory, listed)
+            except _ListingFailed as exc:
+                self.listing_failed.add(row.id)
+                log.warning("storage_listing_fallback", recording_id=row.id, reason=redact(str(exc)),
+                            hint="fetched through GET /recordingfiles instead (one API request)")
+        return await self._from_recordingfiles(row, directory, url)
+
+    async def _from_listing(self, row: Row, directory: Path, listed: tuple[dict[str, Any], ...]) -> Archived:
+        last: Exception | None = None
+        for _ in range(LISTING_TRIES):
+            try:
+                return await self._fetch_listed(row, directory, listed)
+            except _StaleUrl as exc:
+                raise _ListingFailed(str(exc)) from None
+            except (VerificationError, TransientError, InvalidRecording) as exc:
+                last = exc
+                log.info("download_retry", recording_id=row.id, reason=str(exc), path="storage_files")
+            except LocalStorageError:
+                self._made_dirs.clear()
+                raise
+        raise _ListingFailed(f"listed files failed {LISTING_TRIES} times: {last}")
+
+    async def _fetch_listed(self, row: Row, directory: Path, listed: tuple[dict[str, Any], ...]) -> Archived:
+        tmp = temp_path(directory, row.id, "download")
+        files: list[ListedFile] = []
+        try:
+            for i, f in enumerate(listed):
+                part = temp_path(directory, row.id, f"file{i}")
+                try:
+                    body = await self._stream(part, f["url"])
+                except NotReady:  # listed, but storage has no bytes for it
+                    raise _ListingFailed(f"listed file {f['filename'][:80]!r} is empty in storage") from None
+                if body.kind != "wav":
+                    raise VerificationError(f"listed file {f['filename'][:80]!r} is not a WAV")
+                files.append(ListedFile(f["id"], f["filename"], part, body.take(), body.spilled, body.expected_length,
+                                        int(f["filesize"]), body.hashes))
+            job = StoreJob(
+                row.id, row.raw, row.tm_create, row.tm_end, directory, tmp, b"", False, None, {}, row.account,
+                row.call, files=tuple(files),
+            )
+            stored = await self.store.store(job, row.account)
+            archived = await self.destination.commit(job, stored)
+        except BaseException:
+            await asyncio.to_thread(remove_quietly, tmp, temp_path(directory, row.id, "unpack"),
+                                    *(temp_path(directory, row.id, f"file{i}") for i in range(len(listed))))
+            raise
+        if isinstance(stored, Staged) and stored.body is not None:
+            await asyncio.to_thread(remove_quietly, stored.body)
+        return archived
+
+    async def _from_recordingfiles(self, row: Row, directory: Path, url: str | None) -> Archived:
         last: Exception | None = None
         for _ in range(TRIES_PER_ATTEMPT):
             try:
@@ -222,6 +283,10 @@ class TransferPace:
 
 class _StaleUrl(Exception):
     """Storage refused the signed URL: ask ``/recordingfiles`` for a fresh one."""
+
+
+class _ListingFailed(Exception):
+    """A recording's listed files cannot be used: it goes through ``/recordingfiles``."""
 
 
 def _opener(path: str, flags: int) -> int:

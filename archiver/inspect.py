@@ -174,7 +174,7 @@ class Member:
         return out
 
 
-def _hostile_name(name: str) -> str | None:
+def hostile_name(name: str) -> str | None:
     if not name:
         return "an empty name"
     if "\x00" in name:
@@ -210,7 +210,7 @@ def inspect_zip(path: Path | BinaryIO, limits: ZipLimits, extract_to: Path | Non
         taken: set[str] = set()
         stored_as: list[str] = []  # each member's name on disk when extracted: safe and unique
         for info in infos:
-            problem = _hostile_name(info.filename)
+            problem = hostile_name(info.filename)
             if problem or info.is_dir():
                 raise InvalidRecording(f"ZIP member name {info.filename[:80]!r} has {problem or 'a directory'}")
             if info.flag_bits & 0x1:

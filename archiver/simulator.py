@@ -7,6 +7,9 @@ What it serves:
 * ``POST /auth/login``, ``GET /v1.0/recordings`` (keyset pages, newest first),
   ``GET /v1.0/recordings/{id}``, ``GET /v1.0/recordingfiles/{id}`` (307 to a signed URL),
   ``GET /storage/{id}`` (the signed "storage" object, with ``x-goog-hash``).
+* ``GET /v1.0/storage_files`` (each recording's channel files with their own signed URLs, valid
+  7 days from the file's creation; knowledge-base files beside them), ``GET
+  /v1.0/storage_files/{id}/file`` and the per-file storage URLs (``simfiles``).
 * ``GET /v1.0/calls`` (paged like the recordings: the call each recording of ``reference_type``
   "call" names, created 3 s before it, incoming or outgoing, E.164 ``tel`` addresses; a call
   can be unlisted, as one deleted on the server, and junk or repeated calls added to the newest
@@ -43,6 +46,7 @@ import hashlib
 import hmac
 import io
 import json
+import operator
 import random
 import secrets
 import struct
@@ -56,6 +60,8 @@ from typing import Any
 
 import google_crc32c
 from aiohttp import web
+
+from .simfiles import FILE_URL_TTL, StorageListing
 
 EMPTY_ZIP = b"PK\x05\x06" + b"\x00" * 18
 FAULTS = (
@@ -127,6 +133,9 @@ class SimConfig:
     accesskeys_denied: bool = False  # GET /accesskeys answers 403 PERMISSION_DENIED
     store_capacity: int = 0  # bytes of files the customer may keep (the server's is 10 GB); 0 = no cap
     delete_stall: str = ""  # "before" or "after": DELETE hangs before (or after) it deletes
+    spacing: float = 97.0  # seconds between two generated recordings (newest 5 minutes ago)
+    rag_files: int = 3  # knowledge-base uploads listed by GET /storage_files beside the recordings
+    file_url_ttl: float = FILE_URL_TTL  # a listed file's uri_download is valid this long from its creation
 
 
 @dataclass
@@ -257,6 +266,7 @@ class Simulator:
         self._login_at = time.monotonic()
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.files = StorageListing(self)  # GET /storage_files and the per-file storage URLs
         self._generate()
 
     # ---- data --------------------------------------------------------------------------------
@@ -268,7 +278,7 @@ class Simulator:
             rec_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
             conf = cfg.conference_every > 0 and i % cfg.conference_every == cfg.conference_every - 1
             # spread back in time, microseconds distinct, a few hours per 100 recordings
-            created = now - timedelta(seconds=i * 97, microseconds=self.rng.randrange(1, 999_999))
+            created = now - timedelta(seconds=i * cfg.spacing, microseconds=self.rng.randrange(1, 999_999))
             rec = SimRecording(
                 id=rec_id, tm_create=created, reference_type="confbridge" if conf else "call",
                 reference_id=str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
@@ -524,7 +534,10 @@ class Simulator:
         app.router.add_get("/v1.0/transcribes", self.h_transcribes)
         app.router.add_get("/v1.0/transcripts", self.h_transcripts)
         app.router.add_get("/v1.0/accesskeys", self.h_accesskeys)
+        app.router.add_get("/v1.0/storage_files", self.files.h_storage_files)
+        app.router.add_get("/v1.0/storage_files/{id}/file", self.files.h_storage_file_redirect)
         app.router.add_get("/storage/{id}", self.h_storage)
+        app.router.add_get("/storage/{id}/{name}", self.files.h_storage_file)
         app.router.add_get("/_sim/stats", self.h_stats)
         app.router.add_post("/_sim/control", self.h_control)
         app.router.add_get("/_sim/urls", self.h_urls)
@@ -905,9 +918,18 @@ class Simulator:
             self.downloading[rec_id] -= 1
 
     async def _send_storage(self, request: web.Request, rec: SimRecording, variant: str) -> web.StreamResponse:
-        rec_id = rec.id
         data, md5, crc = self.body(rec, variant)
-        self.storage_gets[rec_id] += 1
+        self.storage_gets[rec.id] += 1
+        resp, whole = await self._send_body(request, data, md5, crc)
+        if whole and variant == "full":
+            self.complete_downloads[rec.id] += 1
+        return resp
+
+    async def _send_body(
+        self, request: web.Request, data: bytes, md5: str, crc: str
+    ) -> tuple[web.StreamResponse, bool]:
+        """A storage answer with ``x-goog-hash``, and the storage faults; True: sent whole, unaltered."""
+        original = data
         headers = {"x-goog-hash": f"crc32c={crc},md5={md5}", "Content-Type": "application/octet-stream"}
         if self._fault("storage_bad_hash"):
             self.stats["fault_storage_bad_hash"] += 1
@@ -924,29 +946,27 @@ class Simulator:
             await resp.write(data[: len(data) // 2])
             assert request.transport is not None
             request.transport.close()
-            return resp
+            return resp, False
         if self._fault("storage_drip"):
             self.stats["fault_storage_drip"] += 1
             for i in range(len(data)):
                 try:
                     await resp.write(data[i : i + 1])
                 except (ConnectionError, RuntimeError):
-                    return resp  # the client gave up
+                    return resp, False  # the client gave up
                 await asyncio.sleep(0.2)
             await resp.write_eof()
-            return resp
+            return resp, False
         if self._fault("storage_stall") and len(data) > 1:
             self.stats["fault_storage_stall"] += 1
             await resp.write(data[: len(data) // 2])
             await asyncio.sleep(self.cfg.stall_seconds)
             await resp.write(data[len(data) // 2 :])
             await resp.write_eof()
-            return resp
+            return resp, False
         await resp.write(data)
         await resp.write_eof()
-        if variant == "full" and data == self.body(rec, variant)[0]:
-            self.complete_downloads[rec_id] += 1
-        return resp
+        return resp, data is original and headers["x-goog-hash"].endswith(md5)
 
     async def h_accesskeys(self, request: web.Request) -> web.StreamResponse:
         """``GET /accesskeys``: the customer's keys, each with ``token_prefix`` and ``tm_expire``."""
@@ -1006,6 +1026,9 @@ class MultiSimulator:
               ("GET", "/v1.0/calls", "h_calls"), ("GET", "/v1.0/transcribes", "h_transcribes"),
               ("GET", "/v1.0/transcripts", "h_transcripts"),
               ("GET", "/v1.0/accesskeys", "h_accesskeys"), ("GET", "/storage/{id}", "h_storage"),
+              ("GET", "/v1.0/storage_files", "files.h_storage_files"),
+              ("GET", "/v1.0/storage_files/{id}/file", "files.h_storage_file_redirect"),
+              ("GET", "/storage/{id}/{name}", "files.h_storage_file"),
               ("GET", "/_sim/stats", "h_stats"), ("POST", "/_sim/control", "h_control"),
               ("GET", "/_sim/urls", "h_urls"))
 
@@ -1048,7 +1071,7 @@ class MultiSimulator:
                 if request.path.startswith("/_sim/"):
                     return web.Response(status=404, text=f"?account= one of {', '.join(self.accounts)}\n")
                 return Simulator._error(request, 401, "AUTHENTICATION_REQUIRED", "invalid or expired credential")
-            response: web.StreamResponse = await getattr(sim, handler)(request)
+            response: web.StreamResponse = await operator.attrgetter(handler)(sim)(request)
             return response
 
         return dispatch
@@ -1097,6 +1120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accesskeys-denied", action="store_true", help="GET /accesskeys answers 403")
     parser.add_argument("--store-capacity", type=int, default=0,
                         help="bytes of files the customer's store holds (the server's: 10737418240); 0 = no cap")
+    parser.add_argument("--spacing", type=float, default=97.0, help="seconds between two recordings' creation")
     parser.add_argument("--accesskey", default="")
     parser.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                         help=f"fault probability, repeatable; names: {', '.join(FAULTS)}")
@@ -1115,7 +1139,7 @@ def main(argv: list[str] | None = None) -> None:
         no_audio=args.no_audio, missing_member=args.missing_member, slow_builds=args.slow_builds,
         build_seconds=args.build_seconds, background_rps=args.background_rps, refusal=args.refusal or "",
         login_429=args.login_429, accesskey_ttl=args.accesskey_ttl, accesskeys_denied=args.accesskeys_denied,
-        store_capacity=args.store_capacity,
+        store_capacity=args.store_capacity, spacing=args.spacing,
     )
 
     async def serve() -> None:

@@ -21,7 +21,8 @@ import os
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -64,6 +65,7 @@ class Archived:
     state: str = "archived"  # or "no_audio"
     flag: str = ""  # "", "incomplete" (fewer files than expected) or "damaged" (broken structure)
     flag_reason: str = ""
+    via: str = ""  # "storage_files" or "recordingfiles": how it was fetched ("" when adopted)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,22 @@ class Staged:
     sidecar: bytes
     md5: str  # base64 of the body's MD5 (Content-MD5)
     body: Path | None
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """One channel file of a recording fetched from the storage listing (``storagefiles``):
+    streamed like a body (``tmp`` holds its start when ``spilled``), to be checked against its
+    listed ``filesize``, ``Content-Length`` and ``x-goog-hash``, then put into the recording's ZIP."""
+
+    file_id: str
+    name: str  # the listed file name (checked: a plain name), the member's name in the ZIP
+    tmp: Path
+    tail: bytes
+    spilled: bool
+    expected_length: int | None
+    listed_size: int
+    hashes: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,8 @@ class StoreJob:
     hashes: dict[str, str]  # x-goog-hash
     account: str = DEFAULT_ACCOUNT  # whose recording ({account} in the layout)
     call: dict[str, Any] | None = None  # the sidecar's "call" block; None: call metadata is off
+    files: tuple[ListedFile, ...] = ()  # fetched from the storage listing: the channel files, no body yet
+    listed: tuple[dict[str, Any], ...] = ()  # what the sidecar says of those files once checked
 
     @property
     def ref_type(self) -> str:
@@ -208,7 +228,7 @@ class Store:
                 results.append(self.store(job))
             except Exception as exc:  # noqa: BLE001 - handed back to that job's caller
                 results.append(exc)
-                remove_quietly(job.tmp, temp_path(job.directory, job.rec_id, "unpack"))
+                remove_quietly(job.tmp, temp_path(job.directory, job.rec_id, "unpack"), *(f.tmp for f in job.files))
         for directory in {job.directory for job, r in zip(jobs, results, strict=True) if isinstance(r, Archived)}:
             try:
                 fsync_path(directory)
@@ -222,6 +242,8 @@ class Store:
     def store(self, job: StoreJob) -> Archived | Staged:
         """Write the rest of the body, fsync, verify, write the sidecar, rename (no directory
         fsync), or with ``stage_only`` verify and stage; raise an ``archiver.errors`` class otherwise."""
+        if job.files:
+            job = self._assemble(job)
         digest, source = self._finish(job)  # the bytes are what storage holds (length, hashes)
         unpack_tmp = temp_path(job.directory, job.rec_id, "unpack")
         settled = time.time() >= (job.tm_end or job.tm_create or 0) + self.cfg.settle_window
@@ -269,37 +291,82 @@ class Store:
     def _finish(self, job: StoreJob) -> tuple[BodyDigest, BinaryIO]:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
         Returns what the checks read: the bytes in memory unless the body spilled to disk."""
+        return self._finish_body(job.tmp, job.tail, job.spilled, job.expected_length, job.hashes,
+                                 durable=not self.stage_only, md5=self.stage_only)
+
+    @staticmethod
+    def _finish_body(
+        tmp: Path, tail: bytes, spilled: bool, expected_length: int | None, hashes: dict[str, str],
+        durable: bool, md5: bool,
+    ) -> tuple[BodyDigest, BinaryIO]:
+        """``_finish`` for one body or listed file: written whole (and fsynced when ``durable``)
+        unless it stays in memory, digested, checked against ``expected_length`` and ``hashes``."""
         try:  # a spilled body was created by ``create_exclusive`` in the daemon
-            if job.spilled or not self.stage_only:  # a staged body in memory stays there
-                if job.spilled:
-                    fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            if spilled or durable:  # a body in memory stays there unless it must be durable
+                if spilled:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
                 else:
-                    fd = create_exclusive(job.tmp)
+                    fd = create_exclusive(tmp)
                 try:
-                    write_all(fd, job.tail)
-                    if not self.stage_only:
+                    write_all(fd, tail)
+                    if durable:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
             # MD5 only when there is one to compare, or for a bucket's Content-MD5
-            digest = BodyDigest(md5="md5" in job.hashes or self.stage_only)
+            digest = BodyDigest(md5="md5" in hashes or md5)
             source: BinaryIO
-            if job.spilled:
-                source = open(job.tmp, "rb")  # closed by store()
+            if spilled:
+                source = open(tmp, "rb")  # closed by the caller
                 while chunk := source.read(CHUNK):
                     digest.update(chunk)
                 source.seek(0)
             else:
-                digest.update(job.tail)
-                source = io.BytesIO(job.tail)
+                digest.update(tail)
+                source = io.BytesIO(tail)
         except OSError as exc:
-            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
+            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({tmp.parent})") from None
         try:
-            digest.check(job.expected_length, job.hashes)
+            digest.check(expected_length, hashes)
         except VerificationError:
             source.close()
             raise
         return digest, source
+
+    def _assemble(self, job: StoreJob) -> StoreJob:
+        """The channel files of a recording fetched from the storage listing, each checked
+        (its listed ``filesize``, ``Content-Length``, every ``x-goog-hash``, the RIFF structure),
+        written into one ZIP the archiver makes itself (stored, not compressed, fixed times: the
+        same files always make the same bytes). That ZIP then goes through every check of a
+        served one, so ``verify``, adoption, unpacking and ``export`` treat both alike."""
+        listed = []
+        try:
+            with open(create_exclusive(job.tmp), "wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+                for f in job.files:
+                    digest, source = self._finish_body(f.tmp, f.tail, f.spilled, f.expected_length, f.hashes,
+                                                       durable=False, md5=False)
+                    with source:
+                        if digest.size != f.listed_size:
+                            raise VerificationError(
+                                f"listed file {f.name[:80]!r}: the listing says filesize {f.listed_size}, "
+                                f"storage sent {digest.size} bytes")
+                        riff = RiffChecker(f"listed file {f.name[:80]!r}")
+                        info = zipfile.ZipInfo(f.name, date_time=(1980, 1, 1, 0, 0, 0))
+                        info.compress_type = zipfile.ZIP_STORED
+                        info.file_size = digest.size
+                        with zf.open(info, "w") as member:
+                            while chunk := source.read(CHUNK):
+                                riff.feed(chunk)
+                                member.write(chunk)
+                        riff.finish()
+                    listed.append({"id": f.file_id, "name": f.name, "size": digest.size,
+                                   "sha256": digest.sha256.hexdigest(),
+                                   "server_hashes_checked": {k: f.hashes[k] for k in sorted(f.hashes)}})
+        except OSError as exc:
+            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
+        finally:
+            remove_quietly(*(f.tmp for f in job.files))
+        return replace(job, files=(), listed=tuple(listed), tail=b"", spilled=True, expected_length=None, hashes={})
 
     def _check_ready(self, job: StoreJob, kind: str, members: list[Member], settled: bool) -> tuple[str, str]:
         """Before the settle window, an empty or short answer means "not uploaded yet"; after
@@ -336,9 +403,12 @@ class Store:
             "members": [m.as_dict() for m in members],
             "members_expected": expected_members(job.ref_type),
             "unpacked_to": f"{job.rec_id}/" if unpacked else None,
+            "fetched_from": _via(job),
             "archived_at": datetime.now(UTC).isoformat(),
             "archiver": f"voipbin-archiver/{__version__}",
         }
+        if job.listed:  # the ZIP is ours; what storage served, and was checked, is each file
+            meta["storage_files"] = list(job.listed)
         if self.stage_only and digest.md5 is not None:  # a bucket's HEAD shows it as the ETag
             meta["md5"] = base64.b64encode(digest.md5.digest()).decode()
         doc: dict[str, Any] = {"recording": job.raw, "archive": meta}
@@ -364,7 +434,7 @@ class Store:
         checked = {k: job.hashes[k] for k in sorted(job.hashes)}
         archived = Archived(
             str(side.relative_to(self.layout.root)), digest.size, digest.sha256.hexdigest(), checked, len(members),
-            state="no_audio", flag_reason=reason,
+            state="no_audio", flag_reason=reason, via=_via(job),
         )
         return Staged(archived, data, "", None) if self.stage_only else archived
 
@@ -382,7 +452,8 @@ class Store:
         if self.stage_only:
             assert digest.md5 is not None
             archived = Archived(
-                rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason
+                rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason,
+                via=_via(job),
             )
             md5 = base64.b64encode(digest.md5.digest()).decode()
             return Staged(archived, sidecar, md5, job.tmp if job.spilled else None)
@@ -398,8 +469,13 @@ class Store:
         except OSError as exc:
             raise LocalStorageError(f"cannot store {final.name}: {exc.strerror}") from None
         return Archived(
-            rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason
+            rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason,
+            via=_via(job),
         )
+
+
+def _via(job: StoreJob) -> str:
+    return "storage_files" if job.listed else "recordingfiles"
 
 
 def _fresh_dir(path: Path) -> None:

@@ -1,7 +1,7 @@
 """Benchmarks: voipbin-archiver against the bundled simulator, and against aria2c.
 
     python bench/run.py                      # all runs, default sizes
-    python bench/run.py --runs throughput    # one of: throughput, rate, scale, s3 (comma-separated)
+    python bench/run.py --runs throughput    # one of: throughput, rate, scale, s3, listing (comma-separated)
     python bench/run.py --repeat 5           # throughput: 5 alternating runs of each tool, medians
 
 Every figure is a ratio measured in one run on the same machine (ours vs aria2c, ours vs the
@@ -128,7 +128,7 @@ def rss_by_quarter(run: dict[str, Any]) -> str:
 
 
 def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: dict[str, str] | None = None,
-                 state_url: str = "", **workers: float) -> Path:
+                 state_url: str = "", api: str = "burst = 16\n", **workers: float) -> Path:
     cfg = directory / "config.toml"
     extra = "".join(f"{k} = {v}\n" for k, v in workers.items())
     archive = '[archive]\ndirectory = "archive"\n'
@@ -137,7 +137,7 @@ def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: di
         archive = f'[archive]\ndestination = "s3"\n[archive.s3]\n{keys}'
     cfg.write_text(
         f'[api]\nbase_url = "{sim.base_url}"\naccesskey = "{sim.accesskey}"\nrequests_per_second = {rps}\n'
-        f'burst = 16\n{archive}[state]\ndatabase = "state.sqlite3"\n'
+        f'{api}{archive}[state]\ndatabase = "state.sqlite3"\n'
         + (f"url = {json.dumps(state_url)}\n" if state_url else "")
         + f"[workers]\nconcurrency = {concurrency}\n{extra}[logging]\nlevel = \"warning\"\n"
     )
@@ -145,8 +145,9 @@ def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: di
     return cfg
 
 
-def backfill(sim: Sim, work: Path, concurrency: int, rps: float, s3: dict[str, str] | None = None) -> dict[str, Any]:
-    cfg = write_config(work, sim, concurrency, rps, s3)
+def backfill(sim: Sim, work: Path, concurrency: int, rps: float, s3: dict[str, str] | None = None,
+             api: str = "burst = 16\n") -> dict[str, Any]:
+    cfg = write_config(work, sim, concurrency, rps, s3, api=api)
     before = sim.stats()
     result = measured([sys.executable, "-m", "archiver", "--config", str(cfg), "backfill", "--wait", "0"],
                       work, work / "backfill.log")
@@ -375,6 +376,33 @@ def rate_limited(args: argparse.Namespace, root: Path) -> list[str]:
     ]
 
 
+def listing(args: argparse.Namespace, root: Path) -> list[str]:
+    """The two fetch paths side by side in one run, at the default pace (8 requests/s, burst 8):
+    600 recent recordings through the storage listing and through /recordingfiles, then a mixed
+    archive (half older than the listed URLs' 7 days) through the listing with its fallback."""
+    n, lat, c = args.listing_recordings, args.latency, 8
+    bound = n / 8.0  # the per-recording path's rate bound: one request per recording at 8/s
+    rows = []
+    for name, spacing, listed in (("recent, storage listing", 97.0, True), ("recent, /recordingfiles", 97.0, False),
+                                  ("half older than 7 days, listing + fallback", 14 * 86400 / n, True)):
+        sim = Sim("--recordings", str(n), "--latency", str(lat), "--spacing", str(spacing))
+        try:
+            work = root / f"listing-{len(rows)}"
+            work.mkdir()
+            api = f"storage_listing = {'true' if listed else 'false'}\n"
+            ours = backfill(sim, work, c, 8, api=api)
+        finally:
+            sim.stop()
+        rows.append(
+            f"| {name} | N={n} L={lat * 1000:.0f}ms C={c} rps=8 burst=8 | {ours['wall']:.2f} s |"
+            f" {n / ours['wall']:.1f} rec/s | {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec |"
+            f" {ours['rss_mb']:.0f} MB (PSS {ours['pss_mb']:.0f}) |"
+            f" {ours['api_requests']} API req = **{ours['api_requests'] / n:.3f}/rec**, {ours['storage_requests']}"
+            f" storage GETs | wall / rate bound ({bound:.0f} s) = **{ours['wall'] / bound:.3f}** |"
+        )
+    return rows
+
+
 def noop_cycle(cfg: Path, work: Path) -> dict[str, float]:
     """Start ``run``, wait for the first cycle_done event, stop it; return that event."""
     log = work / "run.log"
@@ -437,6 +465,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="throughput runs of each tool (median reported)")
     p.add_argument("--rate-recordings", type=int, default=500)
     p.add_argument("--scale", type=int, default=100_000)
+    p.add_argument("--listing-recordings", type=int, default=600)
     p.add_argument("--workdir", default=None, help="where temporary archives go (default: system temp)")
     args = p.parse_args()
     if args.repeat < 1:
@@ -455,6 +484,8 @@ def main() -> None:
             lines += scale(args, root)
         if "s3" in runs:
             lines += s3_vs_directory(args, root)
+        if "listing" in runs:
+            lines += listing(args, root)
     header = (
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — {machine()}\n\n"
         f"`python bench/run.py {' '.join(sys.argv[1:])}`\n\n"

@@ -39,8 +39,9 @@ class Job:
 
     row: Row
     directory: Path
-    url: str
+    url: str  # "" when it is fetched from its listed files
     started: float
+    listed: tuple[dict[str, Any], ...] = ()  # its channel files from the storage listing
 
 
 @dataclass
@@ -88,6 +89,11 @@ class EngineParts:
     unwritable: str
     calls_reached: float  # the calls walk has stored every listed call created since (epoch); -inf: none runs
     calls_moved: asyncio.Event  # set (and replaced) at each page of the calls walk, and at its end
+    files_reached: float  # as calls_reached, for the storage listing's walk
+    files_moved: asyncio.Event
+    files_wanted: asyncio.Event  # a recording waits for files not listed yet: walk the listing again
+    files_walk_ok: bool  # the last storage walk went through (else nothing is waited for)
+    _route_logged: set[str]  # recordings whose unusable listing was logged (once each)
 
     async def _until_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
         """``work``, abandoned (cancelled) at once when ``stop`` is set: None then. Cancelling the
@@ -111,6 +117,14 @@ class EngineParts:
 
     async def _call_block(self, row: Row) -> dict[str, Any]:
         """The sidecar's ``call`` block for ``row`` (``calls.CallWalker``)."""
+        raise NotImplementedError
+
+    async def _listed_files(self, row: Row) -> tuple[dict[str, Any], ...]:
+        """The channel files to fetch ``row`` from, or () (``storage.StorageWalker``)."""
+        raise NotImplementedError
+
+    async def _rewalk_files(self) -> None:
+        """Walk the storage listing again when a recording waits for its files (``storage``)."""
         raise NotImplementedError
 
     def store_near_full(self) -> bool:

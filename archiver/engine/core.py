@@ -38,6 +38,7 @@ from ..storepool import StorePool
 from .base import SHUTDOWN_GRACE, WALKED_ELSEWHERE, EngineParts, Job, RunResult
 from .calls import CallWalker
 from .feeder import Feeder
+from .storage import StorageWalker
 from .transcripts import Transcripts
 from .walker import Walker
 from .workers import Workers
@@ -45,7 +46,7 @@ from .workers import Workers
 log = structlog.get_logger("archiver.engine")
 
 
-class Engine(Walker, CallWalker, Transcripts, Feeder, Workers, EngineParts):
+class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, EngineParts):
     """One engine per account. ``backfill()`` returns when done; ``serve()`` when ``stop`` is set."""
 
     def __init__(
@@ -75,6 +76,11 @@ class Engine(Walker, CallWalker, Transcripts, Feeder, Workers, EngineParts):
         self.wake = asyncio.Event()
         self.calls_reached = -math.inf
         self.calls_moved = asyncio.Event()
+        self.files_reached = -math.inf
+        self.files_moved = asyncio.Event()
+        self.files_wanted = asyncio.Event()
+        self.files_walk_ok = False
+        self._route_logged: set[str] = set()
         self.stop = asyncio.Event()
         self.result = RunResult()
         self.paused_until = 0.0
@@ -208,17 +214,23 @@ class Engine(Walker, CallWalker, Transcripts, Feeder, Workers, EngineParts):
 
     async def _walk_both(self, full: bool, since: datetime | None = None, until: datetime | None = None) -> int | None:
         """The recordings walk and beside it the calls walk (``[archive] call_metadata``; about
-        one request per 100 calls, both newest first). A sidecar whose call is not stored yet
-        waits for the calls walk to pass its time (``_call_block``), so downloads start at once
-        and the sidecars still have their calls (a call listed later: ``_note_calls``)."""
-        calls = asyncio.create_task(self._walk_calls_guarded(full, since), name="calls-walk")
+        one request per 100 calls, both newest first) and the storage listing's (``[api]
+        storage_listing``). A sidecar whose call is not stored yet waits for the calls walk to
+        pass its time (``_call_block``), a recording for the storage walk to reach its files
+        (``_listed_files``), so downloads start at once (a call listed later: ``_note_calls``)."""
+        beside = [asyncio.create_task(self._walk_calls_guarded(full, since), name="calls-walk"),
+                  asyncio.create_task(self._walk_files_guarded(), name="storage-walk")]
         try:
             walked = await self._walk_unless_stopped(full=full, since=since, until=until)
         except BaseException:
-            calls.cancel()
-            await asyncio.gather(calls, return_exceptions=True)
+            for task in beside:
+                task.cancel()
+            await asyncio.gather(*beside, return_exceptions=True)
             raise
-        await calls
+        for task in beside:
+            await task
+        if walked is not None and walked != WALKED_ELSEWHERE:
+            await self._note_strangers()
         return walked
 
     async def _wait_first(self, feeder: asyncio.Task[None], wait: float) -> None:

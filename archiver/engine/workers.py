@@ -38,6 +38,8 @@ class Workers(EngineParts):
     def _start_workers(self) -> list[asyncio.Task[None]]:
         n = self.workers_cfg.concurrency
         keeper = [asyncio.create_task(self._keep_leases(), name="leases")] if self.state.lease else []
+        if self.client.cfg.storage_listing:
+            keeper.append(asyncio.create_task(self._rewalk_files(), name="storage-rewalks"))
         return keeper + [asyncio.create_task(self._resolver(), name=f"resolver-{i}") for i in range(n)] + [
             asyncio.create_task(self._downloader(), name=f"downloader-{i}") for i in range(n)
         ]
@@ -76,7 +78,8 @@ class Workers(EngineParts):
             row = job.row
             result = None
             try:
-                result = await self._guarded(row, self.downloader.archive(row, job.directory, job.url))
+                result = await self._guarded(row, self.downloader.archive(row, job.directory, job.url or None,
+                                                                          job.listed))
             finally:
                 self.downloads.task_done()
                 if result is None:
@@ -112,6 +115,9 @@ class Workers(EngineParts):
         if adopted is not None:
             await self._archived(row, adopted, started)
             return None
+        listed = await self._listed_files(row)
+        if listed:  # from storage, no API request: its URLs are in the listing
+            return Job(row, directory, "", started, listed)
         return Job(row, directory, await self.client.recordingfile_url(row.id), started)
 
     async def _guarded(self, row: Row, work: Awaitable[T]) -> T | None:
@@ -173,6 +179,8 @@ class Workers(EngineParts):
         )
         seconds = time.monotonic() - started
         self.result.stats[result.state] += 1
+        if result.via:
+            self.result.stats[f"via_{result.via}"] += 1
         if result.flag:
             self.result.stats[f"archived_{result.flag}"] += 1
         if result.state == "no_audio":

@@ -22,6 +22,7 @@ from ..calls import Call
 from ..config import StateConfig
 from ..model import Recording
 from ..ratelimit import Grant
+from ..storagefiles import StorageFile
 from .base import (
     FLAGS,
     STATES,
@@ -116,6 +117,20 @@ class State(Protocol):
         ...
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None: ...
+
+    async def store_storage_files(self, files: list[StorageFile], walk: str | None,
+                                  next_token: str) -> tuple[int, int]:
+        """A page of ``GET /storage_files`` (a recording's files only) and the walk's checkpoint,
+        in one transaction; returns (new, already known)."""
+        ...
+
+    async def storage_files_of(self, rec_id: str) -> list[dict[str, Any]]:
+        """The listed files of ``rec_id`` (id, filename, filesize, url, expires_at)."""
+        ...
+
+    async def storage_strangers(self, limit: int) -> list[dict[str, Any]]:
+        """Listed files naming no recording the state knows, each returned once."""
+        ...
 
     async def calls_to_note(self, limit: int) -> list[dict[str, Any]]:
         """Stored recordings whose call was listed only after their sidecar was written."""

@@ -12,6 +12,7 @@ from typing import Any
 from ..calls import Call
 from ..config import DEFAULT_ACCOUNT
 from ..model import Recording, parse_timestamp
+from ..storagefiles import StorageFile
 
 STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
 FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
@@ -86,6 +87,17 @@ def tm_start_fills(rows: Any) -> list[tuple[float, str, str]]:
     return fills
 
 
+def storage_file_rows(files: list[StorageFile], account: str, now: float) -> list[tuple[Any, ...]]:
+    """The rows (``FILE_COLUMNS``) of a page of the storage listing: a recording's files only
+    (a knowledge-base upload is of no recording), each listed id once."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for f in files:
+        if f.recording_id is not None:
+            rows[f.id] = (account, f.id, f.recording_id, f.filename, f.filesize, f.url, f.expires_at,
+                          epoch(f.tm_create), now)
+    return list(rows.values())
+
+
 def call_rows(calls: list[Call], stored: dict[str, str], account: str, now: float) -> tuple[list[tuple[Any, ...]], int]:
     """The rows (``CALL_COLUMNS``) to insert or update for a page of calls, and how many of them
     are new; ``stored``: the JSON the state holds of each already known. A call stored with
@@ -145,6 +157,9 @@ class FindQuery:
         return (" AND ".join(clauses) or "1=1"), params
 
 
+FILE_COLUMNS = "account, id, recording_id, filename, filesize, url, expires_at, tm_create, listed_at"
+FILE_UPDATES = ", ".join(f"{c}=excluded.{c}" for c in ("filename", "filesize", "url", "expires_at", "tm_create"))
+FILE_FORGET_AFTER = 86400.0  # a listed file's row is dropped this long after its URL expired
 CALL_COLUMNS = ("account, id, raw, direction, status, source, destination, source_target, destination_target,"
                 " hangup_reason, tm_create, discovered_at, updated_at")  # store_calls' INSERT
 CALL_UPDATES = ", ".join(f"{c}=excluded.{c}" for c in (

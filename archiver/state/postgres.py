@@ -36,10 +36,14 @@ from ..errors import LocalStorageError, StateUnusable
 from ..logs import register_secret
 from ..model import Recording
 from ..ratelimit import Grant
+from ..storagefiles import StorageFile
 from .base import (
     CALL_COLUMNS,
     CALL_UPDATES,
     DELETABLE_COLUMNS,
+    FILE_COLUMNS,
+    FILE_FORGET_AFTER,
+    FILE_UPDATES,
     FLAGS,
     ROW_COLUMNS,
     STATES,
@@ -56,6 +60,7 @@ from .base import (
     find_sql,
     initial_state,
     row_from,
+    storage_file_rows,
     summary_meta,
     tm_start_fills,
 )
@@ -145,6 +150,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX calls_source ON calls(source);
     CREATE INDEX calls_destination ON calls(destination);
+    """,
+    # v3: the storage listing as a download path (as SQLite's v7)
+    """
+    CREATE TABLE storage_files (
+        account text NOT NULL,
+        id text NOT NULL,
+        recording_id text NOT NULL,
+        filename text NOT NULL,
+        filesize bigint,
+        url text NOT NULL,
+        expires_at double precision,
+        tm_create double precision,
+        listed_at double precision NOT NULL,
+        stranger_noted_at double precision,
+        PRIMARY KEY (account, id)
+    );
+    CREATE INDEX storage_files_recording ON storage_files(account, recording_id);
+    CREATE INDEX storage_files_expiry ON storage_files(expires_at);
     """,
 ]
 CATALOG_FILLED_AT = 2  # the version after which recordings' tm_start is filled in from raw
@@ -435,6 +458,40 @@ class PgState:
                         f" ON CONFLICT (account, id) DO UPDATE SET {CALL_UPDATES}", upserts)
                 await _checkpoint(con, account, walk, next_token, now)
         return new, len(calls) - len(upserts)
+
+    async def store_storage_files(self, files: list[StorageFile], walk: str | None,
+                                  next_token: str) -> tuple[int, int]:
+        """As ``StateDB.store_storage_files``: (new, already known)."""
+        account = self._acct
+        now = time.time()
+        rows = storage_file_rows(files, account, now)
+        with self._reachable():
+            async with self.pool.acquire() as con, con.transaction():
+                known = {r[0] for r in await con.fetch(
+                    "SELECT id FROM storage_files WHERE account=$1 AND id = ANY($2::text[])",
+                    account, [r[1] for r in rows])}
+                if rows:
+                    await con.executemany(
+                        f"INSERT INTO storage_files ({FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+                        f" ON CONFLICT (account, id) DO UPDATE SET {FILE_UPDATES}", rows)
+                await con.execute("DELETE FROM storage_files WHERE account=$1 AND expires_at < $2",
+                                  account, now - FILE_FORGET_AFTER)
+                await _checkpoint(con, account, walk, next_token, now)
+        return len(rows) - len(known), len(known)
+
+    async def storage_files_of(self, rec_id: str) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "SELECT id, filename, filesize, url, expires_at FROM storage_files WHERE account=$1 AND recording_id=$2"
+            " ORDER BY filename, id", self._acct, rec_id)
+        return [dict(r) for r in rows]
+
+    async def storage_strangers(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            "UPDATE storage_files f SET stranger_noted_at=$2 WHERE (f.account, f.id) IN (SELECT g.account, g.id"
+            " FROM storage_files g WHERE g.account=$1 AND g.stranger_noted_at IS NULL AND NOT EXISTS (SELECT 1"
+            " FROM recordings r WHERE r.account = g.account AND r.id = g.recording_id) LIMIT $3)"
+            " RETURNING f.id, f.recording_id, f.filename", self._acct, time.time(), limit)
+        return [dict(r) for r in rows]
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None:
         rows = await self._fetch("SELECT raw FROM calls WHERE account=$1 AND id=$2", self._acct, call_id)

@@ -38,11 +38,15 @@ import aiosqlite
 from ..calls import Call
 from ..errors import LocalStorageError, StateLocked, StateUnusable
 from ..model import Recording
+from ..storagefiles import StorageFile
 from ..store import fsync_path, mkdir_durable
 from .base import (
     CALL_COLUMNS,
     CALL_UPDATES,
     DELETABLE_COLUMNS,
+    FILE_COLUMNS,
+    FILE_FORGET_AFTER,
+    FILE_UPDATES,
     FLAGS,
     ROW_COLUMNS,
     STATES,
@@ -59,6 +63,7 @@ from .base import (
     find_sql,
     initial_state,
     row_from,
+    storage_file_rows,
     summary_meta,
     tm_start_fills,
     unusable_message,
@@ -210,6 +215,25 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX calls_source ON calls(source);
     CREATE INDEX calls_destination ON calls(destination);
+    """,
+    # v7: the storage listing as a download path: each recording's listed channel files with
+    # their signed URLs (a cache of GET /storage_files, dropped a day after the URLs expire)
+    """
+    CREATE TABLE storage_files (
+        account TEXT NOT NULL,
+        id TEXT NOT NULL,
+        recording_id TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        filesize INTEGER,
+        url TEXT NOT NULL,
+        expires_at REAL,
+        tm_create REAL,
+        listed_at REAL NOT NULL,
+        stranger_noted_at REAL,
+        PRIMARY KEY (account, id)
+    );
+    CREATE INDEX storage_files_recording ON storage_files(account, recording_id);
+    CREATE INDEX storage_files_expiry ON storage_files(expires_at);
     """,
 ]
 CATALOG_FILLED_AT = 6  # the version after which recordings' tm_start is filled in from raw
@@ -531,6 +555,50 @@ class StateDB:
         await self.db.executemany("UPDATE recordings SET call_noted_at=? WHERE account=? AND id=?",
                                   [(now, self._acct, rec_id) for rec_id in ids])
         await self.db.commit()
+
+    # ---- the storage listing (a download path) ---------------------------------------------------
+
+    @_writes
+    async def store_storage_files(self, files: list[StorageFile], walk: str | None,
+                                  next_token: str) -> tuple[int, int]:
+        """Insert or refresh a page of listed files and checkpoint the walk, in one
+        transaction; rows whose URLs expired a day ago go. Returns (new, already known)."""
+        account = self._acct
+        now = time.time()
+        rows = storage_file_rows(files, account, now)
+        ids = [r[1] for r in rows]
+        known = {r[0] for r in await self._fetchall(
+            f"SELECT id FROM storage_files WHERE account=? AND id IN ({','.join('?' * len(ids))})",
+            (account, *ids))} if ids else set()
+        if rows:
+            await self.db.executemany(
+                f"INSERT INTO storage_files ({FILE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"
+                f" ON CONFLICT (account, id) DO UPDATE SET {FILE_UPDATES}", rows)
+        await self.db.execute("DELETE FROM storage_files WHERE account=? AND expires_at < ?",
+                              (account, now - FILE_FORGET_AFTER))
+        await self._checkpoint(walk, next_token, now)
+        await self.db.commit()
+        return len(rows) - len(known), len(known)
+
+    async def storage_files_of(self, rec_id: str) -> list[dict[str, Any]]:
+        """The listed files whose ``reference_id`` is ``rec_id`` (never another's)."""
+        rows = await self._fetchall(
+            "SELECT id, filename, filesize, url, expires_at FROM storage_files WHERE account=? AND recording_id=?"
+            " ORDER BY filename, id", (self._acct, rec_id))
+        return [dict(r) for r in rows]
+
+    @_writes
+    async def storage_strangers(self, limit: int) -> list[dict[str, Any]]:
+        """Listed files of a recording the state does not know, each returned once (to be logged)."""
+        rows = [dict(r) for r in await self._fetchall(
+            "SELECT f.id, f.recording_id, f.filename FROM storage_files f WHERE f.account=?"
+            " AND f.stranger_noted_at IS NULL AND NOT EXISTS (SELECT 1 FROM recordings r"
+            " WHERE r.account = f.account AND r.id = f.recording_id) LIMIT ?", (self._acct, limit))]
+        if rows:
+            await self.db.executemany("UPDATE storage_files SET stranger_noted_at=? WHERE account=? AND id=?",
+                                      [(time.time(), self._acct, r["id"]) for r in rows])
+            await self.db.commit()
+        return rows
 
     async def transcripts_due(self, now: float, limit: int) -> list[dict[str, Any]]:
         """Stored recordings whose transcripts are not fetched yet (or due again: progressing)."""
