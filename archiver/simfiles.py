@@ -9,7 +9,8 @@ listed too. ``/recordingfiles`` builds its ZIP from exactly these files.
 
 Faults, per recording id in ``file_faults``: ``expired_early`` (its URLs answer 400
 ``ExpiredToken`` before ``tm_download_expire``), ``bad_size`` (``filesize`` one byte off),
-``twice`` (its first file listed twice), ``unsigned`` (``uri_download`` empty: signing failed).
+``twice`` (a second file, of another id, listed for its first channel), ``unsigned``
+(``uri_download`` empty: signing failed).
 ``stranger_files`` lists files whose ``reference_id`` names no recording of the account, and the
 ``files_repeat_token`` switch makes every page answer the token it was asked with.
 """
@@ -22,23 +23,52 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import google_crc32c
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .simulator import SimRecording, Simulator
+from .simdata import CUSTOMER_ID, SimConfig, SimRecording, make_wav, page_token, parse_token, sim_time
 
-FILE_URL_TTL = 7 * 86400.0  # a listed file's uri_download is signed for this long from its creation
+
+class SimAccount(Protocol):
+    """What the storage listing uses of its ``Simulator`` (one simulated account)."""
+
+    cfg: SimConfig
+    recordings: dict[str, SimRecording]
+    started: float
+    port: int
+    stats: Counter[str]
+    credential_leaks: int
+    storage_gets: Counter[str]
+    downloading: Counter[str]
+    complete_downloads: Counter[str]
+
+    def is_deleted(self, rec: SimRecording) -> bool: ...
+    def variant(self, rec: SimRecording) -> str: ...
+    def stored_names(self, rec: SimRecording) -> list[str]: ...
+    def member_names(self, rec: SimRecording) -> list[str]: ...
+    def tm_end(self, rec: SimRecording) -> datetime | None: ...
+    def audio(self, rec: SimRecording, name: str, size: int) -> bytes: ...
+    def expected_archives(self) -> dict[str, bytes]: ...
+    def _sign(self, rec_id: str, variant: str, expires: int) -> str: ...
+    def _fault(self, name: str) -> bool: ...
+    def _json(self, body: Any) -> web.Response: ...
+    def _error(self, request: web.Request, status: int, reason: str, message: str = "",
+               details: list[Any] | None = None) -> web.Response: ...
+    async def _api_gate(self, request: web.Request, endpoint: str) -> web.StreamResponse | None: ...
+    async def _send_body(self, request: web.Request, data: bytes, md5: str,
+                         crc: str) -> tuple[web.StreamResponse, bool]: ...
+
 
 
 class StorageListing:
     """One simulated account's storage listing and per-file downloads (``sim.files``)."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: SimAccount) -> None:
         self.sim = sim
         self.file_faults: dict[str, str] = {}  # recording id -> one of the faults above
         self.stranger_files: list[dict[str, Any]] = []  # listed, of no recording of ours
@@ -50,7 +80,6 @@ class StorageListing:
         """One channel file of ``rec`` as storage holds it (what its ZIP holds as ``name``)."""
         key = (rec.id, name)
         if key not in self._wav_cache:
-            from .simulator import make_wav
 
             each = self.sim.cfg.audio_bytes // max(1, len(self.sim.member_names(rec)))
             self._wav_cache[key] = make_wav(self.sim.audio(rec, name, each))
@@ -86,14 +115,13 @@ class StorageListing:
         size = len(self.member_wav(rec, name)) + (1 if fault == "bad_size" else 0)
         url = "" if fault == "unsigned" else self.file_url(rec.id, name, expires.timestamp())
         style = self.sim.cfg.timestamps
-        from .simulator import CUSTOMER_ID, _ts
 
         return {
             "id": self.file_id(rec.id, name), "customer_id": CUSTOMER_ID, "owner_type": "", "owner_id": "",
             "reference_type": "recording", "reference_id": rec.id, "type": "recording", "name": name,
             "detail": "", "filename": name, "filesize": size, "uri_download": url,
-            "tm_download_expire": _ts(expires, style), "tm_create": _ts(created, style),
-            "tm_update": _ts(created, style),
+            "tm_download_expire": sim_time(expires, style), "tm_create": sim_time(created, style),
+            "tm_update": sim_time(created, style),
         }
 
     def file_url(self, rec_id: str, name: str, expires: float) -> str:
@@ -104,15 +132,16 @@ class StorageListing:
 
     def _listed_files(self) -> list[tuple[float, str, dict[str, Any]]]:
         """(-tm_create epoch, file id, item) of every listed file, newest first."""
-        from .simulator import CUSTOMER_ID, _ts
 
         out = []
         for rec in self.sim.recordings.values():
             files = self.registered_files(rec)
-            if self.file_faults.get(rec.id) == "twice" and files:
-                files = [files[0], *files]
             for name, created in files:
                 out.append((-created.timestamp(), self.file_id(rec.id, name), self.file_json(rec, name, created)))
+            if self.file_faults.get(rec.id) == "twice" and files:  # a second file for the same channel
+                name, created = files[0]
+                item = {**self.file_json(rec, name, created), "id": self.file_id(rec.id, name + "#2")}
+                out.append((-created.timestamp(), item["id"], item))
         started = datetime.fromtimestamp(self.sim.started, UTC)
         for i in range(self.sim.cfg.rag_files):  # knowledge-base uploads of the same customer
             created = started - timedelta(hours=5 * i + 1, microseconds=i)
@@ -120,7 +149,7 @@ class StorageListing:
                     "owner_id": "", "reference_type": "", "reference_id": "00000000-0000-0000-0000-000000000000",
                     "type": "rag", "name": f"handbook-{i}.pdf", "detail": "", "filename": f"handbook-{i}.pdf",
                     "filesize": 1234 + i, "uri_download": "", "tm_download_expire": None,
-                    "tm_create": _ts(created, self.sim.cfg.timestamps)}
+                    "tm_create": sim_time(created, self.sim.cfg.timestamps)}
             out.append((-created.timestamp(), str(item["id"]), {k: v for k, v in item.items() if v is not None}))
         for item in self.stranger_files:
             when = datetime.fromisoformat(str(item["tm_create"]).replace("Z", "+00:00"))
@@ -130,7 +159,6 @@ class StorageListing:
 
     async def h_storage_files(self, request: web.Request) -> web.StreamResponse:
         """``GET /storage_files``: newest first by ``tm_create``, the token the last item's."""
-        from .simulator import _page_token, _parse_token
 
         gate = await self.sim._api_gate(request, "storage_files")
         if gate is not None:
@@ -143,13 +171,13 @@ class StorageListing:
         files = self._listed_files()
         start = 0
         if token:
-            ts = _parse_token(token)
+            ts = parse_token(token)
             if ts is None:
                 return self.sim._error(request, 400, "INVALID_ARGUMENT", "page_token")
             start = bisect.bisect_right([f[0] for f in files], -ts.timestamp())
         page = files[start : start + size]
         style = "tutorial" if self.sim.cfg.timestamps == "tutorial" else "token"
-        next_token = _page_token(datetime.fromtimestamp(-page[-1][0], UTC), style) if page else ""
+        next_token = page_token(datetime.fromtimestamp(-page[-1][0], UTC), style) if page else ""
         if self.files_repeat_token and token:
             next_token = token
         return self.sim._json({"result": [f[2] for f in page], "next_page_token": next_token})

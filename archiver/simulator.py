@@ -44,26 +44,35 @@ import bisect
 import contextvars
 import hashlib
 import hmac
-import io
 import json
 import operator
 import random
 import secrets
-import struct
 import time
 import uuid
-import zlib
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import google_crc32c
 from aiohttp import web
 
-from .simfiles import FILE_URL_TTL, StorageListing
+from .simdata import (
+    CUSTOMER_ID,
+    EMPTY_ZIP,
+    SimConfig,
+    SimRecording,
+    make_wav,
+    make_zip,
+    page_token,
+    parse_token,
+    sim_time,
+)
+from .simfiles import StorageListing
 
-EMPTY_ZIP = b"PK\x05\x06" + b"\x00" * 18
+__all__ = ["EMPTY_ZIP", "MultiSimulator", "SimConfig", "SimRecording", "Simulator", "main", "make_wav", "make_zip"]
+
 FAULTS = (
     "api_500",  # any API request answers 500
     "api_503",  # /recordingfiles answers 503 (cannot sign storage URLs)
@@ -85,138 +94,12 @@ _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", 
 # what POST /_sim/control may switch while the simulator runs
 CONTROLS = ("refusal", "revoked", "background_rps", "accesskeys_denied", "login_429", "quirk", "delete_stall")
 REFUSALS = ("ACCOUNT_FROZEN", "DELETION_SCHEDULED", "PERMISSION_DENIED")
-CUSTOMER_ID = "5e4a0680-804e-11ec-8477-2fea5968d85b"
 # the server's fixed set of error ``status`` strings, by HTTP status (voipbin-api.md, Calls and transcripts)
 STATUS_CODES = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "PAYMENT_REQUIRED", 403: "PERMISSION_DENIED",
     404: "NOT_FOUND", 409: "ALREADY_EXISTS", 412: "FAILED_PRECONDITION", 429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL", 503: "UNAVAILABLE",
 }
-
-
-@dataclass
-class SimConfig:
-    recordings: int = 250
-    seed: int = 1
-    mode: str = "zip"  # "zip" (today) or "wav" (the tutorial's server)
-    timestamps: str = "rfc3339"  # or "tutorial"
-    audio_bytes: int = 169_920  # 10.62 s of 8 kHz 16-bit mono
-    latency: float = 0.0
-    rate_limit: bool = True
-    rate: float = 16.7
-    burst: int = 33
-    pending: int = 0  # recordings still "recording", ending end_after seconds after start
-    end_after: float = 2.0
-    late_files: int = 0  # ended recordings whose files arrive files_after seconds after the end
-    files_after: float = 2.0
-    deleted: int = 0
-    conference_every: int = 7  # every Nth recording is a confbridge (one file)
-    transcribed_every: int = 3  # every Nth recording has a transcription session (GET /transcribes)
-    faults: dict[str, float] = field(default_factory=dict)
-    accesskey: str = ""
-    username: str = "demo"
-    password: str = "demo-password"
-    signed_url_ttl: float = 86400.0
-    stall_seconds: float = 5.0
-    storage_base: str = ""  # redirect to this origin instead of ourselves (e.g. to test http refusal)
-    no_audio: int = 0  # ended recordings whose files never arrive (the store was full, the upload failed)
-    missing_member: int = 0  # calls whose cached ZIP lacks one leg, for good
-    slow_builds: int = 0  # recordings whose ZIP takes build_seconds to build before the 307
-    build_seconds: float = 5.0
-    build_timeout: float = 300.0  # the server's own limit: past it, 503 REQUEST_TIMEOUT
-    background_rps: float = 0.0  # "someone else" of the same customer, taking from the same bucket
-    refusal: str = ""  # "", or a 403 reason every API request gets (ACCOUNT_FROZEN, ...)
-    login_rate: float = 10.0  # /auth/* per IP
-    login_burst: int = 20
-    login_429: int = 0  # the first N logins answer 429
-    accesskey_ttl: float = 365 * 86400.0  # the access key expires this long after the start
-    accesskeys_denied: bool = False  # GET /accesskeys answers 403 PERMISSION_DENIED
-    store_capacity: int = 0  # bytes of files the customer may keep (the server's is 10 GB); 0 = no cap
-    delete_stall: str = ""  # "before" or "after": DELETE hangs before (or after) it deletes
-    spacing: float = 97.0  # seconds between two generated recordings (newest 5 minutes ago)
-    rag_files: int = 3  # knowledge-base uploads listed by GET /storage_files beside the recordings
-    file_url_ttl: float = FILE_URL_TTL  # a listed file's uri_download is valid this long from its creation
-
-
-@dataclass
-class SimRecording:
-    id: str
-    tm_create: datetime
-    reference_type: str
-    reference_id: str
-    duration: float
-    ends_at: float | None = None  # epoch; None: ended before the simulator started
-    files_at: float = 0.0  # epoch the files are complete in storage
-    deleted_at: float | None = None
-    raw_overrides: dict[str, Any] = field(default_factory=dict)
-    body_override: bytes | None = None
-    files_never: bool = False  # the upload failed (or the store was full): storage only ever has an empty ZIP
-    deleted_via_api: bool = False  # deleted by a client's DELETE (after it archived the recording)
-    member_missing: bool = False  # the cached ZIP lacks its last member, for good
-    build_seconds: float = 0.0
-    call_listed: bool = True  # its call (reference_type "call") is listed by GET /calls; False: deleted
-    call_overrides: dict[str, Any] = field(default_factory=dict)  # fields of its call's JSON
-    transcribing: bool = False  # its transcription is still "progressing"
-
-
-def _ts(value: datetime | None, style: str) -> str | None:
-    """A timestamp in the server's style; ``None`` (omitted) for an unset one today."""
-    if value is None:
-        return "9999-01-01 00:00:00.000000" if style == "tutorial" else None
-    if style == "tutorial":
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
-    if style == "token":  # today's page token: always six fractional digits
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    frac = f"{value.microsecond:06d}".rstrip("0")
-    return value.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
-
-
-def _page_token(value: datetime, style: str) -> str:
-    """A page token: the last item's ``tm_create``, which is always set."""
-    return _ts(value, style) or ""
-
-
-def _parse_token(token: str) -> datetime | None:
-    text = token.strip().replace(" ", "T").rstrip("Z")
-    try:
-        return datetime.fromisoformat(text).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-def make_wav(audio: bytes, rate: int = 8000) -> bytes:
-    header = b"RIFF" + struct.pack("<I", 36 + len(audio)) + b"WAVE"
-    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
-    return header + fmt + b"data" + struct.pack("<I", len(audio)) + audio
-
-
-def make_zip(members: list[tuple[str, bytes]], level: int = 1) -> bytes:
-    """A ZIP as Go's ``archive/zip`` writes it (the server's): deflate, flag bit 3 with the CRC
-    and sizes in a data descriptor after each member, zero DOS time and date, no extra fields."""
-    if not members:
-        return EMPTY_ZIP
-    out = io.BytesIO()
-    central = io.BytesIO()
-    for name, data in members:
-        encoded = name.encode("utf-8")
-        flags = 0x8 | (0x800 if not encoded.isascii() else 0)
-        packer = zlib.compressobj(level, zlib.DEFLATED, -15)
-        packed = packer.compress(data) + packer.flush()
-        crc = zlib.crc32(data)
-        offset = out.tell()
-        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, 8, 0, 0, 0, 0, 0, len(encoded), 0))
-        out.write(encoded)
-        out.write(packed)
-        out.write(struct.pack("<IIII", 0x08074B50, crc, len(packed), len(data)))
-        central.write(struct.pack(
-            "<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, flags, 8, 0, 0, crc, len(packed), len(data),
-            len(encoded), 0, 0, 0, 0, 0, offset,
-        ))
-        central.write(encoded)
-    directory, start = central.getvalue(), out.tell()
-    out.write(directory)
-    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), start, 0))
-    return out.getvalue()
 
 
 class Simulator:
@@ -231,6 +114,7 @@ class Simulator:
         self.faults: dict[str, float] = dict(self.cfg.faults)
         self.stats: Counter[str] = Counter()
         self.storage_gets: Counter[str] = Counter()
+        self.zips_asked: Counter[str] = Counter()  # GET /recordingfiles/{id} per recording
         self.credential_leaks = 0
         self.tokens: dict[str, float] = {}  # JWT -> expiry
         self.revoked = False
@@ -381,11 +265,11 @@ class Simulator:
             "status": "ended" if ended else "recording",
             "format": "wav",
             "on_end_flow_id": "00000000-0000-0000-0000-000000000000",
-            "tm_start": _ts(rec.tm_create + timedelta(seconds=2), style),
-            "tm_end": _ts(tm_end, style),
-            "tm_create": _ts(rec.tm_create, style),
-            "tm_update": _ts(tm_end or rec.tm_create, style),
-            "tm_delete": _ts(datetime.fromtimestamp(rec.deleted_at, UTC) if rec.deleted_at else None, style),
+            "tm_start": sim_time(rec.tm_create + timedelta(seconds=2), style),
+            "tm_end": sim_time(tm_end, style),
+            "tm_create": sim_time(rec.tm_create, style),
+            "tm_update": sim_time(tm_end or rec.tm_create, style),
+            "tm_delete": sim_time(datetime.fromtimestamp(rec.deleted_at, UTC) if rec.deleted_at else None, style),
         }
         raw = {k: v for k, v in raw.items() if v is not None}  # today's server omits unset times
         raw.update(rec.raw_overrides)
@@ -411,9 +295,10 @@ class Simulator:
             "source": theirs if incoming else ours, "destination": ours if incoming else theirs,
             "status": "hangup", "direction": "incoming" if incoming else "outgoing",
             "hangup_by": rng.choice(("remote", "local")), "hangup_reason": "normal",
-            "tm_ringing": _ts(created + timedelta(seconds=1), style),
-            "tm_progressing": _ts(created + timedelta(seconds=2), style),
-            "tm_hangup": _ts(hangup, style), "tm_create": _ts(created, style), "tm_update": _ts(hangup, style),
+            "tm_ringing": sim_time(created + timedelta(seconds=1), style),
+            "tm_progressing": sim_time(created + timedelta(seconds=2), style),
+            "tm_hangup": sim_time(hangup, style), "tm_create": sim_time(created, style),
+            "tm_update": sim_time(hangup, style),
         }
         raw.update(rec.call_overrides)
         return raw
@@ -427,14 +312,14 @@ class Simulator:
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rec.id}/{d}")), "customer_id": CUSTOMER_ID,
             "reference_type": "recording", "reference_id": rec.id, "status": "progressing" if rec.transcribing
             else "done", "language": "en-US", "direction": d, "provider": "gcp",
-            "tm_create": _ts(rec.tm_create + timedelta(seconds=3), self.cfg.timestamps),
+            "tm_create": sim_time(rec.tm_create + timedelta(seconds=3), self.cfg.timestamps),
         } for d in directions]
 
     def transcript_lines(self, transcribe_id: str, rec: SimRecording) -> list[dict[str, Any]]:
         n = 3 + int(transcribe_id[:2], 16) % 5
         return [{"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{transcribe_id}/{i}")), "transcribe_id": transcribe_id,
                  "direction": "in", "message": f"line {i} of recording {rec.id[:8]}",
-                 "tm_transcript": _ts(rec.tm_create + timedelta(seconds=2 + i), self.cfg.timestamps)}
+                 "tm_transcript": sim_time(rec.tm_create + timedelta(seconds=2 + i), self.cfg.timestamps)}
                 for i in range(n)]
 
     def _listed_calls(self) -> list[tuple[float, SimRecording]]:
@@ -703,7 +588,7 @@ class Simulator:
         token = request.query.get("page_token", "")
         start = 0
         if token:
-            ts = _parse_token(token)
+            ts = parse_token(token)
             if ts is None:
                 return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
             start = bisect.bisect_right(self._order, (-ts.timestamp(), "\uffff"))
@@ -717,20 +602,20 @@ class Simulator:
         next_token = ""
         if items:
             last = self.recordings[items[-1]["id"]]
-            next_token = _page_token(last.tm_create, "tutorial" if self.cfg.timestamps == "tutorial" else "token")
+            next_token = page_token(last.tm_create, "tutorial" if self.cfg.timestamps == "tutorial" else "token")
         if self.quirk == "endless" and token:  # the same page again, under an ever older token
             first = self.recordings[self._order[0][1]]
             items = [self.recording_json(self.recordings[rid]) for _, rid in self._order[:size]]
-            older = (_parse_token(token) or first.tm_create) - timedelta(seconds=1)
-            return self._json({"result": items, "next_page_token": _ts(older, "token")})
+            older = (parse_token(token) or first.tm_create) - timedelta(seconds=1)
+            return self._json({"result": items, "next_page_token": sim_time(older, "token")})
         if self.quirk == "rising_token":  # each answer the next page, under tokens that go forward in time
             self._rising_pages += 1
             n = self._rising_pages
             items = [self.recording_json(self.recordings[rid]) for _, rid in self._order[(n - 1) * size : n * size]]
-            next_token = _page_token(datetime.now(UTC) + timedelta(days=n), "token")
+            next_token = page_token(datetime.now(UTC) + timedelta(days=n), "token")
             return self._json({"result": items, "next_page_token": next_token})
         if self.quirk == "repeat_token" and items:
-            next_token = _page_token(self.recordings[items[-1]["id"]].tm_create, "tutorial")
+            next_token = page_token(self.recordings[items[-1]["id"]].tm_create, "tutorial")
             if token:
                 next_token = token
         if not token and self.extra_listing_items:
@@ -756,14 +641,14 @@ class Simulator:
         calls = self._listed_calls()
         start = 0
         if token:
-            ts = _parse_token(token)
+            ts = parse_token(token)
             if ts is None:
                 return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
             start = bisect.bisect_right([c[0] for c in calls], -ts.timestamp())
         page = calls[start : start + size]
         items: list[Any] = [self.call_json(rec) for _, rec in page]
         style = "tutorial" if self.cfg.timestamps == "tutorial" else "token"
-        next_token = _page_token(page[-1][1].tm_create - timedelta(seconds=3), style) if page else ""
+        next_token = page_token(page[-1][1].tm_create - timedelta(seconds=3), style) if page else ""
         if not token and self.extra_calls:
             items = list(self.extra_calls) + items
         return self._json({"result": items, "next_page_token": next_token})
@@ -843,7 +728,7 @@ class Simulator:
         gate = await self._api_gate(request, "storage_account")
         if gate is not None:
             return gate
-        created = _ts(datetime.fromtimestamp(self.started, UTC), "token")
+        created = sim_time(datetime.fromtimestamp(self.started, UTC), "token")
         return self._json({
             "id": str(uuid.UUID(int=1, version=4)), "customer_id": CUSTOMER_ID,
             "total_file_count": sum(1 for size in self.store_sizes.values() if size) * 2,
@@ -868,6 +753,7 @@ class Simulator:
         rec = self._lookup(request)
         if isinstance(rec, web.Response):
             return rec
+        self.zips_asked[rec.id] += 1
         if self._fault("api_503"):
             self.stats["fault_api_503"] += 1
             return self._error(request, 503, "SIGNING_NOT_CONFIGURED", "cannot sign storage URL")
@@ -981,8 +867,8 @@ class Simulator:
                  for i in range(2)]
         result = [
             {"id": str(uuid.UUID(int=random.Random(key).getrandbits(128), version=4)), "customer_id": CUSTOMER_ID,
-             "name": f"key {i}", "detail": "", "token_prefix": key[:11], "tm_expire": _ts(expire, "token"),
-             "tm_create": _ts(created, "token"), "tm_update": _ts(created, "token")}
+             "name": f"key {i}", "detail": "", "token_prefix": key[:11], "tm_expire": sim_time(expire, "token"),
+             "tm_create": sim_time(created, "token"), "tm_update": sim_time(created, "token")}
             for i, (key, expire) in enumerate(keys)
         ]
         return self._json({"result": result, "next_page_token": ""})

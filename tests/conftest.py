@@ -97,7 +97,10 @@ def write_config(directory: Path, sim: Simulator | None, name: str = "config.tom
     """A config for ``sim`` in ``directory``, fast test defaults, overridable per section;
     ``extra`` lines (``[[accounts]]`` tables) at the end."""
     base: dict[str, dict[str, Any]] = {
-        "api": {"requests_per_second": 0, "retry_base": 0.01, "retry_max": 0.05, "timeout": 10},
+        # storage_listing off unless a test asks: most tests check today's /recordingfiles path byte
+        # for byte; tests/test_listing.py and the listing variants of the e2e tests check the other
+        "api": {"requests_per_second": 0, "retry_base": 0.01, "retry_max": 0.05, "timeout": 10,
+                "storage_listing": False},
         "archive": {"directory": "archive", "settle_window": 60},
         "state": {"database": "state.sqlite3"},
         "workers": {"concurrency": 8, "poll_backoff_min": 0.2, "poll_backoff_max": 0.5,

@@ -12,18 +12,22 @@ from tests.conftest import archive_files, archived_this_run, db_rows, run_cli, w
 
 
 @pytest.mark.parametrize(
-    ("mode", "timestamps"), [("zip", "rfc3339"), ("wav", "tutorial")], ids=["zip-today", "wav-tutorial"]
+    ("mode", "timestamps", "listing"), [("zip", "rfc3339", False), ("wav", "tutorial", False),
+                                        ("zip", "tutorial", True)],
+    ids=["zip-today", "wav-tutorial", "storage-listing"],
 )
-async def test_backfill_archives_everything_once(tmp_path, make_sim, mode, timestamps):
+async def test_backfill_archives_everything_once(tmp_path, make_sim, mode, timestamps, listing):
     sim = await make_sim(
         recordings=240, mode=mode, timestamps=timestamps, pending=6, late_files=6, deleted=5,
         end_after=1.0, files_after=2.0, audio_bytes=16_000,
     )
-    cfg = write_config(tmp_path, sim, api={"page_size": 35})
+    cfg = write_config(tmp_path, sim, api={"page_size": 35, "storage_listing": listing})
     first = await run_cli("--config", str(cfg), "backfill", "--wait", "60")
     assert first.rc == 0, first
     assert archived_this_run(first.out) == 235, first.out
     assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+    if listing:  # the late ones waited for their files to be listed: not one request for a ZIP
+        assert sim.stats["recordingfiles"] == 0, sim.stats
     # the late ones were fetched while not ready, yet only their final body was kept
     assert sim.stats["list"] >= 240 // 35 + 1
     deleted = [r.id for r in sim.recordings.values() if sim.is_deleted(r)]

@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from archiver.engine import SHUTDOWN_GRACE
 from tests.checks import assert_archive_complete
 from tests.conftest import cli_command, cli_env, run_cli, wait_until, write_config
@@ -46,10 +48,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim):
+@pytest.mark.parametrize("listing", [False, True], ids=["recordingfiles", "storage-listing"])
+async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim, listing):
     sim = await make_sim(recordings=300, latency=0.02, audio_bytes=30_000, pending=4, late_files=4,
                          end_after=1.0, files_after=1.0)
-    cfg = write_config(tmp_path, sim, api={"page_size": 25}, workers={"concurrency": 4})
+    cfg = write_config(tmp_path, sim, api={"page_size": 25, "storage_listing": listing}, workers={"concurrency": 4})
     db = tmp_path / "state.sqlite3"
     for threshold in (40, 120, 200):
         proc = await asyncio.create_subprocess_exec(
@@ -70,6 +73,8 @@ async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim):
     assert_archive_complete(sim, tmp_path / "archive", db)
     verify = await run_cli("--config", str(cfg), "verify")
     assert verify.rc == 0, verify
+    if listing:
+        assert sim.stats["recordingfiles"] <= 8, "only the late ones may need /recordingfiles"
 
 
 async def test_sigterm_stops_cleanly_and_resumes(tmp_path, make_sim):

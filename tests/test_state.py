@@ -30,7 +30,7 @@ async def test_an_older_database_is_migrated_on_start(tmp_path):
     state = await StateDB.open(db)
     try:
         version = (await state.db.execute_fetchall("PRAGMA user_version"))[0][0]
-        assert version == len(MIGRATIONS) == 6
+        assert version == len(MIGRATIONS) == 7
         indexes = {r[0] for r in await state.db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"recordings_due", "recordings_waiting_created", "recordings_errors", "recordings_flagged",
                 "recordings_deletable"} <= indexes

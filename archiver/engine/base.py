@@ -92,7 +92,7 @@ class EngineParts:
     files_reached: float  # as calls_reached, for the storage listing's walk
     files_moved: asyncio.Event
     files_wanted: asyncio.Event  # a recording waits for files not listed yet: walk the listing again
-    files_walk_ok: bool  # the last storage walk went through (else nothing is waited for)
+    files_walk_ok: bool  # no storage walk has failed since the last that went through (else no waiting)
     _route_logged: set[str]  # recordings whose unusable listing was logged (once each)
 
     async def _until_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:

@@ -79,7 +79,7 @@ class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, En
         self.files_reached = -math.inf
         self.files_moved = asyncio.Event()
         self.files_wanted = asyncio.Event()
-        self.files_walk_ok = False
+        self.files_walk_ok = True  # until a walk fails
         self._route_logged: set[str] = set()
         self.stop = asyncio.Event()
         self.result = RunResult()

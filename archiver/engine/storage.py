@@ -29,7 +29,7 @@ log = structlog.get_logger("archiver.engine")
 STORAGE_WALK = "storage"  # the first walk's checkpoint name
 STORAGE_WAIT = 30.0  # seconds a recording waits at most for the storage walk to reach its files
 FILE_HEADROOM = 60.0  # seconds a file may seem registered before its recording ended (clocks differ)
-REWALK_SPACING = 15.0  # at most one extra walk this often, while recordings wait for their files
+REWALK_SPACING = (2.0, 60.0)  # extra walks while recordings wait for files: 2 s apart, doubling to 60 s
 STRANGER_BATCH = 100
 
 
@@ -76,13 +76,13 @@ class StorageWalker(EngineParts):
         moved, self.files_moved = self.files_moved, asyncio.Event()
         moved.set()
 
-    async def _walk_files_guarded(self) -> None:
+    async def _walk_files_guarded(self) -> int:
         """``_walk_files`` whose failure never fails the run: every recording then goes through
-        ``/recordingfiles``. A refused credential still stops it."""
+        ``/recordingfiles``. A refused credential still stops it. Returns how many files were new."""
         if not self.client.cfg.storage_listing or self.stop.is_set():
-            return
+            return 0
         try:
-            await self._until_stopped(self._walk_files())
+            return await self._until_stopped(self._walk_files()) or 0
         except (AuthRefused, LocalStorageError):
             raise
         except Exception as exc:  # noqa: BLE001 - logged; the recordings go through /recordingfiles
@@ -90,25 +90,30 @@ class StorageWalker(EngineParts):
             self.result.stats["files_walk_failed"] += 1
             log.error("storage_walk_failed", error=redact(str(exc)),
                       hint="recordings are fetched through GET /recordingfiles until a walk succeeds")
+            return 0
 
-    async def _walk_files(self) -> None:
+    async def _walk_files(self) -> int:
+        """The walk under this account's lock; returns how many files were new (0 when another
+        daemon walks it now)."""
         async with self.state.walk_lock("storage") as mine:
             if not mine:
-                return
+                return 0
             self._files_moved_to(math.inf)
             try:
-                await self._walk_file_pages()
+                new = await self._walk_file_pages()
             finally:
                 self._files_moved_to(-math.inf)  # whatever the walk stored, it has stored
         self.files_walk_ok = True
+        return new
 
-    async def _walk_file_pages(self) -> None:
+    async def _walk_file_pages(self) -> int:
         """Pages of ``GET /storage_files``, each stored whole, until files older than any
         usable URL, or (once a first walk is done) files already stored."""
         first = await self.state.get_meta("walk_done:storage") is None
         start = await self.state.walk_checkpoint(STORAGE_WALK) or ""
         first = first or bool(start)
         horizon = time.time() - URL_VALIDITY + URL_MARGIN
+        new_total = 0
         async for page in walk_pages(self.client, self.cfg.api.page_size, start,
                                      fetch=self.client.list_storage_files, parse_item=parse_storage_file):
             for raw_id, reason in page.rejected:
@@ -120,6 +125,7 @@ class StorageWalker(EngineParts):
             token = "" if past else page.next_token
             new, known = await asyncio.shield(
                 self.state.store_storage_files(files, STORAGE_WALK if first else None, token))
+            new_total += new
             if times:
                 self._files_moved_to(min(times))
             self.result.stats["file_pages"] += 1
@@ -132,6 +138,7 @@ class StorageWalker(EngineParts):
         if first:
             await self.state.end_walk(STORAGE_WALK)
             await self.state.set_meta("walk_done:storage", str(time.time()))
+        return new_total
 
     async def _note_strangers(self) -> None:
         """Each listed file that names no recording of this account, logged once: its bytes are
@@ -144,14 +151,20 @@ class StorageWalker(EngineParts):
                         hint="listed for a recording this account does not list; never used for another")
 
     async def _rewalk_files(self) -> None:
-        """Between cycles: one more walk when a recording waits for files not listed yet
-        (they are registered after the call ends), at most every ``REWALK_SPACING`` seconds."""
+        """Between cycles: one more walk when a recording waits for files not listed yet (they
+        are registered after the call ends). Walks that find nothing new come ever further
+        apart (``REWALK_SPACING``): a recording whose files never come (a full store) waits out
+        its settle window at about one request a minute, not one a second."""
+        low, high = REWALK_SPACING
+        spacing = low
         while not self.stop.is_set():
             await self.files_wanted.wait()
             self.files_wanted.clear()
             try:
-                await self._walk_files_guarded()
+                new = await self._walk_files_guarded()
             except (AuthRefused, LocalStorageError) as exc:
                 await self._halt(exc)
+                new = 0
             self.wake.set()
-            await self._sleep_unless_stopped(REWALK_SPACING)
+            spacing = low if new else min(high, spacing * 2)
+            await self._sleep_unless_stopped(spacing)
