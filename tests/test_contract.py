@@ -235,3 +235,57 @@ async def test_calls_are_paged_like_recordings_and_name_their_recordings(make_si
         rec = by_id[call["id"]]  # a recording's reference_id is its call's id
         assert call["recording_ids"] == [rec.id] and call["recording_id"] == rec.id
         assert RFC3339.fullmatch(call["tm_hangup"]) and parse_timestamp(call["tm_create"]) < rec.tm_create
+
+
+STORAGE_FILE_FIELDS = {"id", "customer_id", "owner_type", "owner_id", "reference_type", "reference_id", "type",
+                       "name", "detail", "filename", "filesize", "uri_download", "tm_download_expire", "tm_create",
+                       "tm_update", "tm_delete"}
+
+
+async def test_the_storage_listing_names_each_recordings_channel_files(make_sim):
+    """``GET /storage_files`` as the notes describe it: newest first, paged by ``tm_create``, one
+    file per channel with ``filesize`` and a URL signed for 7 days from the file's creation,
+    knowledge-base files beside them; a listed URL serves the file with ``x-goog-hash``, an
+    expired one answers 400 ``ExpiredToken``, ``/storage_files/{id}/file`` redirects."""
+    text = NOTES.read_text() if NOTES.exists() else ""
+    for needle in ("GET /storage_files", "tm_download_expire", "uri_download", "ExpiredToken", "_in.wav"):
+        assert not text or needle in text, needle
+    sim = await make_sim(recordings=80, audio_bytes=2000, conference_every=7)
+    key = {"accesskey": sim.accesskey}
+    files: list[dict[str, Any]] = []
+    token = ""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            status, _, body = await _get(http, sim.base_url + "/storage_files", page_size="100",
+                                         **({"page_token": token} if token else {}), **key)
+            assert status == 200
+            page = json.loads(body)
+            if not page["result"]:
+                break
+            assert len(page["result"]) <= 100
+            files += page["result"]
+            token = page["next_page_token"]
+            assert parse_timestamp(token) == parse_timestamp(page["result"][-1]["tm_create"])
+        created = [parse_timestamp(f["tm_create"]) for f in files]
+        assert created == sorted(created, reverse=True), "newest first"
+        assert all(set(f) <= STORAGE_FILE_FIELDS and UUID.fullmatch(f["id"]) for f in files)
+        ours = [f for f in files if f["reference_type"] == "recording"]
+        assert {f["type"] for f in files} == {"recording", "rag"}
+        for rec in sim.recordings.values():
+            mine = sorted(f["filename"] for f in ours if f["reference_id"] == rec.id)
+            assert mine == sorted(sim.member_names(rec)), "one file per channel"
+            assert all(MEMBER_NAME.fullmatch(n) for n in mine)
+        first = ours[0]
+        expires = parse_timestamp(first["tm_download_expire"]) - parse_timestamp(first["tm_create"])
+        assert expires.total_seconds() == 7 * 86400
+        status, headers, body = await _get(http, first["uri_download"])
+        assert status == 200 and len(body) == first["filesize"] and body[:4] == b"RIFF"
+        assert "crc32c=" in headers["x-goog-hash"] and "md5=" in headers["x-goog-hash"]
+        rec = sim.recordings[first["reference_id"]]
+        with zipfile.ZipFile(io.BytesIO(sim.body(rec)[0])) as archive:  # /recordingfiles zips these files
+            assert archive.read(first["filename"]) == body
+        status, headers, _ = await _get(http, f"{sim.base_url}/storage_files/{first['id']}/file", **key)
+        assert status == 307 and headers["Location"].startswith("http://127.0.0.1")
+        expired = sim.files.file_url(rec.id, first["filename"], 1000.0)
+        status, _, body = await _get(http, expired)
+        assert status == 400 and b"ExpiredToken" in body

@@ -11,6 +11,8 @@ import secrets
 import signal
 import subprocess
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -556,3 +558,37 @@ async def test_a_shared_state_started_empty_adopts_the_archive_without_downloadi
     rows = await _rows(pg_url)
     assert _archived(rows) == 16
     _check_files(sim, tmp_path, rows)
+
+
+async def test_two_accounts_fetch_from_their_own_listings_into_the_shared_state(tmp_path, multi_sim, pg_url):
+    """The storage listing's path on PostgreSQL: each account's listed files in the state under
+    its own name, each recording from its own listing, a stranger file logged once, and
+    ``export`` re-verifying the archiver's own ZIPs like the server's."""
+    sim = await multi_sim(["acme", "beta"], recordings=30, audio_bytes=4000)
+    acme = sim.accounts["acme"]
+    victim = next(iter(acme.recordings.values()))
+    item = acme.files.file_json(victim, acme.member_names(victim)[0], datetime.now(UTC) - timedelta(minutes=1))
+    stranger = str(uuid.uuid4())
+    acme.files.stranger_files.append({**item, "id": str(uuid.uuid4()), "reference_id": stranger})
+    cfg = write_accounts_config(tmp_path, sim, state={"url": pg_url}, api={"storage_listing": True})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
+    assert result.rc == 0, result
+    rows = await _rows(pg_url)
+    assert {a: _archived(rows, a) for a in ("acme", "beta")} == {"acme": 30, "beta": 30}
+    assert all(s.stats["recordingfiles"] == 0 for s in sim.accounts.values())
+    con = await asyncpg.connect(pg_url)
+    try:
+        listed = dict(await con.fetch("SELECT account, count(*) FROM storage_files GROUP BY account"))
+        noted = await con.fetchval("SELECT count(*) FROM storage_files WHERE stranger_noted_at IS NOT NULL")
+    finally:
+        await con.close()
+    assert listed == {n: sum(len(s.stored_names(r)) for r in s.recordings.values()) + (n == "acme")
+                      for n, s in sim.accounts.items()}
+    assert noted == 1
+    strangers = [line for line in (result.out + result.err).splitlines() if "storage_file_of_no_recording" in line]
+    assert len(strangers) == 1 and stranger in strangers[0], strangers
+    out = tmp_path / "production"
+    exported = await run_cli("--config", str(cfg), "export", "--out", str(out), "--account", "beta")
+    assert exported.rc == 0, exported
+    check = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.count(".zip: OK") == 30, check.stdout + check.stderr

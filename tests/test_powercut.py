@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from archiver.simulator import Simulator
-from tests.checks import assert_archive_complete
+from tests.checks import assert_archive_complete, assert_same_audio
 from tests.conftest import REPO, cli_command, cli_env, wait_until, write_config
 from tests.powercut import PowerCutMount, require_fuse
 
@@ -159,9 +159,17 @@ def check_survivors(sim: Simulator, disk: Path) -> int:
         assert rec_id in bodies, f"{path}: a final name for a recording with no body"
         if path.suffix == ".json":
             meta = json.loads(path.read_text())["archive"]  # a torn sidecar fails here
-            assert meta["sha256"] == hashlib.sha256(bodies[rec_id]).hexdigest(), f"{path}: wrong sidecar"
+            if meta.get("fetched_from") == "storage_files":  # our own ZIP of the listed files
+                assert meta["storage_files"], f"{path}: a listing sidecar that names no file"
+            else:
+                assert meta["sha256"] == hashlib.sha256(bodies[rec_id]).hexdigest(), f"{path}: wrong sidecar"
         else:
-            assert path.read_bytes() == bodies[rec_id], f"{path}: incomplete or wrong bytes under a final name"
+            meta = json.loads(path.with_suffix(".json").read_text())["archive"]  # written before the body
+            if meta.get("fetched_from") == "storage_files":
+                assert_same_audio(sim, rec_id, path.read_bytes())  # a torn ZIP fails here
+                assert hashlib.sha256(path.read_bytes()).hexdigest() == meta["sha256"], f"{path}: wrong sidecar"
+            else:
+                assert path.read_bytes() == bodies[rec_id], f"{path}: incomplete or wrong bytes under a final name"
             finals[rec_id] = path
     archived = {r[0]: r for r in survived_rows(disk) if r[1] == "archived"}
     for rec_id, (_, _, rel, sha) in archived.items():
@@ -240,6 +248,22 @@ async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim
     assert all(n == 1 for n in sim.deletes.values()), "each deleted once"
 
 
+@pytest.mark.timeout(300 * SCALE)
+async def test_power_cuts_through_a_listing_backfill_with_deletion(tmp_path: Path, make_sim: Any) -> None:
+    """The storage listing's path (channel files fetched one by one, our own ZIP written) under
+    power cuts, with the server's copy deleted once archived."""
+    require_fuse()
+    sim = await make_sim(recordings=150, audio_bytes=6_000, late_files=3, files_after=2.0,
+                         faults={"storage_truncate": 0.02})
+    result = await cut_power_repeatedly(
+        sim, tmp_path, cuts=9 * SCALE, seed=18 + SEED, api={"page_size": 20, "storage_listing": True},
+        workers={"concurrency": 4}, retention={"delete_from_server": True, "delete_after": 0},
+    )
+    assert len(result.cuts) == 9 * SCALE, result
+    assert set(sim.deletes) == set(sim.expected_archives()), "every archived recording freed on the server"
+    assert sim.stats["storage_file_requests"] > 0 and sim.stats["recordingfiles"] < 20, sim.stats
+
+
 
 # Each mutation removes one fsync from the store path (the text must be found exactly once, so a
 # refactoring that moves it makes this test fail loudly instead of passing vacuously).
@@ -251,7 +275,7 @@ MUTATIONS = {
         "store.py", "        return\n    fsync_path(path.parent)\n", "        return\n",
     ),
     "no fsync of a body before its rename": (
-        "store.py", "                    if not self.stage_only:\n                        os.fsync(fd)\n", "",
+        "store.py", "                    if durable:\n                        os.fsync(fd)\n", "",
     ),
 }
 
