@@ -130,7 +130,7 @@ class StorageListing:
         origin = self.sim.cfg.storage_base or f"http://127.0.0.1:{self.sim.port}"
         return f"{origin}/storage/{rec_id}/{quote(name)}?X-Goog-Expires={stamp}&X-Goog-Signature={sig}"
 
-    def _listed_files(self) -> list[tuple[float, str, dict[str, Any]]]:
+    def listed_files(self) -> list[tuple[float, str, dict[str, Any]]]:
         """(-tm_create epoch, file id, item) of every listed file, newest first."""
 
         out = []
@@ -168,7 +168,7 @@ class StorageListing:
         except ValueError:
             return self.sim._error(request, 400, "INVALID_ARGUMENT", "page_size")
         token = request.query.get("page_token", "")
-        files = self._listed_files()
+        files = self.listed_files()
         start = 0
         if token:
             ts = parse_token(token)

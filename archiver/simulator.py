@@ -892,7 +892,12 @@ class Simulator:
                                   "overlapping_downloads": self.overlapping_downloads})
 
     async def h_urls(self, request: web.Request) -> web.Response:
-        """Direct signed storage URLs of every final body (for the aria2c reference run)."""
+        """Direct signed storage URLs of every final body (for the aria2c reference run); with
+        ``?files=1`` those of every listed channel file instead (the storage listing's path)."""
+        if request.query.get("files"):
+            listed = self.files.listed_files()
+            lines = [f[2]["uri_download"] for f in listed if f[2].get("reference_type") == "recording"]
+            return web.Response(text="\n".join(lines) + "\n")
         lines = [
             self.storage_url(r.id, "full")
             for r in self.recordings.values()

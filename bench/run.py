@@ -167,9 +167,10 @@ def backfill(sim: Sim, work: Path, concurrency: int, rps: float, s3: dict[str, s
     return result
 
 
-def aria2c(sim: Sim, work: Path, concurrency: int) -> dict[str, Any]:
+def aria2c(sim: Sim, work: Path, concurrency: int, files: bool = False) -> dict[str, Any]:
+    """aria2c fetching what we fetch: every recording's ZIP, or (``files``) its channel files."""
     urls = work / "urls.txt"
-    urls.write_bytes(sim.get("/_sim/urls"))
+    urls.write_bytes(sim.get("/_sim/urls" + ("?files=1" if files else "")))
     out = work / "aria2c"
     out.mkdir()
     cmd = ["aria2c", "-i", str(urls), "-j", str(concurrency), "-d", str(out), "--allow-overwrite=true",
@@ -182,22 +183,26 @@ def aria2c(sim: Sim, work: Path, concurrency: int) -> dict[str, Any]:
     return result
 
 
-def throughput(args: argparse.Namespace, mode: str, root: Path) -> list[str]:
+def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = False) -> list[str]:
     """Ours and aria2c, alternating, ``--repeat`` times each against one simulator; medians.
-    Every run writes into a fresh directory under ``root``; nothing is deleted until the end."""
+    Every run writes into a fresh directory under ``root``; nothing is deleted until the end.
+    ``listing``: we fetch from the storage listing, and aria2c the same channel files."""
+    path = "storage listing" if listing else "/recordingfiles"
+    api = f"burst = 16\nstorage_listing = {'true' if listing else 'false'}\n"
     n, lat, c = args.recordings, args.latency, args.concurrency
     create_us = quiet_filesystem(root / f"probe-{mode}")
-    sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", mode)
+    sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", mode,
+              "--audio-bytes", str(args.audio_bytes))
     ours_runs: list[dict[str, Any]] = []
     ref_runs: list[dict[str, Any]] = []
     try:
         for i in range(args.repeat):
-            work = root / f"{mode}-ours-{i}"
+            work = root / f"{mode}-{listing}-ours-{i}"
             work.mkdir()
-            ours_runs.append(backfill(sim, work, c, 0))
-            work = root / f"{mode}-aria2c-{i}"
+            ours_runs.append(backfill(sim, work, c, 0, api=api))
+            work = root / f"{mode}-{listing}-aria2c-{i}"
             work.mkdir()
-            ref_runs.append(aria2c(sim, work, c))
+            ref_runs.append(aria2c(sim, work, c, files=listing))
     finally:
         sim.stop()
     ours = median_run(ours_runs)
@@ -208,7 +213,8 @@ def throughput(args: argparse.Namespace, mode: str, root: Path) -> list[str]:
     walls = ", ".join(f"{r['wall']:.2f}" for r in ours_runs)
     ref_walls = ", ".join(f"{r['wall']:.2f}" for r in ref_runs)
     return [
-        f"| throughput ({mode}) | N={n} L={lat * 1000:.0f}ms C={c}, median of {args.repeat} ({walls} s) |"
+        f"| throughput ({mode}, {path}) | N={n} of {mb / n:.1f} MB, L={lat * 1000:.0f}ms C={c},"
+        f" median of {args.repeat} ({walls} s) |"
         f" {ours['wall']:.2f} s | {n / ours['wall']:.0f} rec/s, {mb / ours['wall']:.1f} MB/s |"
         f" {1000 * ours['cpu'] / n:.2f} CPU-s/1k rec ({ours['sys'] / ours['cpu']:.0%} kernel) |"
         f" {ours['rss_mb']:.0f} MB (PSS {ours['pss_mb']:.0f}) | {per_rec:.3f} req/rec |"
@@ -466,6 +472,10 @@ def main() -> None:
     p.add_argument("--rate-recordings", type=int, default=500)
     p.add_argument("--scale", type=int, default=100_000)
     p.add_argument("--listing-recordings", type=int, default=600)
+    p.add_argument("--audio-bytes", type=int, default=169_920, help="throughput: audio bytes per recording")
+    p.add_argument("--modes", default="zip,wav", help="throughput: the server generations to run (zip, wav)")
+    p.add_argument("--fetch", default="recordingfiles,listing",
+                   help="throughput: the fetch paths to run (recordingfiles, listing)")
     p.add_argument("--workdir", default=None, help="where temporary archives go (default: system temp)")
     args = p.parse_args()
     if args.repeat < 1:
@@ -477,7 +487,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:  # deleted once, at the very end
         root = Path(tmp)
         if "throughput" in runs:
-            lines += throughput(args, "zip", root) + throughput(args, "wav", root)
+            for mode in args.modes.split(","):
+                for fetch in args.fetch.split(","):
+                    if fetch == "listing" and mode == "wav":
+                        continue  # the tutorial's server had no storage listing
+                    lines += throughput(args, mode, root, listing=fetch == "listing")
         if "rate" in runs:
             lines += rate_limited(args, root)
         if "scale" in runs:
