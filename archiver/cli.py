@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sqlite3
 import sys
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                              no_delete=args.no_delete)
         else:
             run = run_engine(cfg, "run")
+        gc.freeze()  # what start-up made lives as long as the process: no collection walks it again
         result, counts, requests = asyncio.run(run)
         _print_summary(args.command, result, counts, requests)
         if result.state_unusable:  # the database was found damaged mid-run: not a clean stop either way

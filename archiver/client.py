@@ -74,6 +74,9 @@ def _retry_after(value: str | None) -> float:
         return 1.0
 
 
+STORAGE_READ_BUFFER = 1 << 20  # bytes a storage answer may buffer before reading pauses
+
+
 class ApiClient:
     """Async client for the parts of the VoIPbin API the archiver needs."""
 
@@ -110,6 +113,9 @@ class ApiClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT},
             auto_decompress=False,  # hashes are of the stored bytes
+            # a large body is read in the socket's own 256 kB reads, without pausing the
+            # transport every 128 kB (aiohttp's default buffer is 64 kB)
+            read_bufsize=STORAGE_READ_BUFFER,
         )
         return self
 

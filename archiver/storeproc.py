@@ -16,6 +16,7 @@ helper of the old one is still storing.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import pickle
 import select
@@ -116,6 +117,7 @@ def main() -> None:
     cfg: ArchiveConfig = first[0][0]
     set_temp_tag(cfg.temp_tag)
     store = Store(cfg)
+    gc.freeze()  # the imports and the config live as long as the helper: no collection walks them
     pending = first[1:]
     while True:
         batch = pending or frames.batch()

@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # the shared helpers beside this file
 
 
-def one(tree: Path, sim: bench.Sim, work: Path, concurrency: int) -> dict[str, Any]:
+def one(tree: Path, sim: bench.Sim, work: Path, concurrency: int, listing: bool) -> dict[str, Any]:
     """One ``backfill --wait 0`` with ``tree``'s code (its PYTHONPATH)."""
     real_env = bench.env
     bench.env = lambda: {**real_env(), "PYTHONPATH": str(tree)}  # type: ignore[assignment]
     try:
-        return bench.backfill(sim, work, concurrency, 0)
+        return bench.backfill(sim, work, concurrency, 0,
+                              api=f"burst = 16\nstorage_listing = {'true' if listing else 'false'}\n")
     finally:
         bench.env = real_env  # type: ignore[assignment]
 
@@ -40,10 +41,12 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.02)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--mode", default="zip", choices=("zip", "wav"))
+    p.add_argument("--audio-bytes", type=int, default=169_920)
+    p.add_argument("--fetch", default="recordingfiles", choices=("recordingfiles", "listing"))
     args = p.parse_args()
     after = bench.REPO
     sim = bench.Sim("--recordings", str(args.recordings), "--latency", str(args.latency), "--no-rate-limit",
-                    "--mode", args.mode)
+                    "--mode", args.mode, "--audio-bytes", str(args.audio_bytes))
     runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     try:
         with tempfile.TemporaryDirectory(prefix="ab-") as tmp:
@@ -52,13 +55,14 @@ def main() -> None:
                 for name, tree in (("before", args.before.resolve()), ("after", after)):
                     work = root / f"{name}-{i}"
                     work.mkdir()
-                    result = one(tree, sim, work, args.concurrency)
+                    result = one(tree, sim, work, args.concurrency, args.fetch == "listing")
                     if i >= 0:
                         runs[name].append(result)
     finally:
         sim.stop()
     n = args.recordings
-    print(f"N={n} L={args.latency * 1000:.0f}ms C={args.concurrency} mode={args.mode}, {args.pairs} pairs")
+    print(f"N={n} of {args.audio_bytes / 1e6:.1f} MB L={args.latency * 1000:.0f}ms C={args.concurrency}"
+          f" mode={args.mode} fetch={args.fetch}, {args.pairs} pairs")
     print("| | wall, median (min-max) | CPU-s per 1,000, median (min-max) |")
     print("|---|---|---|")
     for name in ("before", "after"):
