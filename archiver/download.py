@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiofiles.os
 import aiohttp
@@ -32,6 +33,7 @@ from .storepool import StorePool
 log = structlog.get_logger("archiver.download")
 
 TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
+T = TypeVar("T")
 LISTING_TRIES = 2  # tries of a recording's listed files before it goes through /recordingfiles instead
 WRITE_BUFFER = 1 << 20  # bodies up to this size go to the store helper whole, in memory
 IOV_MAX = 1024  # buffers per writev (Linux's limit)
@@ -105,18 +107,9 @@ class Downloader:
 
     async def _fetch_listed(self, row: Row, directory: Path, listed: tuple[dict[str, Any], ...]) -> Archived:
         tmp = temp_path(directory, row.id, "download")
-        files: list[ListedFile] = []
         try:
-            for i, f in enumerate(listed):
-                part = temp_path(directory, row.id, f"file{i}")
-                try:
-                    body = await self._stream(part, f["url"])
-                except NotReady:  # listed, but storage has no bytes for it
-                    raise _ListingFailed(f"listed file {f['filename'][:80]!r} is empty in storage") from None
-                if body.kind != "wav":
-                    raise VerificationError(f"listed file {f['filename'][:80]!r} is not a WAV")
-                files.append(ListedFile(f["id"], f["filename"], part, body.take(), body.spilled, body.expected_length,
-                                        int(f["filesize"]), body.hashes))
+            files = await _all_or_none([self._stream_listed(temp_path(directory, row.id, f"file{i}"), f)
+                                        for i, f in enumerate(listed)])
             job = StoreJob(
                 row.id, row.raw, row.tm_create, row.tm_end, directory, tmp, b"", False, None, {}, row.account,
                 row.call, files=tuple(files),
@@ -130,6 +123,17 @@ class Downloader:
         if isinstance(stored, Staged) and stored.body is not None:
             await asyncio.to_thread(remove_quietly, stored.body)
         return archived
+
+    async def _stream_listed(self, part: Path, f: dict[str, Any]) -> ListedFile:
+        """One listed channel file, streamed like a body; checked by the store helper."""
+        try:
+            body = await self._stream(part, f["url"])
+        except NotReady:  # listed, but storage has no bytes for it
+            raise _ListingFailed(f"listed file {f['filename'][:80]!r} is empty in storage") from None
+        if body.kind != "wav":
+            raise VerificationError(f"listed file {f['filename'][:80]!r} is not a WAV")
+        return ListedFile(f["id"], f["filename"], part, body.take(), body.spilled, body.expected_length,
+                          int(f["filesize"]), body.hashes)
 
     async def _from_recordingfiles(self, row: Row, directory: Path, url: str | None) -> Archived:
         last: Exception | None = None
@@ -291,6 +295,22 @@ class _StaleUrl(Exception):
 
 class _ListingFailed(Exception):
     """A recording's listed files cannot be used: it goes through ``/recordingfiles``."""
+
+
+async def _all_or_none(works: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """A recording's channel files side by side (one round trip, as its ZIP would be): every
+    result, or the first failure with the others cancelled (none streams on unseen)."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failed = next((t.exception() for t in tasks if not t.cancelled() and t.exception() is not None), None)
+    if failed is not None:
+        raise failed
+    return [t.result() for t in tasks]
 
 
 def _writev_all(fd: int, chunks: list[bytes]) -> None:

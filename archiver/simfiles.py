@@ -8,9 +8,9 @@ call's ``_in.wav`` and ``_out.wav``, a conference's ``_in.wav``), each signed at
 listed too. ``/recordingfiles`` builds its ZIP from exactly these files.
 
 Faults, per recording id in ``file_faults``: ``expired_early`` (its URLs answer 400
-``ExpiredToken`` before ``tm_download_expire``), ``bad_size`` (``filesize`` one byte off),
-``twice`` (a second file, of another id, listed for its first channel), ``unsigned``
-(``uri_download`` empty: signing failed).
+``ExpiredToken`` before ``tm_download_expire``), ``refused_early`` (403 ``AccessDenied``),
+``bad_size`` (``filesize`` one byte off), ``twice`` (a second file, of another id, listed for
+its first channel), ``unsigned`` (``uri_download`` empty: signing failed).
 ``stranger_files`` lists files whose ``reference_id`` names no recording of the account, and the
 ``files_repeat_token`` switch makes every page answer the token it was asked with.
 """
@@ -212,6 +212,8 @@ class StorageListing:
         rec = self.sim.recordings.get(rec_id)
         if expires < time.time() or (rec is not None and self.file_faults.get(rec_id) == "expired_early"):
             return web.Response(status=400, text="<Error><Code>ExpiredToken</Code></Error>")
+        if rec is not None and self.file_faults.get(rec_id) == "refused_early":
+            return web.Response(status=403, text="<Error><Code>AccessDenied</Code></Error>")
         if rec is None or name not in [n for n, _ in self.registered_files(rec)]:
             return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
         if self.sim._fault("storage_500"):

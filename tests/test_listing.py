@@ -90,7 +90,8 @@ async def test_recordings_older_than_their_urls_and_young_ones_each_take_their_p
 async def test_hostile_listings_send_each_recording_to_recordingfiles_once(tmp_path, make_sim):
     sim = await make_sim(recordings=40, audio_bytes=8000, conference_every=0)
     ids = [rid for _, rid in sim._order]
-    faults = {ids[1]: "expired_early", ids[3]: "bad_size", ids[5]: "twice", ids[7]: "unsigned"}
+    faults = {ids[1]: "expired_early", ids[3]: "bad_size", ids[5]: "twice", ids[7]: "unsigned",
+              ids[11]: "refused_early"}
     sim.files.file_faults.update(faults)
     stranger = str(uuid.uuid4())  # a file of no recording of ours, named like a real one of ours
     victim = sim.recordings[ids[9]]

@@ -80,6 +80,7 @@ class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, En
         self.files_moved = asyncio.Event()
         self.files_wanted = asyncio.Event()
         self.files_walk_ok = True  # until a walk fails
+        self._files_walking = asyncio.Lock()
         self._route_logged: set[str] = set()
         self.stop = asyncio.Event()
         self.result = RunResult()

@@ -94,8 +94,9 @@ class StorageWalker(EngineParts):
 
     async def _walk_files(self) -> int:
         """The walk under this account's lock; returns how many files were new (0 when another
-        daemon walks it now)."""
-        async with self.state.walk_lock("storage") as mine:
+        daemon walks it now). Within this process one walk at a time: a cycle's and an extra
+        one asked for by a waiting recording take turns."""
+        async with self._files_walking, self.state.walk_lock("storage") as mine:
             if not mine:
                 return 0
             self._files_moved_to(math.inf)
