@@ -74,7 +74,8 @@ def parse_storage_file(item: Any) -> StorageFile:
 @dataclass(frozen=True)
 class Route:
     """How one recording is fetched: ``storage`` (``files``, one per channel, in channel order),
-    ``wait`` (its channel files are not all listed yet) or ``fallback`` (``/recordingfiles``)."""
+    ``absent`` (none of its files is listed yet), ``wait`` (some are) or ``fallback``
+    (``/recordingfiles``)."""
 
     way: str
     reason: str = ""
@@ -98,7 +99,7 @@ def storage_route(files: list[dict[str, Any]], ref_type: str, now: float) -> Rou
         return Route("fallback", f"two different files are listed for its {twice[0]!r} channel")
     missing = [c for c in channels if c not in by_channel]
     if missing:
-        return Route("wait", f"{len(by_channel)} of {len(channels)} channel files listed")
+        return Route("wait" if by_channel else "absent", f"{len(by_channel)} of {len(channels)} channel files listed")
     chosen = tuple(by_channel[c][0] for c in channels)
     for f in chosen:
         if not f["url"]:

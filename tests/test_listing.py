@@ -117,6 +117,18 @@ async def test_hostile_listings_send_each_recording_to_recordingfiles_once(tmp_p
     assert "traceback" not in result.out.lower() + result.err.lower()
 
 
+async def test_a_server_whose_listing_holds_no_recordings_files_is_not_waited_for(tmp_path, make_sim):
+    """The tutorial's server (single WAVs) lists only other files: every recording, even one
+    that ended a minute ago, goes through /recordingfiles at once, not an hour later."""
+    sim = await make_sim(recordings=20, mode="wav", audio_bytes=4000)
+    sim.add_recording(ends_in=0.0)
+    cfg = write_config(tmp_path, sim, api=LISTING, archive={"settle_window": 3600})
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "20")
+    assert result.rc == 0 and archived_this_run(result.out) == 21, result
+    assert sim.stats["recordingfiles"] == 21 and sim.stats["storage_files"] >= 1, sim.stats
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+
+
 async def test_a_listing_that_repeats_its_token_ends_the_walk_and_nothing_is_lost(tmp_path, make_sim):
     sim = await make_sim(recordings=250, audio_bytes=4000)
     sim.files.files_repeat_token = True
@@ -225,7 +237,7 @@ def test_the_route_takes_only_a_complete_unambiguous_fresh_set():
     assert storage_route(both, "call", now).way == "storage"
     assert [f["filename"] for f in storage_route(both[::-1], "call", now).files] == ["c_in.wav", "c_out.wav"]
     assert storage_route(both[:1], "call", now).way == "wait"
-    assert storage_route([], "confbridge", now).way == "wait"
+    assert storage_route([], "confbridge", now).way == "absent"
     assert storage_route(both[:1], "confbridge", now).way == "storage"
     assert storage_route([*both, _row("c_in.wav")], "call", now).way == "fallback"  # twice
     assert storage_route([*both, _row("c_in.mp3")], "call", now).way == "fallback"  # unexpected

@@ -94,6 +94,7 @@ class EngineParts:
     files_wanted: asyncio.Event  # a recording waits for files not listed yet: walk the listing again
     files_walk_ok: bool  # no storage walk has failed since the last that went through (else no waiting)
     _files_walking: asyncio.Lock  # one storage walk at a time in this process
+    files_seen: bool  # a storage walk has listed some recording's files (else none is waited for)
     _route_logged: set[str]  # recordings whose unusable listing was logged (once each)
 
     async def _until_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:

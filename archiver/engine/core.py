@@ -81,6 +81,7 @@ class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, En
         self.files_wanted = asyncio.Event()
         self.files_walk_ok = True  # until a walk fails
         self._files_walking = asyncio.Lock()
+        self.files_seen = False
         self._route_logged: set[str] = set()
         self.stop = asyncio.Event()
         self.result = RunResult()

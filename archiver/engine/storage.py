@@ -29,6 +29,7 @@ log = structlog.get_logger("archiver.engine")
 STORAGE_WALK = "storage"  # the first walk's checkpoint name
 STORAGE_WAIT = 30.0  # seconds a recording waits at most for the storage walk to reach its files
 FILE_HEADROOM = 60.0  # seconds a file may seem registered before its recording ended (clocks differ)
+FIRST_FILE_WAIT = 600.0  # seconds after its end a recording with none of its files listed waits for them
 REWALK_SPACING = (2.0, 60.0)  # extra walks while recordings wait for files: 2 s apart, doubling to 60 s
 STRANGER_BATCH = 100
 
@@ -51,7 +52,7 @@ class StorageWalker(EngineParts):
         ref_type = str(row.raw.get("reference_type") or "")
         route = storage_route(await self.state.storage_files_of(row.id), ref_type, now)
         deadline = time.monotonic() + STORAGE_WAIT
-        while route.way == "wait" and self.files_reached > ended - FILE_HEADROOM and not self.stop.is_set():
+        while route.way in ("wait", "absent") and self.files_reached > ended - FILE_HEADROOM and not self.stop.is_set():
             moved = self.files_moved
             try:
                 await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
@@ -66,7 +67,13 @@ class StorageWalker(EngineParts):
                 log.warning("storage_listing_unusable", recording_id=row.id, reason=route.reason,
                             hint="fetched through GET /recordingfiles instead")
             return ()
-        if not self.files_walk_ok or now >= ended + self.cfg.archive.settle_window:
+        # one channel file listed: the other may follow until the settle window, as a ZIP's would;
+        # none: files are registered minutes after the end, so past FIRST_FILE_WAIT the listing
+        # is not waited for (a server that lists no recordings' files must not hold them an hour)
+        patience = self.cfg.archive.settle_window
+        if route.way == "absent":  # and a listing that lists no recording's files at all: no wait
+            patience = min(patience, FIRST_FILE_WAIT) if self.files_seen else 0.0
+        if not self.files_walk_ok or now >= ended + patience:
             return ()  # no listing to wait for, or settled: the ZIP path decides (incomplete, no audio)
         self.files_wanted.set()
         raise NotReady(f"storage lists {route.reason} (registered after the call ends); no request spent")
@@ -134,6 +141,7 @@ class StorageWalker(EngineParts):
             if past:
                 break
             ours = sum(1 for f in files if f.recording_id is not None)
+            self.files_seen = self.files_seen or ours > 0
             if not first and ours and (known >= self.workers_cfg.overlap or known == ours):
                 break
         if first:
