@@ -114,18 +114,22 @@ class RiffChecker:
             raise VerificationError(f"{self.name}: 'fmt ' has zero channels, rate or sample size")
 
 
+_NO_SHA256 = hashlib.sha256(b"")  # BodyDigest(sha256=False): a listed file, whose SHA-256 nobody keeps
+
+
 class BodyDigest:
     """Size, SHA-256, MD5 and CRC32C of a body, fed chunk by chunk as it streams to disk."""
 
-    def __init__(self, md5: bool = True) -> None:
+    def __init__(self, md5: bool = True, sha256: bool = True) -> None:
         self.size = 0
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if sha256 else _NO_SHA256
         self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.crc32c = 0
 
     def update(self, data: bytes) -> None:
         self.size += len(data)
-        self.sha256.update(data)
+        if self.sha256 is not _NO_SHA256:
+            self.sha256.update(data)
         if self.md5 is not None:
             self.md5.update(data)
         self.crc32c = google_crc32c.extend(self.crc32c, data)

@@ -343,30 +343,43 @@ class Store:
         try:
             with open(create_exclusive(job.tmp), "wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
                 for f in job.files:
-                    digest, source = self._finish_body(f.tmp, f.tail, f.spilled, f.expected_length, f.hashes,
-                                                       durable=False, md5=False)
-                    with source:
-                        if digest.size != f.listed_size:
-                            raise VerificationError(
-                                f"listed file {f.name[:80]!r}: the listing says filesize {f.listed_size}, "
-                                f"storage sent {digest.size} bytes")
-                        riff = RiffChecker(f"listed file {f.name[:80]!r}")
-                        info = zipfile.ZipInfo(f.name, date_time=(1980, 1, 1, 0, 0, 0))
-                        info.compress_type = zipfile.ZIP_STORED
-                        info.file_size = digest.size
-                        with zf.open(info, "w") as member:
-                            while chunk := source.read(CHUNK):
-                                riff.feed(chunk)
-                                member.write(chunk)
-                        riff.finish()
+                    name = f"listed file {f.name[:80]!r}"
+                    # one pass over each file: its storage hashes, its RIFF structure and its copy
+                    # into the ZIP (whose SHA-256 covers it: a member's own is not kept)
+                    digest, riff = BodyDigest(md5="md5" in f.hashes, sha256=False), RiffChecker(name)
+                    info = zipfile.ZipInfo(f.name, date_time=(1980, 1, 1, 0, 0, 0))
+                    info.compress_type = zipfile.ZIP_STORED
+                    size = len(f.tail) + (os.lstat(f.tmp).st_size if f.spilled else 0)
+                    if size != f.listed_size:  # before a byte is copied: the member's size is declared
+                        raise VerificationError(
+                            f"{name}: the listing says filesize {f.listed_size}, storage sent {size} bytes")
+                    info.file_size = size
+                    with self._listed_source(f) as source, zf.open(info, "w") as member:
+                        while chunk := source.read(CHUNK):
+                            digest.update(chunk)
+                            riff.feed(chunk)
+                            member.write(chunk)
+                    checked = digest.check(f.expected_length, f.hashes)
+                    riff.finish()
                     listed.append({"id": f.file_id, "name": f.name, "size": digest.size,
-                                   "sha256": digest.sha256.hexdigest(),
-                                   "server_hashes_checked": {k: f.hashes[k] for k in sorted(f.hashes)}})
+                                   "server_hashes_checked": dict(sorted(checked.items()))})
         except OSError as exc:
             raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
         finally:
             remove_quietly(*(f.tmp for f in job.files))
         return replace(job, files=(), listed=tuple(listed), tail=b"", spilled=True, expected_length=None, hashes={})
+
+    @staticmethod
+    def _listed_source(f: ListedFile) -> BinaryIO:
+        """A listed file's bytes to read: in memory, or its spilled start with the tail added."""
+        if not f.spilled:
+            return io.BytesIO(f.tail)
+        fd = os.open(f.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        try:
+            write_all(fd, f.tail)
+        finally:
+            os.close(fd)
+        return open(f.tmp, "rb")
 
     def _check_ready(self, job: StoreJob, kind: str, members: list[Member], settled: bool) -> tuple[str, str]:
         """Before the settle window, an empty or short answer means "not uploaded yet"; after
