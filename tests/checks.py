@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 
 from archiver.simulator import Simulator
@@ -68,4 +69,8 @@ def assert_same_audio(sim: Simulator, rec_id: str, body: bytes) -> None:
     """``body`` holds exactly the channel files the server stores for ``rec_id`` (whatever ZIP
     wraps them: the server's, or the archiver's own from the storage listing)."""
     expected = archived_members(sim.expected_archives()[rec_id])
-    assert archived_members(body) == expected, f"{rec_id}: archived files differ from the server's"
+    try:
+        got = archived_members(body)
+    except (zipfile.BadZipFile, zlib.error, ValueError, EOFError) as exc:  # torn, cut short: not a ZIP any more
+        raise AssertionError(f"{rec_id}: incomplete or wrong bytes ({type(exc).__name__}: {exc})") from None
+    assert got == expected, f"{rec_id}: archived files differ from the server's"
