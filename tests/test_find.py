@@ -4,6 +4,7 @@ the real CLI against the simulator, checked with the real ``sha256sum -c``."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -251,8 +252,13 @@ async def test_find_works_while_the_service_runs_and_on_a_copy_of_the_database(t
                                                 stdout=log_file, stderr=log_file, env=cli_env())
     db = tmp_path / "state.sqlite3"
     try:
-        await wait_until(lambda: db.exists() and db_rows(db, "SELECT count(*) FROM recordings WHERE state='archived'")
-                         == [(10,)], 60, "the service archived all 10")
+        def archived() -> list[tuple]:
+            try:
+                return db_rows(db, "SELECT count(*) FROM recordings WHERE state='archived'")
+            except sqlite3.OperationalError:  # the service has not created (or migrated) it yet
+                return []
+
+        await wait_until(lambda: archived() == [(10,)], 60, "the service archived all 10")
         live = await run_cli("--config", str(cfg), "find", "--json")
         assert live.rc == 0 and len(_records(live.out)) == 10, live
         added = sim.add_recording()  # and it goes on archiving while we ask

@@ -39,16 +39,18 @@ class CallWalker(EngineParts):
         ref_id = row.raw.get("reference_id")
         if ref_type != "call" or not isinstance(ref_id, str):
             return call_block(None, ref_type)
-        call = await self.state.call_of(ref_id)
         created = row.tm_create if row.tm_create is not None else time.time()
         deadline = time.monotonic() + CALL_WAIT
-        while call is None and self.calls_reached > created - CALL_HEADROOM and not self.stop.is_set():
-            moved = self.calls_moved
+        while True:
+            # where the walk was before the state is asked: a page stored meanwhile is not missed
+            moved, reached = self.calls_moved, self.calls_reached
+            call = await self.state.call_of(ref_id)
+            if call is not None or reached <= created - CALL_HEADROOM or self.stop.is_set():
+                break
             try:
                 await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
-            call = await self.state.call_of(ref_id)
         return call_block(call, ref_type)
 
     def _calls_moved_to(self, reached: float) -> None:

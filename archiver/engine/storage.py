@@ -50,15 +50,17 @@ class StorageWalker(EngineParts):
         if ended is None or ended < now - URL_VALIDITY + URL_MARGIN:
             return ()  # its files' URLs have expired: one /recordingfiles request is the cheapest way
         ref_type = str(row.raw.get("reference_type") or "")
-        route = storage_route(await self.state.storage_files_of(row.id), ref_type, now)
         deadline = time.monotonic() + STORAGE_WAIT
-        while route.way in ("wait", "absent") and self.files_reached > ended - FILE_HEADROOM and not self.stop.is_set():
-            moved = self.files_moved
+        while True:
+            # where the walk was before the state is asked: a page stored meanwhile is not missed
+            moved, reached = self.files_moved, self.files_reached
+            route = storage_route(await self.state.storage_files_of(row.id), ref_type, time.time())
+            if route.way not in ("wait", "absent") or reached <= ended - FILE_HEADROOM or self.stop.is_set():
+                break
             try:
                 await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
             except TimeoutError:
                 break
-            route = storage_route(await self.state.storage_files_of(row.id), ref_type, time.time())
         if route.way == "storage":
             return route.files
         if route.way == "fallback":
