@@ -31,9 +31,9 @@ from .store import Archived, ListedFile, Staged, StoreJob, create_exclusive, mak
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.download")
+T = TypeVar("T")
 
 TRIES_PER_ATTEMPT = 3  # low-level tries (fresh URL, re-stream) before the attempt counts as failed
-T = TypeVar("T")
 LISTING_TRIES = 2  # tries of a recording's listed files before it goes through /recordingfiles instead
 WRITE_BUFFER = 1 << 20  # bodies up to this size go to the store helper whole, in memory
 IOV_MAX = 1024  # buffers per writev (Linux's limit)

@@ -291,43 +291,33 @@ class Store:
     def _finish(self, job: StoreJob) -> tuple[BodyDigest, BinaryIO]:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
         Returns what the checks read: the bytes in memory unless the body spilled to disk."""
-        return self._finish_body(job.tmp, job.tail, job.spilled, job.expected_length, job.hashes,
-                                 durable=not self.stage_only, md5=self.stage_only)
-
-    @staticmethod
-    def _finish_body(
-        tmp: Path, tail: bytes, spilled: bool, expected_length: int | None, hashes: dict[str, str],
-        durable: bool, md5: bool,
-    ) -> tuple[BodyDigest, BinaryIO]:
-        """``_finish`` for one body or listed file: written whole (and fsynced when ``durable``)
-        unless it stays in memory, digested, checked against ``expected_length`` and ``hashes``."""
         try:  # a spilled body was created by ``create_exclusive`` in the daemon
-            if spilled or durable:  # a body in memory stays there unless it must be durable
-                if spilled:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            if job.spilled or not self.stage_only:  # a staged body in memory stays there
+                if job.spilled:
+                    fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
                 else:
-                    fd = create_exclusive(tmp)
+                    fd = create_exclusive(job.tmp)
                 try:
-                    write_all(fd, tail)
-                    if durable:
+                    write_all(fd, job.tail)
+                    if not self.stage_only:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
             # MD5 only when there is one to compare, or for a bucket's Content-MD5
-            digest = BodyDigest(md5="md5" in hashes or md5)
+            digest = BodyDigest(md5="md5" in job.hashes or self.stage_only)
             source: BinaryIO
-            if spilled:
-                source = open(tmp, "rb")  # closed by the caller
+            if job.spilled:
+                source = open(job.tmp, "rb")  # closed by store()
                 while chunk := source.read(CHUNK):
                     digest.update(chunk)
                 source.seek(0)
             else:
-                digest.update(tail)
-                source = io.BytesIO(tail)
+                digest.update(job.tail)
+                source = io.BytesIO(job.tail)
         except OSError as exc:
-            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({tmp.parent})") from None
+            raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
         try:
-            digest.check(expected_length, hashes)
+            digest.check(job.expected_length, job.hashes)
         except VerificationError:
             source.close()
             raise

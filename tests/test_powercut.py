@@ -277,7 +277,7 @@ MUTATIONS = {
         "store.py", "        return\n    fsync_path(path.parent)\n", "        return\n",
     ),
     "no fsync of a body before its rename": (
-        "store.py", "                    if durable:\n                        os.fsync(fd)\n", "",
+        "store.py", "                    if not self.stage_only:\n                        os.fsync(fd)\n", "",
     ),
 }
 
