@@ -307,12 +307,16 @@ class ApiClient:
                      "lower [api] requests_per_second if they suffer, or raise it only when they are idle",
             )
 
-    async def list_recordings(self, page_token: str, page_size: int) -> Any:
+    async def _page(self, path: str, page_token: str, page_size: int) -> Any:
+        """One page of a listing paged by ``page_token`` (``/recordings``, ``/calls``, ...)."""
         params = {"page_size": str(page_size)}
         if page_token:
             params["page_token"] = page_token
+        return await self._request(path, params)
+
+    async def list_recordings(self, page_token: str, page_size: int) -> Any:
         self.stats["list"] += 1
-        return await self._request("/recordings", params)
+        return await self._page("/recordings", page_token, page_size)
 
     async def transcribes_of(self, recording_id: str, page_token: str = "") -> Any:
         """A page of ``GET /transcribes`` for one recording (the filter needs both parameters)."""
@@ -332,19 +336,13 @@ class ApiClient:
 
     async def list_calls(self, page_token: str, page_size: int) -> Any:
         """A page of ``GET /calls`` (paged like ``/recordings``): the calls' metadata for ``find``."""
-        params = {"page_size": str(page_size)}
-        if page_token:
-            params["page_token"] = page_token
         self.stats["calls"] += 1
-        return await self._request("/calls", params)
+        return await self._page("/calls", page_token, page_size)
 
     async def list_storage_files(self, page_token: str, page_size: int) -> Any:
         """A page of ``GET /storage_files``: the customer's stored files with their signed URLs."""
-        params = {"page_size": str(page_size)}
-        if page_token:
-            params["page_token"] = page_token
         self.stats["storage_files"] += 1
-        return await self._request("/storage_files", params)
+        return await self._page("/storage_files", page_token, page_size)
 
     async def accesskey_expiry(self, max_pages: int = 20) -> float | None:
         """When our access key expires (epoch), from ``GET /accesskeys``: the key whose

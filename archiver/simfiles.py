@@ -18,7 +18,6 @@ its first channel), ``unsigned`` (``uri_download`` empty: signing failed).
 from __future__ import annotations
 
 import base64
-import bisect
 import hashlib
 import hmac
 import time
@@ -31,7 +30,7 @@ from urllib.parse import quote
 import google_crc32c
 from aiohttp import web
 
-from .simdata import CUSTOMER_ID, SimConfig, SimRecording, make_wav, page_token, parse_token, sim_time
+from .simdata import CUSTOMER_ID, SimConfig, SimRecording, make_wav, page_token, sim_time
 
 
 class SimAccount(Protocol):
@@ -59,6 +58,7 @@ class SimAccount(Protocol):
     def _json(self, body: Any) -> web.Response: ...
     def _error(self, request: web.Request, status: int, reason: str, message: str = "",
                details: list[Any] | None = None) -> web.Response: ...
+    def keyset_page(self, request: web.Request, items: list[Any]) -> list[Any] | web.Response: ...
     async def _api_gate(self, request: web.Request, endpoint: str) -> web.StreamResponse | None: ...
     async def _send_body(self, request: web.Request, data: bytes, md5: str,
                          crc: str) -> tuple[web.StreamResponse, bool]: ...
@@ -163,19 +163,10 @@ class StorageListing:
         gate = await self.sim._api_gate(request, "storage_files")
         if gate is not None:
             return gate
-        try:
-            size = max(1, min(100, int(request.query.get("page_size", "100"))))
-        except ValueError:
-            return self.sim._error(request, 400, "INVALID_ARGUMENT", "page_size")
         token = request.query.get("page_token", "")
-        files = self.listed_files()
-        start = 0
-        if token:
-            ts = parse_token(token)
-            if ts is None:
-                return self.sim._error(request, 400, "INVALID_ARGUMENT", "page_token")
-            start = bisect.bisect_right([f[0] for f in files], -ts.timestamp())
-        page = files[start : start + size]
+        page = self.sim.keyset_page(request, self.listed_files())
+        if isinstance(page, web.Response):
+            return page
         style = "tutorial" if self.sim.cfg.timestamps == "tutorial" else "token"
         next_token = page_token(datetime.fromtimestamp(-page[-1][0], UTC), style) if page else ""
         if self.files_repeat_token and token:

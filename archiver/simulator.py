@@ -322,6 +322,23 @@ class Simulator:
                  "tm_transcript": sim_time(rec.tm_create + timedelta(seconds=2 + i), self.cfg.timestamps)}
                 for i in range(n)]
 
+    def keyset_page(self, request: web.Request, items: list[Any]) -> list[Any] | web.Response:
+        """The page of ``items`` (newest first, each a tuple starting with its -tm_create epoch)
+        that ``page_size`` and ``page_token`` ask for, as the server's keyset pages; a 400 for a
+        malformed one."""
+        try:
+            size = max(1, min(100, int(request.query.get("page_size", "100"))))
+        except ValueError:
+            return self._error(request, 400, "INVALID_ARGUMENT", "page_size")
+        token = request.query.get("page_token", "")
+        start = 0
+        if token:
+            ts = parse_token(token)
+            if ts is None:
+                return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
+            start = bisect.bisect_right([item[0] for item in items], -ts.timestamp())
+        return items[start : start + size]
+
     def _listed_calls(self) -> list[tuple[float, SimRecording]]:
         """(-tm_create epoch of the call, recording) of every listed call, newest first."""
         calls = [(-(r.tm_create - timedelta(seconds=3)).timestamp(), r) for r in self.recordings.values()
@@ -633,19 +650,10 @@ class Simulator:
             return gate
         if self.calls_delay:
             await asyncio.sleep(self.calls_delay)
-        try:
-            size = max(1, min(100, int(request.query.get("page_size", "100"))))
-        except ValueError:
-            return self._error(request, 400, "INVALID_ARGUMENT", "page_size")
         token = request.query.get("page_token", "")
-        calls = self._listed_calls()
-        start = 0
-        if token:
-            ts = parse_token(token)
-            if ts is None:
-                return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
-            start = bisect.bisect_right([c[0] for c in calls], -ts.timestamp())
-        page = calls[start : start + size]
+        page = self.keyset_page(request, self._listed_calls())
+        if isinstance(page, web.Response):
+            return page
         items: list[Any] = [self.call_json(rec) for _, rec in page]
         style = "tutorial" if self.cfg.timestamps == "tutorial" else "token"
         next_token = page_token(page[-1][1].tm_create - timedelta(seconds=3), style) if page else ""
