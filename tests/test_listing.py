@@ -95,7 +95,7 @@ async def test_hostile_listings_send_each_recording_to_recordingfiles_once(tmp_p
     sim.files.file_faults.update(faults)
     stranger = str(uuid.uuid4())  # a file of no recording of ours, named like a real one of ours
     victim = sim.recordings[ids[9]]
-    item = sim.files.file_json(victim, sim.member_names(victim)[0], datetime.now(UTC) - timedelta(minutes=1))
+    item = sim.files.file_json(victim, sim.member_names(victim)[0], datetime.now(UTC) - timedelta(minutes=5))
     sim.files.stranger_files.append({**item, "id": str(uuid.uuid4()), "reference_id": stranger})
     cfg = write_config(tmp_path, sim, api=LISTING)
     result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")

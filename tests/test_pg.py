@@ -567,7 +567,7 @@ async def test_two_accounts_fetch_from_their_own_listings_into_the_shared_state(
     sim = await multi_sim(["acme", "beta"], recordings=30, audio_bytes=4000)
     acme = sim.accounts["acme"]
     victim = next(iter(acme.recordings.values()))
-    item = acme.files.file_json(victim, acme.member_names(victim)[0], datetime.now(UTC) - timedelta(minutes=1))
+    item = acme.files.file_json(victim, acme.member_names(victim)[0], datetime.now(UTC) - timedelta(minutes=5))
     stranger = str(uuid.uuid4())
     acme.files.stranger_files.append({**item, "id": str(uuid.uuid4()), "reference_id": stranger})
     cfg = write_accounts_config(tmp_path, sim, state={"url": pg_url}, api={"storage_listing": True})

@@ -220,6 +220,7 @@ class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, En
         storage_listing``). A sidecar whose call is not stored yet waits for the calls walk to
         pass its time (``_call_block``), a recording for the storage walk to reach its files
         (``_listed_files``), so downloads start at once (a call listed later: ``_note_calls``)."""
+        began = time.time()
         beside = [asyncio.create_task(self._walk_calls_guarded(full, since), name="calls-walk"),
                   asyncio.create_task(self._walk_files_guarded(), name="storage-walk")]
         try:
@@ -231,8 +232,8 @@ class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, En
             raise
         for task in beside:
             await task
-        if walked is not None and walked != WALKED_ELSEWHERE:
-            await self._note_strangers()
+        if walked is not None and walked != WALKED_ELSEWHERE and since is None and until is None:
+            await self._note_strangers(began)  # a range walk leaves out recordings on purpose
         return walked
 
     async def _wait_first(self, feeder: asyncio.Task[None], wait: float) -> None:

@@ -140,10 +140,10 @@ class StorageWalker(EngineParts):
                 self._files_moved_to(min(times))
             self.result.stats["file_pages"] += 1
             self.result.stats["files_listed"] += new
-            if past:
-                break
             ours = sum(1 for f in files if f.recording_id is not None)
             self.files_seen = self.files_seen or ours > 0
+            if past:
+                break
             if not first and ours and (known >= self.workers_cfg.overlap or known == ours):
                 break
         if first:
@@ -151,12 +151,13 @@ class StorageWalker(EngineParts):
             await self.state.set_meta("walk_done:storage", str(time.time()))
         return new_total
 
-    async def _note_strangers(self) -> None:
+    async def _note_strangers(self, walked_since: float) -> None:
         """Each listed file that names no recording of this account, logged once: its bytes are
-        never used for any recording."""
+        never used for any recording. Only files listed before this walk of the recordings began
+        (``walked_since``, less a minute): a newer one's recording may be on a page still to come."""
         if not self.client.cfg.storage_listing:
             return
-        for f in await self.state.storage_strangers(STRANGER_BATCH):
+        for f in await self.state.storage_strangers(STRANGER_BATCH, walked_since - FILE_HEADROOM):
             self.result.stats["files_strangers"] += 1
             log.warning("storage_file_of_no_recording", file_id=f["id"], reference_id=redact(f["recording_id"]),
                         hint="listed for a recording this account does not list; never used for another")

@@ -128,8 +128,9 @@ class State(Protocol):
         """The listed files of ``rec_id`` (id, filename, filesize, url, expires_at)."""
         ...
 
-    async def storage_strangers(self, limit: int) -> list[dict[str, Any]]:
-        """Listed files naming no recording the state knows, each returned once."""
+    async def storage_strangers(self, limit: int, listed_before: float) -> list[dict[str, Any]]:
+        """Listed files created before ``listed_before`` naming no recording the state knows,
+        each returned once."""
         ...
 
     async def calls_to_note(self, limit: int) -> list[dict[str, Any]]:

@@ -485,12 +485,12 @@ class PgState:
             " ORDER BY filename, id", self._acct, rec_id)
         return [dict(r) for r in rows]
 
-    async def storage_strangers(self, limit: int) -> list[dict[str, Any]]:
+    async def storage_strangers(self, limit: int, listed_before: float) -> list[dict[str, Any]]:
         rows = await self._fetch(
             "UPDATE storage_files f SET stranger_noted_at=$2 WHERE (f.account, f.id) IN (SELECT g.account, g.id"
-            " FROM storage_files g WHERE g.account=$1 AND g.stranger_noted_at IS NULL AND NOT EXISTS (SELECT 1"
-            " FROM recordings r WHERE r.account = g.account AND r.id = g.recording_id) LIMIT $3)"
-            " RETURNING f.id, f.recording_id, f.filename", self._acct, time.time(), limit)
+            " FROM storage_files g WHERE g.account=$1 AND g.stranger_noted_at IS NULL AND g.tm_create < $4"
+            " AND NOT EXISTS (SELECT 1 FROM recordings r WHERE r.account = g.account AND r.id = g.recording_id)"
+            " LIMIT $3) RETURNING f.id, f.recording_id, f.filename", self._acct, time.time(), limit, listed_before)
         return [dict(r) for r in rows]
 
     async def call_of(self, call_id: str) -> dict[str, Any] | None:

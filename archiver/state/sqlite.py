@@ -588,12 +588,12 @@ class StateDB:
         return [dict(r) for r in rows]
 
     @_writes
-    async def storage_strangers(self, limit: int) -> list[dict[str, Any]]:
+    async def storage_strangers(self, limit: int, listed_before: float) -> list[dict[str, Any]]:
         """Listed files of a recording the state does not know, each returned once (to be logged)."""
         rows = [dict(r) for r in await self._fetchall(
             "SELECT f.id, f.recording_id, f.filename FROM storage_files f WHERE f.account=?"
-            " AND f.stranger_noted_at IS NULL AND NOT EXISTS (SELECT 1 FROM recordings r"
-            " WHERE r.account = f.account AND r.id = f.recording_id) LIMIT ?", (self._acct, limit))]
+            " AND f.stranger_noted_at IS NULL AND f.tm_create < ? AND NOT EXISTS (SELECT 1 FROM recordings r"
+            " WHERE r.account = f.account AND r.id = f.recording_id) LIMIT ?", (self._acct, listed_before, limit))]
         if rows:
             await self.db.executemany("UPDATE storage_files SET stranger_noted_at=? WHERE account=? AND id=?",
                                       [(time.time(), self._acct, r["id"]) for r in rows])
