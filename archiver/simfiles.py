@@ -32,6 +32,8 @@ from aiohttp import web
 
 from .simdata import CUSTOMER_ID, SimConfig, SimRecording, make_wav, page_token, sim_time
 
+LISTING_TTL = 0.25  # seconds a made listing is served again
+
 
 class SimAccount(Protocol):
     """What the storage listing uses of its ``Simulator`` (one simulated account)."""
@@ -75,6 +77,9 @@ class StorageListing:
         self.files_repeat_token = False
         self.file_gets: dict[str, set[str]] = {}  # recording id -> channel files served whole
         self._wav_cache: dict[tuple[str, str], bytes] = {}
+        self._items: dict[tuple[Any, ...], dict[str, Any]] = {}  # file_json's, by what they depend on
+        self._listing: tuple[Any, float, list[tuple[float, str, dict[str, Any]]]] | None = None
+        self._hashes: dict[tuple[str, str], tuple[str, str]] = {}  # (md5, crc32c) of each channel file
 
     def member_wav(self, rec: SimRecording, name: str) -> bytes:
         """One channel file of ``rec`` as storage holds it (what its ZIP holds as ``name``)."""
@@ -84,6 +89,23 @@ class StorageListing:
             each = self.sim.cfg.audio_bytes // max(1, len(self.sim.member_names(rec)))
             self._wav_cache[key] = make_wav(self.sim.audio(rec, name, each))
         return self._wav_cache[key]
+
+    def _hashes_of(self, rec: SimRecording, name: str) -> tuple[str, str]:
+        """(md5, crc32c) of a channel file, base64, as storage's ``x-goog-hash`` gives them."""
+        if (rec.id, name) not in self._hashes:
+            data = self.member_wav(rec, name)
+            digest = hashlib.md5(data, usedforsecurity=False).digest()
+            self._hashes[(rec.id, name)] = (base64.b64encode(digest).decode(),
+                                            base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode())
+        return self._hashes[(rec.id, name)]
+
+    def warm(self) -> None:
+        """Make every listed item and file hash ahead (``--precompute``: a benchmark measures
+        the archiver, not the simulator's first answers)."""
+        for rec in self.sim.recordings.values():
+            for name, _ in self.registered_files(rec):
+                self._hashes_of(rec, name)
+        self.listed_files()
 
     def expected_audio(self) -> dict[str, dict[str, bytes]]:
         """The channel files of every recording ``expected_archives`` names, by member name."""
@@ -110,6 +132,15 @@ class StorageListing:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{rec_id}/{name}"))
 
     def file_json(self, rec: SimRecording, name: str, created: datetime) -> dict[str, Any]:
+        """A listed file's item, made once (signing every URL of every page again each time
+        made the simulator, not the archiver, the bound of a benchmark)."""
+        key = (rec.id, name, created, self.file_faults.get(rec.id, ""), self.sim.cfg.timestamps)
+        item = self._items.get(key)
+        if item is None:
+            item = self._items[key] = self._make_file_json(rec, name, created)
+        return dict(item)
+
+    def _make_file_json(self, rec: SimRecording, name: str, created: datetime) -> dict[str, Any]:
         fault = self.file_faults.get(rec.id, "")
         expires = created + timedelta(seconds=self.sim.cfg.file_url_ttl)
         size = len(self.member_wav(rec, name)) + (1 if fault == "bad_size" else 0)
@@ -131,8 +162,18 @@ class StorageListing:
         return f"{origin}/storage/{rec_id}/{quote(name)}?X-Goog-Expires={stamp}&X-Goog-Signature={sig}"
 
     def listed_files(self) -> list[tuple[float, str, dict[str, Any]]]:
-        """(-tm_create epoch, file id, item) of every listed file, newest first."""
+        """(-tm_create epoch, file id, item) of every listed file, newest first; made again at
+        most every ``LISTING_TTL`` seconds (a listing is as fresh as a real one), or at once when
+        recordings, strangers or faults were added."""
+        key = (len(self.sim.recordings), len(self.stranger_files), tuple(sorted(self.file_faults.items())))
+        now = time.monotonic()
+        if self._listing is not None and self._listing[0] == key and now - self._listing[1] < LISTING_TTL:
+            return self._listing[2]
+        out = self._list_files()
+        self._listing = (key, now, out)
+        return out
 
+    def _list_files(self) -> list[tuple[float, str, dict[str, Any]]]:
         out = []
         for rec in self.sim.recordings.values():
             files = self.registered_files(rec)
@@ -211,8 +252,7 @@ class StorageListing:
             self.sim.stats["fault_storage_500"] += 1
             return web.Response(status=500, text="<Error><Code>InternalError</Code></Error>")
         data = self.member_wav(rec, name)
-        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-        crc = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+        md5, crc = self._hashes_of(rec, name)
         self.sim.storage_gets[rec_id] += 1
         self.sim.downloading[rec_id] += 1
         try:
