@@ -134,7 +134,7 @@ class StorageListing:
     def file_json(self, rec: SimRecording, name: str, created: datetime) -> dict[str, Any]:
         """A listed file's item, made once (signing every URL of every page again each time
         made the simulator, not the archiver, the bound of a benchmark)."""
-        key = (rec.id, name, created, self.file_faults.get(rec.id, ""), self.sim.cfg.timestamps)
+        key = (rec.id, name, created, self.file_faults.get(rec.id, ""), self.sim.cfg.timestamps, self.sim.port)
         item = self._items.get(key)
         if item is None:
             item = self._items[key] = self._make_file_json(rec, name, created)

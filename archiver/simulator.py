@@ -1044,8 +1044,9 @@ def main(argv: list[str] | None = None) -> None:
         sim = Simulator(cfg)
         if args.precompute:
             sim.expected_archives()
-            sim.files.warm()
         await sim.start(args.host, args.port)
+        if args.precompute:  # its URLs name the port it listens on
+            sim.files.warm()
         print(f"simulator: {sim.base_url} accesskey={sim.accesskey}", flush=True)  # bench/run.py reads this line
         await asyncio.Event().wait()
 
