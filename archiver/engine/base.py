@@ -5,10 +5,12 @@ handled (a refused credential, an unwritable archive or state: stop a backfill, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -42,6 +44,46 @@ class Job:
     url: str  # "" when it is fetched from its listed files
     started: float
     listed: tuple[dict[str, Any], ...] = ()  # its channel files from the storage listing
+
+
+class WalkProgress:
+    """How far back a listing's walk under way has stored its items (an epoch: every item it
+    lists created since then is in the state), for work that waits for an item that may be on a
+    page still to come. ``-inf`` while no walk runs, ``inf`` once one has begun and stored nothing."""
+
+    def __init__(self) -> None:
+        self.reached = -math.inf
+        self._moved = asyncio.Event()
+
+    def moved_to(self, reached: float) -> None:
+        """A page is stored (or the walk began or ended): every waiter looks again."""
+        self.reached = reached
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    @contextlib.contextmanager
+    def walking(self) -> Iterator[None]:
+        self.moved_to(math.inf)
+        try:
+            yield
+        finally:
+            self.moved_to(-math.inf)  # whatever the walk stored, it has stored
+
+    async def until(self, ask: Callable[[], Awaitable[T]], done: Callable[[T], bool], since: float,
+                    timeout: float, stop: asyncio.Event) -> T:
+        """``ask()`` again at each page stored, until ``done`` takes its answer, the walk has
+        passed ``since`` (or none runs), ``stop`` is set or ``timeout`` seconds are over; the last
+        answer. Where the walk was is read before each ``ask``: a page stored during it is not missed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            moved, reached = self._moved, self.reached
+            answer = await ask()
+            if done(answer) or reached <= since or stop.is_set():
+                return answer
+            try:
+                await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                return answer
 
 
 @dataclass
@@ -87,10 +129,8 @@ class EngineParts:
     metrics: Metrics
     store_usage: StoreUsage | None
     unwritable: str
-    calls_reached: float  # the calls walk has stored every listed call created since (epoch); -inf: none runs
-    calls_moved: asyncio.Event  # set (and replaced) at each page of the calls walk, and at its end
-    files_reached: float  # as calls_reached, for the storage listing's walk
-    files_moved: asyncio.Event
+    calls_progress: WalkProgress  # how far back the calls walk under way has come
+    files_progress: WalkProgress  # the same for the storage listing's walk
     files_wanted: asyncio.Event  # a recording waits for files not listed yet: walk the listing again
     files_walk_ok: bool  # no storage walk has failed since the last that went through (else no waiting)
     _files_walking: asyncio.Lock  # one storage walk at a time in this process

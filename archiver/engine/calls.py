@@ -4,7 +4,6 @@ the sidecar and ``find``), and the call noted beside a recording archived before
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,23 +39,9 @@ class CallWalker(EngineParts):
         if ref_type != "call" or not isinstance(ref_id, str):
             return call_block(None, ref_type)
         created = row.tm_create if row.tm_create is not None else time.time()
-        deadline = time.monotonic() + CALL_WAIT
-        while True:
-            # where the walk was before the state is asked: a page stored meanwhile is not missed
-            moved, reached = self.calls_moved, self.calls_reached
-            call = await self.state.call_of(ref_id)
-            if call is not None or reached <= created - CALL_HEADROOM or self.stop.is_set():
-                break
-            try:
-                await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
+        call = await self.calls_progress.until(lambda: self.state.call_of(ref_id), lambda c: c is not None,
+                                               created - CALL_HEADROOM, CALL_WAIT, self.stop)
         return call_block(call, ref_type)
-
-    def _calls_moved_to(self, reached: float) -> None:
-        self.calls_reached = reached
-        moved, self.calls_moved = self.calls_moved, asyncio.Event()
-        moved.set()
 
     async def _walk_calls_guarded(self, full: bool, since: datetime | None = None) -> None:
         """``_walk_calls`` whose failure never fails the run: a call is metadata, a recording
@@ -78,11 +63,8 @@ class CallWalker(EngineParts):
                 return
             if not full and await self.state.get_meta("walk_done:calls") is None:
                 full = True  # never walked whole: the first walk goes all the way back
-            self._calls_moved_to(math.inf)
-            try:
+            with self.calls_progress.walking():
                 new_total = await self._walk_call_pages(full, since)
-            finally:
-                self._calls_moved_to(-math.inf)  # whatever the walk stored, it has stored
         if new_total:
             await self._note_calls()
 
@@ -104,7 +86,7 @@ class CallWalker(EngineParts):
             new_total += new
             times = [c.tm_create.timestamp() for c in page.items if c.tm_create is not None]
             if times:
-                self._calls_moved_to(min(times))
+                self.calls_progress.moved_to(min(times))
             self.result.stats["call_pages"] += 1
             self.result.stats["calls"] += new
             if reached:

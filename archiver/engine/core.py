@@ -10,7 +10,6 @@ in flight, so a recording never has two downloads at once.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from datetime import datetime
 from typing import Literal
@@ -35,7 +34,7 @@ from ..metrics import Metrics
 from ..retention import Pruner, StoreUsage, read_store
 from ..state import Row, State
 from ..storepool import StorePool
-from .base import SHUTDOWN_GRACE, WALKED_ELSEWHERE, EngineParts, Job, RunResult
+from .base import SHUTDOWN_GRACE, WALKED_ELSEWHERE, EngineParts, Job, RunResult, WalkProgress
 from .calls import CallWalker
 from .feeder import Feeder
 from .storage import StorageWalker
@@ -74,10 +73,8 @@ class Engine(Walker, CallWalker, StorageWalker, Transcripts, Feeder, Workers, En
         self._recording: set[asyncio.Task[None]] = set()  # stored files whose commit is under way
         self._recorders = asyncio.Semaphore(cfg.workers.concurrency * 2)
         self.wake = asyncio.Event()
-        self.calls_reached = -math.inf
-        self.calls_moved = asyncio.Event()
-        self.files_reached = -math.inf
-        self.files_moved = asyncio.Event()
+        self.calls_progress = WalkProgress()
+        self.files_progress = WalkProgress()
         self.files_wanted = asyncio.Event()
         self.files_walk_ok = True  # until a walk fails
         self._files_walking = asyncio.Lock()

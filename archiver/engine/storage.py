@@ -11,7 +11,6 @@ one whose files are not listed, are listed ambiguously or failed verification go
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..errors import AuthRefused, LocalStorageError, NotReady
 from ..logs import redact
 from ..paginate import walk_pages
 from ..state import Row
-from ..storagefiles import URL_MARGIN, URL_VALIDITY, StorageFile, parse_storage_file, storage_route
+from ..storagefiles import URL_MARGIN, URL_VALIDITY, Route, StorageFile, parse_storage_file, storage_route
 from .base import EngineParts
 
 log = structlog.get_logger("archiver.engine")
@@ -50,17 +49,12 @@ class StorageWalker(EngineParts):
         if ended is None or ended < now - URL_VALIDITY + URL_MARGIN:
             return ()  # its files' URLs have expired: one /recordingfiles request is the cheapest way
         ref_type = str(row.raw.get("reference_type") or "")
-        deadline = time.monotonic() + STORAGE_WAIT
-        while True:
-            # where the walk was before the state is asked: a page stored meanwhile is not missed
-            moved, reached = self.files_moved, self.files_reached
-            route = storage_route(await self.state.storage_files_of(row.id), ref_type, time.time())
-            if route.way not in ("wait", "absent") or reached <= ended - FILE_HEADROOM or self.stop.is_set():
-                break
-            try:
-                await asyncio.wait_for(moved.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
+
+        async def route_now() -> Route:
+            return storage_route(await self.state.storage_files_of(row.id), ref_type, time.time())
+
+        route = await self.files_progress.until(route_now, lambda r: r.way not in ("wait", "absent"),
+                                                ended - FILE_HEADROOM, STORAGE_WAIT, self.stop)
         if route.way == "storage":
             return route.files
         if route.way == "fallback":
@@ -79,11 +73,6 @@ class StorageWalker(EngineParts):
             return ()  # no listing to wait for, or settled: the ZIP path decides (incomplete, no audio)
         self.files_wanted.set()
         raise NotReady(f"storage lists {route.reason} (registered after the call ends); no request spent")
-
-    def _files_moved_to(self, reached: float) -> None:
-        self.files_reached = reached
-        moved, self.files_moved = self.files_moved, asyncio.Event()
-        moved.set()
 
     async def _walk_files_guarded(self) -> int:
         """``_walk_files`` whose failure never fails the run: every recording then goes through
@@ -108,11 +97,8 @@ class StorageWalker(EngineParts):
         async with self._files_walking, self.state.walk_lock("storage") as mine:
             if not mine:
                 return 0
-            self._files_moved_to(math.inf)
-            try:
+            with self.files_progress.walking():
                 new = await self._walk_file_pages()
-            finally:
-                self._files_moved_to(-math.inf)  # whatever the walk stored, it has stored
         self.files_walk_ok = True
         return new
 
@@ -137,7 +123,7 @@ class StorageWalker(EngineParts):
                 self.state.store_storage_files(files, STORAGE_WALK if first else None, token))
             new_total += new
             if times:
-                self._files_moved_to(min(times))
+                self.files_progress.moved_to(min(times))
             self.result.stats["file_pages"] += 1
             self.result.stats["files_listed"] += new
             ours = sum(1 for f in files if f.recording_id is not None)
