@@ -25,8 +25,9 @@ from .errors import AuthRefused, ConfigError, LocalStorageError, StateLocked, St
 from .export import export
 from .find import add_filters, filters_of, query_of, table
 from .logs import configure_logging, redact
+from .manifest import keygen
 from .state import FLAGS, STATES, open_state, unusable_message, waiting_count
-from .store import write_file_atomic
+from .store import mkdir_durable, write_file_atomic
 
 if TYPE_CHECKING:
     from .engine import RunResult
@@ -73,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="download again what is missing or changed, while the server still has it")
     v.add_argument("--deep", action="store_true",
                    help="a bucket: download and re-hash every object (without it: HEAD size and checksum)")
+    v.add_argument("--manifest", action="store_true",
+                   help="prove the archive against its signed manifest: chain, signatures, every file (no API)")
+    v.add_argument("--public-key", type=Path, metavar="FILE",
+                   help="with --manifest: the public key (default: [archive] signing_key_file + .pub)")
+    k = sub.add_parser("keygen", help="write a new Ed25519 key pair for the signed manifest")
+    k.add_argument("--out", type=Path, required=True,
+                   help="the private key's file (0600); the public half goes to FILE.pub, for auditors")
     pr = sub.add_parser("prune", parents=[after],
                         help="delete the server's copy of what is archived and due ([retention]), then exit")
     pr.add_argument("--dry-run", action="store_true", help="only count what is due and the bytes it would free")
@@ -104,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             configure_logging(args.log_level or ("warning" if live else "info"), args.log_format or "auto")
             return asyncio.run(_demo(args, live))
+        if args.command == "keygen":
+            return _keygen(args.out)
         cfg = load_config(args.config or default_config_path())
         # on a terminal, a backfill shows a live progress line; logs would scroll it away
         level = args.log_level or ("warning" if live and cfg.logging.level == "info" else cfg.logging.level)
@@ -112,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             structlog.get_logger("archiver.config").warning(warning)
         if args.command == "status":
             return asyncio.run(_status(cfg, args.json))
+        if args.command == "verify" and args.manifest:
+            if args.repair or args.deep:
+                raise ConfigError("verify --manifest takes neither --repair nor --deep (it reads every file)")
+            return asyncio.run(_verify_manifest(cfg, args.public_key))
         if args.command == "verify":
+            if args.public_key:
+                raise ConfigError("--public-key is for verify --manifest")
             return asyncio.run(_verify(cfg, args.repair, args.deep))
         if args.command == "prune":
             return asyncio.run(_prune(cfg, args.dry_run))
@@ -386,6 +402,28 @@ async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:
     return EXIT_FAILED if problems or lost else _exit_code(result)
 
 
+def _keygen(out: Path) -> int:
+    public, key_id = keygen(out)
+    print(f"wrote the private key to {out} (mode 0600) and its public half to {public}")
+    print(f"key id {key_id}: set [archive] signing_key_file = \"{out}\"; give {public.name} to your auditors "
+          "and keep a copy of it away from this host")
+    return EXIT_OK
+
+
+async def _verify_manifest(cfg: Config, public_key: Path | None) -> int:
+    from .service import verify_manifest_of
+
+    report, with_state = await verify_manifest_of(cfg, public_key)
+    for problem in report.problems:
+        print(f"BAD  {problem}")
+    pending = f", {report.pending} archived after the newest segment (checked against the state)" \
+        if report.pending else ""
+    print(f"manifest: {report.segments} segment(s), {report.recordings} recording(s), {report.files_checked} "
+          f"file(s) re-hashed ({report.bytes_checked / 1e6:.1f} MB){pending}: {len(report.problems)} problem(s)"
+          + ("" if with_state else " (without the state database)"))
+    return EXIT_FAILED if report.problems else EXIT_OK
+
+
 async def _prune(cfg: Config, dry_run: bool) -> int:
     from .service import prune
 
@@ -419,11 +457,16 @@ async def _demo(args: argparse.Namespace, live: bool) -> int:
     await sim.start()
     directory = args.directory.resolve()
     log.info("demo_start", simulator=sim.base_url, archive=str(directory))
+    key = directory / "signing.key"  # the manifest is signed with a key of the demo's own
     try:
+        if not key.exists():
+            mkdir_durable(directory)
+            keygen(key)
         cfg = build_config(
             {
                 "api": {"base_url": sim.base_url, "accesskey": sim.accesskey, "page_size": 20},
-                "archive": {"directory": str(directory / "recordings"), "settle_window": 30},
+                "archive": {"directory": str(directory / "recordings"), "settle_window": 30,
+                            "signing_key_file": str(key)},
                 "state": {"database": str(directory / "state.sqlite3")},
                 "workers": {"poll_backoff_min": 1, "poll_backoff_max": 2, "retry_backoff_min": 1},
             },
@@ -439,6 +482,7 @@ async def _demo(args: argparse.Namespace, live: bool) -> int:
     print("look at it with:")
     print(f"  voipbin-archiver --config {demo_config} status")
     print(f"  voipbin-archiver --config {demo_config} verify")
+    print(f"  voipbin-archiver --config {demo_config} verify --manifest --public-key {key}.pub")
     await _demo_find(cfg, demo_config)
     return _exit_code(result)
 
@@ -471,6 +515,7 @@ def _write_demo_config(path: Path, cfg: Config) -> None:
         "# written by `voipbin-archiver demo`: the demo archive, for status and verify\n"
         f"[api]\nbase_url = {json.dumps(cfg.api.base_url)}\naccesskey = {json.dumps(cfg.api.accesskey)}\n"
         f"[archive]\ndirectory = {json.dumps(str(cfg.archive.directory))}\n"
+        f"signing_key_file = {json.dumps(cfg.archive.signing_key_file)}\n"
         f"[state]\ndatabase = {json.dumps(str(cfg.state.database))}\n"
     )
     write_file_atomic(path, text.encode(), mode=0o600)

@@ -119,6 +119,9 @@ class ArchiveConfig:
     max_ratio: float = setting(1000.0, minimum=1)
     call_metadata: bool = setting(True)  # walk GET /calls: who spoke to whom, for find and the sidecar
     transcripts: bool = setting(False)  # fetch each archived recording's transcripts: <id>.transcript.json
+    # the signed manifest (manifest.py): off without a key; `voipbin-archiver keygen --out FILE` makes one
+    signing_key_file: str = setting("")
+    manifest_interval: float = setting(3600.0, minimum=1)  # at most one segment per this many seconds
     temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 
@@ -279,7 +282,8 @@ def build_config(
         raise ConfigError('[archive] directory is for destination = "directory"; with "s3", transfers are '
                           "staged in [archive.s3] staging_directory")
     archive = ArchiveConfig(
-        **reader.keys("archive", ArchiveConfig, skip=("destination", "directory", "layout")),
+        **reader.keys("archive", ArchiveConfig, skip=("destination", "directory", "layout", "signing_key_file")),
+        signing_key_file=_optional_path(reader.key("archive", ArchiveConfig, "signing_key_file"), base_dir),
         destination=destination,
         s3=s3,
         directory=s3.staging_directory if s3 else reader.key("archive", ArchiveConfig, "directory"),
@@ -302,6 +306,14 @@ def build_config(
         metrics=metrics, accounts=accounts, path=path,
         warnings=tuple(warnings),
     )
+
+
+def _optional_path(value: str, base_dir: Path) -> str:
+    """A file key that may be left empty (off), resolved against the config's directory."""
+    if not value:
+        return ""
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base_dir / p)
 
 
 def _build_api(reader: _Reader, env: dict[str, str], base_dir: Path, need_credential: bool = True) -> ApiConfig:

@@ -96,6 +96,11 @@ def temp_name(name: str) -> str:
     return f".{name}{_temp_tag}.partial"
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary name (``temp_name``): a file still being written."""
+    return name.startswith(".") and name.endswith(".partial")
+
+
 def temp_path(directory: Path, rec_id: str, what: str) -> Path:
     """A deterministic temporary name (for this process), so start-up recovery can find and
     remove it; recovery removes every process's (``.<id>.*.partial``)."""

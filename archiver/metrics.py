@@ -75,6 +75,7 @@ class Metrics:
             "voipbin_archiver_unwritable",
             "1 while the service is paused because the archive or the state database cannot be written", registry=r,
         )
+        self.manifest_ok: Gauge | None = None  # with [archive] signing_key_file (set_manifest)
         self.last_cycle_at = 0.0
         self.refused = ""  # the server's reason while it refuses us, "" otherwise
         for state in STATES:
@@ -89,6 +90,19 @@ class Metrics:
             self.flagged.labels(flag).set(n)
         self.accesskey_expiry.set(summary.get("accesskey_expires") or 0)
         self.pending_age.set(max(0.0, time.time() - oldest_tm_create) if oldest_tm_create else 0)
+
+    def set_manifest(self, ok: bool, segments_written: int) -> None:
+        """The manifest's chain as the daemon last found it (exported only with the manifest on)."""
+        if self.manifest_ok is None:
+            self.manifest_ok = Gauge("voipbin_archiver_manifest_ok",
+                                     "1 while the signed manifest's chain checks out, 0 once found broken",
+                                     registry=self.registry)
+            self.manifest_segments = Counter("voipbin_archiver_manifest_segments",
+                                             "Manifest segments written by this process", registry=self.registry)
+            self._segments_counted = 0
+        self.manifest_ok.set(1 if ok else 0)
+        self.manifest_segments.inc(segments_written - self._segments_counted)
+        self._segments_counted = segments_written
 
     def set_store(self, size: int, capacity: int) -> None:
         self.server_storage.set(size)

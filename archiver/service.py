@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -18,15 +20,19 @@ from .client import ApiClient
 from .config import ApiConfig, Config
 from .destinations import open_destination
 from .engine import Engine, RunResult
-from .errors import LocalStorageError
+from .errors import ArchiverError, ConfigError, LocalStorageError
 from .expiry import expiry_warning, watch_accesskey
 from .layout import set_temp_tag
 from .logs import redact
+from .manifest import Signer, load_public_key
+from .manifestcheck import Expected, ManifestReport, verify_manifest
+from .manifestwriter import ManifestWriter
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
 from .state import STATES, State, empty_summary, open_state, waiting_count
+from .state.base import MANIFEST_HEAD
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.service")
@@ -72,6 +78,7 @@ async def run_engine(
 ) -> tuple[RunResult, dict[str, int], dict[str, int]]:
     """Run ``backfill`` or ``run`` for every account, one engine each; returns (result, state
     counts, client request counts), over all accounts."""
+    signer = load_signer(cfg)  # a missing or bad key stops the start, before anything is archived
     state = await open_state(cfg.state)
     if state.writer_tag:  # other daemons write beside us: our temporary names carry our mark
         cfg = replace(cfg, archive=replace(cfg.archive, temp_tag=state.writer_tag))
@@ -99,6 +106,9 @@ async def run_engine(
                                                      cfg.workers.poll_interval)
                 log.info("metrics_listening", listen=cfg.metrics.listen)
             helpers = [asyncio.create_task(_supervise(engines, state, notifier, mode, progress))]
+            writers = [ManifestWriter(signer, e.state, destination, e.account) for e in engines] if signer else []
+            if writers:
+                helpers.append(asyncio.create_task(_write_manifests(writers, engines, cfg.archive.manifest_interval)))
             for account, engine in zip(cfg.accounts, engines, strict=True):
                 if account.api.credential_kind == "accesskey":
                     helpers.append(asyncio.create_task(
@@ -115,6 +125,8 @@ async def run_engine(
                 for task in helpers:
                     task.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)
+                for writer, engine in zip(writers, engines, strict=False):  # what this run changed, signed
+                    await _flush_manifest(writer, engine)
             result = merge_results(engines)
             counts = await state.counts()
             requests: Counter[str] = Counter()
@@ -129,6 +141,39 @@ async def run_engine(
             await metrics_runner.cleanup()
         notifier.close()
         await state.close()
+
+
+def load_signer(cfg: Config) -> Signer | None:
+    """The manifest's signing key (``[archive] signing_key_file``), or None: no manifest."""
+    if not cfg.archive.signing_key_file:
+        return None
+    return Signer.load(Path(cfg.archive.signing_key_file))
+
+
+async def _write_manifests(writers: list[ManifestWriter], engines: list[Engine], interval: float) -> None:
+    """Check each account's chain, then sign what changed every ``interval`` (and at shutdown,
+    in ``run_engine``)."""
+    for writer, engine in zip(writers, engines, strict=True):
+        try:
+            await writer.check_chain()
+        except ArchiverError as exc:
+            log.error("manifest_unreadable", error=redact(str(exc)), hint="checked again at the next start")
+        engine.metrics.set_manifest(writer.ok, writer.segments_written)
+    while True:
+        for writer, engine in zip(writers, engines, strict=True):
+            await _flush_manifest(writer, engine)
+        await asyncio.sleep(interval)
+
+
+async def _flush_manifest(writer: ManifestWriter, engine: Engine) -> None:
+    """One account's segments written; a failure (a full disk, a bucket away) is logged and
+    tried again at the next interval: what is due stays due in the state."""
+    try:
+        await writer.flush()
+    except ArchiverError as exc:
+        log.error("manifest_not_written", account=writer.account, error=redact(str(exc)),
+                  hint="what is due stays due; tried again at the next interval and at shutdown")
+    engine.metrics.set_manifest(writer.ok, writer.segments_written)
 
 
 def _shared_pace(view: State, api: ApiConfig) -> Grant | None:
@@ -355,3 +400,60 @@ async def mark_for_repair(
     finally:
         await state.close()
     return queued, lost
+
+
+async def verify_manifest_of(cfg: Config, public_key: Path | None) -> tuple[ManifestReport, bool]:
+    """``verify --manifest``: the archive against its signed manifest, with the public key
+    (``--public-key``, else ``<signing_key_file>.pub``). The state is read too when it can be
+    (the chain's head, what was archived after the newest segment); the check needs it not.
+    Returns (the report, whether the state was read)."""
+    if public_key is None:
+        if not cfg.archive.signing_key_file:
+            raise ConfigError("verify --manifest needs the public key: --public-key FILE (keygen's FILE.pub)")
+        public_key = Path(cfg.archive.signing_key_file + ".pub")
+    public = load_public_key(public_key)
+    state: State | None
+    try:
+        state = await open_state(cfg.state, readonly=True)
+    except (ArchiverError, OSError) as exc:
+        log.warning("verify_without_state", reason=redact(str(exc)), hint="the manifest alone is checked")
+        state = None
+    try:
+        heads = {}
+        if state is not None:
+            for account in cfg.accounts:
+                raw = await state.for_account(account.name).get_meta(MANIFEST_HEAD)
+                if raw:
+                    heads[account.name] = json.loads(raw)
+
+        async def state_files() -> dict[str, Expected | None]:
+            assert state is not None
+            known: dict[str, Expected | None] = {}
+            async for row in state.archived():
+                known[row["path"]] = None if row["state"] == "no_audio" else Expected(
+                    row["sha256"], row["size"], row["id"], "the state (archived after the newest segment)")
+            return known
+
+        async with open_destination(cfg.archive) as destination:
+            report = await verify_manifest(
+                destination, public, heads=heads, state_files=state_files if state is not None else None,
+                ignore=_state_files_in_archive(cfg), concurrency=2 if cfg.archive.destination == "directory" else 8)
+        return report, state is not None
+    finally:
+        if state is not None:
+            await state.close()
+
+
+def _state_files_in_archive(cfg: Config) -> set[str]:
+    """The state's own files, when its database lives inside the archive directory."""
+    if cfg.archive.destination != "directory" or cfg.state.url:
+        return set()
+    root = cfg.archive.directory.resolve()
+    database = cfg.state.database.resolve()
+    if not database.is_relative_to(root):
+        return set()
+    rel = str(database.relative_to(root))
+    folder = rel.rpartition("/")[0]
+    return {rel, rel + "-wal", rel + "-shm", rel + "-journal", rel + ".lock",
+            f"{folder}/deletions.jsonl" if folder else "deletions.jsonl"}
+

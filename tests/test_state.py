@@ -30,10 +30,10 @@ async def test_an_older_database_is_migrated_on_start(tmp_path):
     state = await StateDB.open(db)
     try:
         version = (await state.db.execute_fetchall("PRAGMA user_version"))[0][0]
-        assert version == len(MIGRATIONS) == 7
+        assert version == len(MIGRATIONS) == 8
         indexes = {r[0] for r in await state.db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"recordings_due", "recordings_waiting_created", "recordings_errors", "recordings_flagged",
-                "recordings_deletable"} <= indexes
+                "recordings_deletable", "recordings_manifest_due"} <= indexes
         assert (await state.counts())["pending"] == 1, "rows survive the migration"
         (row,) = await state.db.execute_fetchall("SELECT tm_start, reference_id FROM recordings")
         assert (row[0], row[1]) == (1611825420.814, "c-1"), "v6 fills in find's columns from the JSON"

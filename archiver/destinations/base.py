@@ -67,3 +67,26 @@ class Destination:
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
         """The server's copy of ``row`` was deleted: note it beside the archive copy."""
         raise NotImplementedError
+
+    # the signed manifest (manifestwriter, manifestcheck)
+
+    async def put_file(self, rel: str, data: bytes) -> None:
+        """A new file ``rel`` (a manifest segment) written once like every file (a directory:
+        temporary name, fsync, rename; a bucket: locked like the recordings)."""
+        raise NotImplementedError
+
+    async def list_files(self, under: str = "") -> list[tuple[str, int]]:
+        """(path or key relative to the archive's root, size) of every file under ``under``,
+        temporary names left out; what ``verify --manifest`` walks."""
+        raise NotImplementedError
+
+    async def hash(self, rel: str) -> tuple[int, str] | None:
+        """(size, SHA-256) of the archive's file ``rel``, read once; None when it is missing."""
+        raise NotImplementedError
+
+    async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """The members unpacked beside each archived recording of ``rows`` (``[archive] unpack``),
+        by id, each ``{"path", "sha256", "size"}`` as its sidecar lists them (a sidecar that
+        disagrees with the state's SHA-256 lists none)."""
+        raise NotImplementedError
+

@@ -19,11 +19,20 @@ from typing import Any, BinaryIO
 import structlog
 
 from ..config import ArchiveConfig
-from ..errors import LocalStorageError, VerificationError
+from ..errors import InvalidRecording, LocalStorageError, VerificationError
 from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
-from ..layout import EXTENSIONS, Layout, beside_rel, sidecar_path
+from ..layout import EXTENSIONS, Layout, beside_rel, is_temporary, sidecar_path
 from ..state.base import Row
-from ..store import Archived, Staged, StoreJob, fsync_path, limits, remove_quietly, write_file_atomic
+from ..store import (
+    Archived,
+    Staged,
+    StoreJob,
+    fsync_path,
+    limits,
+    mkdir_durable,
+    remove_quietly,
+    write_file_atomic,
+)
 from ..verify import check_archived, outside
 from .base import Destination
 
@@ -84,6 +93,44 @@ class DirectoryDestination(Destination):
 
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
         await asyncio.to_thread(_mark_sidecar, self.layout.root / row["path"], request_id, status)
+
+    async def put_file(self, rel: str, data: bytes) -> None:
+        path = self.layout.path(rel)
+        await asyncio.to_thread(_write_new_durable, path, data)
+
+    async def list_files(self, under: str = "") -> list[tuple[str, int]]:
+        return await asyncio.to_thread(_walk, self.layout.root, under)
+
+    async def hash(self, rel: str) -> tuple[int, str] | None:
+        path = self.layout.path(rel)
+
+        def hashed() -> tuple[int, str] | None:
+            if outside(self.layout.root, rel):
+                return None  # a symlink planted in the archive: never followed
+            try:
+                return hash_file(path)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise LocalStorageError(f"cannot read {rel}: {exc.strerror}") from None
+
+        return await asyncio.to_thread(hashed)
+
+    async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        return await asyncio.to_thread(lambda: {r["id"]: self._unpacked(r) for r in rows if r["state"] == "archived"})
+
+    def _unpacked(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        rel = row["path"]
+        try:
+            meta = json.loads(sidecar_path(self.layout.path(rel)).read_text())["archive"]
+        except (OSError, ValueError, KeyError, TypeError, InvalidRecording):
+            return []
+        if not isinstance(meta, dict) or not meta.get("unpacked_to") or meta.get("sha256") != row["sha256"]:
+            return []
+        folder = rel.rpartition("/")[0]
+        base = f"{folder}/{row['id']}" if folder else row["id"]
+        return [{"path": f"{base}/{m['stored_as']}", "sha256": m.get("sha256"), "size": m.get("size")}
+                for m in meta.get("members", []) if isinstance(m, dict) and m.get("stored_as")]
 
     async def adopt(self, row: Row, staging: Path) -> Archived | None:
         """A file already under the final name (a crash after the rename, before the database
@@ -195,6 +242,38 @@ def _write_durable(path: Path, data: bytes) -> None:
         fsync_path(path.parent)
     except OSError as exc:
         raise LocalStorageError(f"cannot write {path.name}: {exc.strerror}") from None
+
+
+def _write_new_durable(path: Path, data: bytes) -> None:
+    """A new file and the directories on its way, each fsynced into its parent."""
+    try:
+        mkdir_durable(path.parent)
+    except OSError as exc:
+        raise LocalStorageError(f"cannot create {path.parent}: {exc.strerror}") from None
+    _write_durable(path, data)
+
+
+def _walk(root: Path, under: str) -> list[tuple[str, int]]:
+    """Every regular file below ``root/under`` (never through a symlink: one is listed as a
+    file, so ``verify --manifest`` names it), temporary names left out."""
+    found: list[tuple[str, int]] = []
+    start = root / under if under else root
+    stack = [start]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise LocalStorageError(f"cannot list {folder}: {exc.strerror}") from None
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif not is_temporary(entry.name):
+                size = entry.stat(follow_symlinks=False).st_size
+                found.append((str(Path(entry.path).relative_to(root)), size))
+    return found
 
 
 def _rewrite_sidecar(side: Path, key: str, value: dict[str, Any]) -> None:

@@ -305,7 +305,9 @@ class S3Destination(Destination):
             return [*problems, f"{key}: changed ({_describe(head)}; expected size {row['size']}, "
                                f"sha256 {row['sha256'][:16]}...)"]
         if deep:
-            size, sha = await self._hash_object(key)
+            hashed = await self._hash_object(key)
+            assert hashed is not None  # (not missing_ok: a 404 raises)
+            size, sha = hashed
             if size != row["size"] or sha != row["sha256"]:
                 problems.append(f"{key}: changed (downloaded: size {size}, sha256 {sha[:16]}..., "
                                 f"expected {row['sha256'][:16]}...)")
@@ -341,6 +343,41 @@ class S3Destination(Destination):
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
         """Nothing in the bucket: a locked object is never rewritten (that would be a second
         version); the deletion audit trail beside the database records it."""
+
+    async def put_file(self, rel: str, data: bytes) -> None:
+        """One object, locked like the recordings; one already there with these bytes (a retry
+        after a crash) is left as it is."""
+        key = self.key(rel)
+        sha = hashlib.sha256(data).hexdigest()
+        head = await self._check_before_write(key, len(data), hashlib.md5(data).hexdigest())
+        if head is not None and _holds(head, len(data), sha, hashlib.md5(data).hexdigest()):
+            return
+        await self._put(key, data, "manifest", sha, self._lock(), "application/json")
+
+    async def list_files(self, under: str = "") -> list[tuple[str, int]]:
+        prefix = self.key(under)
+        found: list[tuple[str, int]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.s3.bucket, "Prefix": prefix, "MaxKeys": 1000}
+            if token:
+                kwargs["ContinuationToken"] = token
+
+            async def page(kw: dict[str, Any] = kwargs) -> Any:
+                return await self._client.list_objects_v2(**kw)
+
+            answer = await self._call(page, "LIST", prefix)
+            for item in answer.get("Contents", []):
+                found.append((item["Key"][len(self.s3.prefix):], int(item.get("Size", 0))))
+            token = answer.get("NextContinuationToken")
+            if not answer.get("IsTruncated") or not token:
+                return found
+
+    async def hash(self, rel: str) -> tuple[int, str] | None:
+        return await self._hash_object(self.key(rel), missing_ok=True)
+
+    async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        return {}  # a bucket keeps the ZIP whole (unpack is for a directory)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -526,7 +563,7 @@ class S3Destination(Destination):
         meta = side.get("archive") if isinstance(side, dict) else None
         return meta if isinstance(meta, dict) else None
 
-    async def _hash_object(self, key: str) -> tuple[int, str]:
+    async def _hash_object(self, key: str, missing_ok: bool = False) -> tuple[int, str] | None:
         async def get() -> tuple[int, str]:
             answer = await self._client.get_object(Bucket=self.s3.bucket, Key=key)
             sha = hashlib.sha256()
@@ -537,7 +574,7 @@ class S3Destination(Destination):
                     sha.update(chunk)
             return size, sha.hexdigest()
 
-        got: tuple[int, str] = await self._call(get, "GET", key)
+        got: tuple[int, str] | None = await self._call(get, "GET", key, missing_ok=missing_ok)
         return got
 
     async def _call(

@@ -156,6 +156,21 @@ class State(Protocol):
         """``find``'s rows as the JSON lines ``find --json`` prints, each made by the database."""
         ...
 
+    # the signed manifest (manifestwriter.py): one writer per account
+    def manifest_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...
+
+    async def manifest_due(self, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(stored recordings no segment lists yet, oldest first; server copies deleted that no
+        segment lists yet), at most ``limit`` of each, with ``base.MANIFEST_COLUMNS``."""
+        ...
+
+    async def mark_manifested(self, seq: int, head: str, archived: list[tuple[str, str | None]],
+                              deleted: list[str]) -> None:
+        """Segment ``seq`` (now durable in the archive) lists ``archived`` ((id, SHA-256): a row
+        archived again since, with another SHA-256, stays due) and ``deleted``; ``head`` (JSON)
+        becomes the chain's head (meta ``manifest_head``). One transaction."""
+        ...
+
     # deleting the server's copy (retention.py)
     def prune_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...
     async def deletable(self, before: float, include_flagged: bool, limit: int) -> list[dict[str, Any]]: ...

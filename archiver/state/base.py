@@ -27,6 +27,10 @@ def waiting_count(counts: dict[str, int]) -> int:
 
 
 DELETABLE_COLUMNS = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
+# what manifestwriter reads of a recording due in the manifest, and the meta key of the chain's head
+MANIFEST_COLUMNS = ("id, state, path, size, sha256, flag, archived_at, server_deleted_at, delete_request_id,"
+                    " manifest_seq")
+MANIFEST_HEAD = "manifest_head"
 
 
 @dataclass(frozen=True)

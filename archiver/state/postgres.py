@@ -45,6 +45,8 @@ from .base import (
     FILE_FORGET_AFTER,
     FILE_UPDATES,
     FLAGS,
+    MANIFEST_COLUMNS,
+    MANIFEST_HEAD,
     ROW_COLUMNS,
     STATES,
     STORED_SQL,
@@ -168,6 +170,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX storage_files_recording ON storage_files(account, recording_id);
     CREATE INDEX storage_files_expiry ON storage_files(expires_at);
+    """,
+    # v4: the signed manifest (as SQLite's v8)
+    """
+    ALTER TABLE recordings ADD COLUMN manifest_seq bigint;
+    ALTER TABLE recordings ADD COLUMN manifest_deleted_seq bigint;
+    CREATE INDEX recordings_manifest_due ON recordings(account, archived_at)
+        WHERE manifest_seq IS NULL AND state IN ('archived', 'no_audio');
+    CREATE INDEX recordings_manifest_deleted_due ON recordings(account)
+        WHERE manifest_deleted_seq IS NULL AND server_deleted_at IS NOT NULL;
     """,
 ]
 CATALOG_FILLED_AT = 2  # the version after which recordings' tm_start is filled in from raw
@@ -631,7 +642,8 @@ class PgState:
         rows = await self._fetch(
             "UPDATE recordings SET state=$1, path=$2, size=$3, sha256=$4, server_hashes=$5, members=$6, flag=$7,"
             " flag_reason=$8, archived_at=$9, last_error=NULL, updated_at=$9, lease_owner=NULL, lease_until=NULL,"
-            " call_noted_at=$12 WHERE account=$10 AND id=$11 AND state NOT IN ('archived', 'no_audio') RETURNING id",
+            " call_noted_at=$12, manifest_seq=NULL"
+            " WHERE account=$10 AND id=$11 AND state NOT IN ('archived', 'no_audio') RETURNING id",
             state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None, now,
             self._acct, rec_id, now if call_noted else None,
         )
@@ -641,6 +653,38 @@ class PgState:
         if kept and kept[0]["sha256"] != sha256:
             log.error("archived_twice_differently", recording_id=rec_id, kept_sha256=kept[0]["sha256"],
                       other_sha256=sha256, hint="the first record stands; `verify` checks the file against it")
+
+    # ---- the signed manifest (manifestwriter.py): one writer per account -----------------------
+
+    @contextlib.asynccontextmanager
+    async def manifest_lock(self) -> AsyncIterator[bool]:
+        """Whether this daemon writes the account's manifest now: one daemon at a time."""
+        async with self._advisory(f"voipbin-archiver:manifest:{self._acct}") as got:
+            yield got
+
+    async def manifest_due(self, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rows = await self._fetch(
+            f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=$1 AND manifest_seq IS NULL"
+            f" AND state IN ({STORED_SQL}) ORDER BY archived_at, id LIMIT $2", self._acct, limit)
+        deleted = await self._fetch(
+            f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=$1 AND manifest_deleted_seq IS NULL"
+            " AND server_deleted_at IS NOT NULL ORDER BY server_deleted_at, id LIMIT $2", self._acct, limit)
+        return [dict(r) for r in rows], [dict(r) for r in deleted]
+
+    async def mark_manifested(self, seq: int, head: str, archived: list[tuple[str, str | None]],
+                              deleted: list[str]) -> None:
+        account = self._acct
+        with self._reachable():
+            async with self.pool.acquire() as con, con.transaction():
+                await con.executemany(
+                    "UPDATE recordings SET manifest_seq=$1 WHERE account=$2 AND id=$3"
+                    " AND sha256 IS NOT DISTINCT FROM $4", [(seq, account, rec_id, sha) for rec_id, sha in archived])
+                await con.executemany(
+                    "UPDATE recordings SET manifest_deleted_seq=$1 WHERE account=$2 AND id=$3",
+                    [(seq, account, rec_id) for rec_id in deleted])
+                await con.execute("INSERT INTO meta (account, key, value) VALUES ($1,$2,$3)"
+                                  " ON CONFLICT (account, key) DO UPDATE SET value=excluded.value",
+                                  account, MANIFEST_HEAD, head)
 
     # ---- deleting the server's copy (retention.py): one pruner per account ---------------------
 
@@ -806,7 +850,7 @@ class PgState:
         last = ("", "")
         while True:
             rows = await self._fetch(
-                f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}"
+                f"SELECT account, id, state, path, size, sha256, manifest_seq FROM recordings WHERE {scope}"
                 f"state IN ({STORED_SQL}) AND (account, id) > ($1, $2) ORDER BY account, id LIMIT $3",
                 *last, batch, *params)
             if not rows:

@@ -48,6 +48,8 @@ from .base import (
     FILE_FORGET_AFTER,
     FILE_UPDATES,
     FLAGS,
+    MANIFEST_COLUMNS,
+    MANIFEST_HEAD,
     ROW_COLUMNS,
     STATES,
     STORED_SQL,
@@ -234,6 +236,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX storage_files_recording ON storage_files(account, recording_id);
     CREATE INDEX storage_files_expiry ON storage_files(expires_at);
+    """,
+    # v8: the signed manifest (manifestwriter.py): the segment that lists each recording's
+    # archive copy, and the one that lists the deletion of its server copy (NULL: not yet)
+    """
+    ALTER TABLE recordings ADD COLUMN manifest_seq INTEGER;
+    ALTER TABLE recordings ADD COLUMN manifest_deleted_seq INTEGER;
+    CREATE INDEX recordings_manifest_due ON recordings(account, archived_at)
+        WHERE manifest_seq IS NULL AND state IN ('archived', 'no_audio');
+    CREATE INDEX recordings_manifest_deleted_due ON recordings(account)
+        WHERE manifest_deleted_seq IS NULL AND server_deleted_at IS NOT NULL;
     """,
 ]
 CATALOG_FILLED_AT = 6  # the version after which recordings' tm_start is filled in from raw
@@ -695,8 +707,8 @@ class StateDB:
             try:
                 await self.db.executemany(
                     "UPDATE recordings SET state=?, path=?, size=?, sha256=?, server_hashes=?, members=?,"
-                    " flag=?, flag_reason=?, call_noted_at=?, archived_at=?, last_error=NULL, updated_at=?"
-                    " WHERE account=? AND id=?",
+                    " flag=?, flag_reason=?, call_noted_at=?, archived_at=?, last_error=NULL, updated_at=?,"
+                    " manifest_seq=NULL WHERE account=? AND id=?",
                     [values for values, _ in batch],
                 )
                 await self.db.commit()
@@ -710,6 +722,36 @@ class StateDB:
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    # ---- the signed manifest (manifestwriter.py) ----------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def manifest_lock(self) -> AsyncIterator[bool]:
+        """Whether this process writes the account's manifest now: always (one process)."""
+        yield True
+
+    async def manifest_due(self, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rows = await self._fetchall(
+            f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=? AND manifest_seq IS NULL"
+            f" AND state IN ({STORED_SQL}) ORDER BY archived_at, id LIMIT ?", (self._acct, limit))
+        deleted = await self._fetchall(
+            f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=? AND manifest_deleted_seq IS NULL"
+            " AND server_deleted_at IS NOT NULL ORDER BY server_deleted_at, id LIMIT ?", (self._acct, limit))
+        return [dict(r) for r in rows], [dict(r) for r in deleted]
+
+    @_writes
+    async def mark_manifested(self, seq: int, head: str, archived: list[tuple[str, str | None]],
+                              deleted: list[str]) -> None:
+        account = self._acct
+        await self.db.executemany(
+            "UPDATE recordings SET manifest_seq=? WHERE account=? AND id=? AND sha256 IS ?",
+            [(seq, account, rec_id, sha) for rec_id, sha in archived])
+        await self.db.executemany(
+            "UPDATE recordings SET manifest_deleted_seq=? WHERE account=? AND id=?",
+            [(seq, account, rec_id) for rec_id in deleted])
+        await self.db.execute("INSERT OR REPLACE INTO meta (account, key, value) VALUES (?,?,?)",
+                              (account, MANIFEST_HEAD, head))
+        await self.db.commit()
 
     # ---- deleting the server's copy (retention.py) --------------------------------------------
 
@@ -929,7 +971,8 @@ class StateDB:
         last = ("", "")
         while True:
             rows = await self._fetchall(
-                f"SELECT account, id, state, path, size, sha256 FROM recordings WHERE {scope}state IN ({STORED_SQL})"
+                f"SELECT account, id, state, path, size, sha256, manifest_seq FROM recordings"
+                f" WHERE {scope}state IN ({STORED_SQL})"
                 " AND (account, id) > (?, ?) ORDER BY account, id LIMIT ?",
                 (*params, *last, batch),
             )
