@@ -121,7 +121,7 @@ class ArchiveConfig:
     transcripts: bool = setting(False)  # fetch each archived recording's transcripts: <id>.transcript.json
     # the signed manifest (manifest.py): off without a key; `voipbin-archiver keygen --out FILE` makes one
     signing_key_file: str = setting("")
-    manifest_interval: float = setting(3600.0, minimum=1)  # at most one segment per this many seconds
+    manifest_interval: float = setting(3600.0, minimum=0.1)  # at most one segment per this many seconds
     temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 

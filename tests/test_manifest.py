@@ -226,3 +226,35 @@ async def test_a_broken_chain_is_logged_and_exported_and_archiving_goes_on(tmp_p
     assert len(_segments(root)) == 2, "the new recording was archived and signed all the same"
     bad = await _verify(cfg)
     assert bad.rc == 1 and "its signature does not match" in bad.out
+
+
+async def test_kill_9_mid_backfill_loses_no_manifest_line(tmp_path, make_sim):
+    sim = await make_sim(recordings=80, audio_bytes=4000, slow_builds=80, build_seconds=0.03)
+    key = tmp_path / "k"
+    keygen(key)
+    cfg = write_config(tmp_path, sim, archive={"signing_key_file": str(key), "manifest_interval": 0.2},
+                       workers={"concurrency": 2})
+    root = tmp_path / "archive"
+    proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "backfill", "--wait", "10"),
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                                                env=cli_env())
+
+    async def two_segments() -> None:
+        while len(_segments(root)) < 2:
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(two_segments(), 60)
+    finally:
+        proc.kill()  # SIGKILL: no shutdown, no last segment
+        await proc.wait()
+    with sqlite3.connect(tmp_path / "state.sqlite3") as con:
+        archived = con.execute("SELECT count(*) FROM recordings WHERE state = 'archived'").fetchone()[0]
+    assert 0 < archived < 80, "killed mid-backfill"
+    run = await run_cli("--config", str(cfg), "backfill", "--wait", "10")
+    assert run.rc == 0, run
+    ok = await _verify(cfg)
+    assert ok.rc == 0 and "80 recording(s)" in ok.out, ok
+    shutil.move(tmp_path / "state.sqlite3", tmp_path / "state.moved")
+    alone = await _verify(cfg, "--public-key", str(key) + ".pub")
+    assert alone.rc == 0, alone

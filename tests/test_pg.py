@@ -21,6 +21,7 @@ import pytest
 
 from archiver.config import build_config
 from archiver.errors import ConfigError
+from archiver.manifest import keygen
 from archiver.state.sqlite import _lock as sqlite_lock
 from tests.conftest import cli_command, cli_env, db_rows, free_port, run_cli, write_config
 from tests.test_accounts import write_accounts_config
@@ -325,11 +326,15 @@ async def test_the_database_going_away_pauses_the_service_and_loses_nothing(tmp_
 async def test_two_daemons_delete_each_server_copy_once_with_one_audit_trail(tmp_path, multi_sim, pg_url):
     """[retention] on a shared state: one daemon prunes an account at a time (an advisory lock);
     each copy is deleted once, after its download, with one line each in the database's trail;
-    `prune --dry-run` and `status` read it."""
+    `prune --dry-run` and `status` read it. Both sign the manifest: one chain per account, one
+    writer at a time (an advisory lock), every archival and deletion listed once."""
     sim = await multi_sim(["acme", "beta"], recordings=15, audio_bytes=2000)
     retention = {"delete_from_server": True, "delete_after": 0}
+    keygen(tmp_path / "signing.key")
+    signing = {"signing_key_file": str(tmp_path / "signing.key"), "manifest_interval": 0.2}
     configs = [write_accounts_config(tmp_path, sim, name=f"d{n}.toml", state={"url": pg_url, "lease": 3},
-                                     retention=retention, workers={"concurrency": 3, "poll_interval": 0.2})
+                                     retention=retention, workers={"concurrency": 3, "poll_interval": 0.2},
+                                     archive={"directory": "archive", **signing})
                for n in range(2)]
     daemons = [await _start(cfg, tmp_path / f"d{n}.log") for n, cfg in enumerate(configs)]
     try:
@@ -359,6 +364,13 @@ async def test_two_daemons_delete_each_server_copy_once_with_one_audit_trail(tmp
     assert dry.rc == 0 and "due for deletion from the server now: 0 recordings" in dry.out, dry
     status = json.loads((await run_cli("--config", str(configs[0]), "status", "--json")).out)
     assert status["server_deletion"]["deleted"] == 30
+    verified = await run_cli("--config", str(configs[0]), "verify", "--manifest")
+    assert verified.rc == 0 and "30 recording(s)" in verified.out and " 0 problem(s)" in verified.out, verified
+    for name in ("acme", "beta"):
+        segments = sorted((tmp_path / "archive" / "manifests" / name).glob("*.json"))
+        entries = [e for p in segments for e in json.loads(p.read_bytes())["entries"]]
+        assert [json.loads(p.read_bytes())["seq"] for p in segments] == list(range(1, len(segments) + 1))
+        assert sorted(e["event"] for e in entries) == ["archived"] * 15 + ["server_copy_deleted"] * 15, name
 
 
 

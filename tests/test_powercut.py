@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
+from archiver.manifest import keygen
 from archiver.simulator import Simulator
 from tests.checks import assert_archive_complete, assert_same_audio
-from tests.conftest import REPO, cli_command, cli_env, wait_until, write_config
+from tests.conftest import REPO, cli_command, cli_env, run_cli, wait_until, write_config
 from tests.powercut import PowerCutMount, require_fuse
 
 pytestmark = pytest.mark.powercut
@@ -155,6 +156,9 @@ def check_survivors(sim: Simulator, disk: Path) -> int:
     for path in archive.rglob("*") if archive.exists() else []:
         if not path.is_file() or path.name.startswith(".") or path.name == "deletions.jsonl":
             continue
+        if path.relative_to(archive).parts[0] == "manifests":
+            json.loads(path.read_bytes())  # a segment under its final name is whole
+            continue
         rec_id = path.name.split(".")[0]
         assert rec_id in bodies, f"{path}: a final name for a recording with no body"
         if path.suffix == ".json":
@@ -185,11 +189,16 @@ def check_survivors(sim: Simulator, disk: Path) -> int:
 
 
 async def cut_power_repeatedly(
-    sim: Simulator, tmp_path: Path, cuts: int, seed: int, **sections: dict[str, Any]
+    sim: Simulator, tmp_path: Path, cuts: int, seed: int, manifest: bool = False, **sections: dict[str, Any]
 ) -> CutLog:
+    """``manifest``: signed every half second, so cuts fall in segment writes too; after the last
+    run, ``verify --manifest`` must find the archive whole, with the state and without it."""
     disk, mnt = tmp_path / "disk", tmp_path / "mnt"
+    signing = {"signing_key_file": str(tmp_path / "signing.key"), "manifest_interval": 0.5} if manifest else {}
+    if manifest:
+        keygen(tmp_path / "signing.key")
     cfg = write_config(
-        tmp_path, sim, archive={"directory": str(mnt / "archive"), "settle_window": 60},
+        tmp_path, sim, archive={"directory": str(mnt / "archive"), "settle_window": 60, **signing},
         state={"database": str(mnt / "state.sqlite3")}, **sections,
     )
     mount = PowerCutMount(disk, mnt)
@@ -219,7 +228,24 @@ async def cut_power_repeatedly(
     assert rc == 0, log.read_text()[-3000:]
     check_survivors(sim, disk)
     assert_archive_complete(sim, disk / "archive", disk / "state.sqlite3")
+    if manifest:
+        await _verify_manifest_on(sim, disk, tmp_path)
     return result
+
+
+async def _verify_manifest_on(sim: Simulator, disk: Path, tmp_path: Path) -> None:
+    """``verify --manifest`` of the archive the cuts left, read where it lies (the disk's
+    backing directory), with the state and, as an auditor would, with the public key alone."""
+    cfg = write_config(tmp_path, sim, name="audit.toml", archive={"directory": str(disk / "archive")},
+                       state={"database": str(disk / "state.sqlite3")})
+    with_state = await run_cli("--config", str(cfg), "verify", "--manifest", "--public-key",
+                               str(tmp_path / "signing.key.pub"))
+    assert with_state.rc == 0 and " 0 problem(s)" in with_state.out, with_state
+    cfg = write_config(tmp_path, sim, name="audit.toml", archive={"directory": str(disk / "archive")},
+                       state={"database": str(tmp_path / "no-state.sqlite3")})
+    alone = await run_cli("--config", str(cfg), "verify", "--manifest", "--public-key",
+                          str(tmp_path / "signing.key.pub"))
+    assert alone.rc == 0 and "without the state database" in alone.out, alone
 
 
 @pytest.mark.timeout(300 * SCALE)
@@ -238,12 +264,13 @@ async def test_power_cuts_through_a_zip_backfill_lose_nothing(tmp_path: Path, ma
 
 @pytest.mark.timeout(300 * SCALE)
 async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim: Any) -> None:
-    """With the server's copy deleted once archived: nothing deleted whose copy did not survive."""
+    """With the server's copy deleted once archived: nothing deleted whose copy did not survive.
+    The signed manifest is on: no cut loses a line of it or leaves a torn segment."""
     require_fuse()
     sim = await make_sim(recordings=120, mode="wav", audio_bytes=6_000, late_files=3, files_after=2.0)
     result = await cut_power_repeatedly(
-        sim, tmp_path, cuts=9 * SCALE, seed=17 + SEED, api={"page_size": 20}, workers={"concurrency": 4},
-        retention={"delete_from_server": True, "delete_after": 0},
+        sim, tmp_path, cuts=9 * SCALE, seed=17 + SEED, manifest=True, api={"page_size": 20},
+        workers={"concurrency": 4}, retention={"delete_from_server": True, "delete_after": 0},
     )
     assert len(result.cuts) == 9 * SCALE, result
     assert set(sim.deletes) == set(sim.expected_archives()), "every archived recording freed on the server"

@@ -448,3 +448,37 @@ async def test_deleting_the_server_copy_re_verifies_the_object_first(tmp_path, m
     assert again.rc == 0, again
     assert bucket.get("voipbin/" + rel) == sim.expected_archives()[victim]
     assert set(sim.deletes) == set(sim.recordings) and set(sim.deletes.values()) == {1}
+
+
+async def test_the_signed_manifest_in_a_compliance_bucket(tmp_path, make_sim, rgw):
+    """Segments are locked objects under the prefix; what an intruder with the bucket's keys can
+    still do (a new version over a locked key, a delete marker, a new object) is caught and named."""
+    from archiver.manifest import keygen
+
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=10, audio_bytes=10_000)
+    keygen(tmp_path / "k")
+    cfg = write_config(tmp_path, sim, archive={"directory": None, "destination": "s3",
+                                               "signing_key_file": str(tmp_path / "k")},
+                       **{"archive.s3": bucket.section(object_lock_mode="COMPLIANCE", retain_days=1)})
+    assert (run := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, run
+    segments = [k for k in bucket.versions() if k.startswith("voipbin/manifests/default/")]
+    assert len(segments) == 1
+    assert bucket.client.head_object(Bucket=bucket.name, Key=segments[0])["ObjectLockMode"] == "COMPLIANCE"
+    ok = await run_cli("--config", str(cfg), "verify", "--manifest")
+    assert ok.rc == 0 and "10 recording(s), 10 file(s) re-hashed" in ok.out, ok
+
+    sim.add_recording()
+    assert (run := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, run
+    rows = db_rows(tmp_path / "state.sqlite3", "SELECT path FROM recordings WHERE state = 'archived' ORDER BY path")
+    replaced, hidden = "voipbin/" + rows[0][0], "voipbin/" + rows[1][0]
+    bucket.client.put_object(Bucket=bucket.name, Key=replaced, Body=b"PK\x05\x06" + b"\0" * 18)  # a new version
+    bucket.client.delete_object(Bucket=bucket.name, Key=hidden)  # a delete marker over the locked version
+    bucket.client.put_object(Bucket=bucket.name, Key="voipbin/2020/01/01/planted.zip", Body=b"x")
+    newest = sorted(k for k in bucket.versions() if k.startswith("voipbin/manifests/default/"))[-1]
+    bucket.client.delete_object(Bucket=bucket.name, Key=newest)
+    bad = await run_cli("--config", str(cfg), "verify", "--manifest")
+    assert bad.rc == 1, bad
+    assert f"{replaced[8:]}: changed" in bad.out and f"{hidden[8:]}: missing" in bad.out
+    assert "2020/01/01/planted.zip: in the archive but in no manifest entry" in bad.out
+    assert f"segment 2 ({newest[8:]}) was written" in bad.out

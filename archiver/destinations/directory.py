@@ -95,8 +95,10 @@ class DirectoryDestination(Destination):
         await asyncio.to_thread(_mark_sidecar, self.layout.root / row["path"], request_id, status)
 
     async def put_file(self, rel: str, data: bytes) -> None:
+        """Temporaries a cut left in that directory go first: one writer per account's chain
+        (``manifest_lock``), so none of them is being written."""
         path = self.layout.path(rel)
-        await asyncio.to_thread(_write_new_durable, path, data)
+        await asyncio.to_thread(_write_new_durable, path, data, True)
 
     async def list_files(self, under: str = "") -> list[tuple[str, int]]:
         return await asyncio.to_thread(_walk, self.layout.root, under)
@@ -244,10 +246,16 @@ def _write_durable(path: Path, data: bytes) -> None:
         raise LocalStorageError(f"cannot write {path.name}: {exc.strerror}") from None
 
 
-def _write_new_durable(path: Path, data: bytes) -> None:
-    """A new file and the directories on its way, each fsynced into its parent."""
+def _write_new_durable(path: Path, data: bytes, tidy: bool = False) -> None:
+    """A new file and the directories on its way, each fsynced into its parent; ``tidy``: the
+    temporaries left in its directory removed first."""
     try:
         mkdir_durable(path.parent)
+        if tidy:
+            with os.scandir(path.parent) as entries:
+                for entry in entries:
+                    if is_temporary(entry.name):
+                        os.unlink(entry.path)
     except OSError as exc:
         raise LocalStorageError(f"cannot create {path.parent}: {exc.strerror}") from None
     _write_durable(path, data)
