@@ -10,7 +10,6 @@ state's SHA-256 instead of being called a stranger).
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from collections import defaultdict
@@ -159,7 +158,7 @@ StateFiles = Callable[[], Awaitable[dict[str, Expected | None]]]
 
 async def verify_manifest(
     destination: Destination, public: Ed25519PublicKey, *, heads: dict[str, dict[str, Any]] | None = None,
-    state_files: StateFiles | None = None, ignore: set[str] | None = None, concurrency: int = 2,
+    state_files: StateFiles | None = None, ignore: set[str] | None = None,
 ) -> ManifestReport:
     """Check the archive against its manifest (see the module doc). ``heads``: each account's
     chain head as the state recorded it before the archive was listed; ``state_files``: what the
@@ -208,33 +207,24 @@ async def verify_manifest(
     else:
         for rel in unlisted:
             _unlisted(report, rel)
-    gate = asyncio.Semaphore(concurrency)
-
-    async def check(rel: str) -> None:
-        async with gate:
-            got = await destination.hash(rel)
-        want = expected[rel]
+    hashed = await destination.hash_files(to_hash)
+    for rel in to_hash:
+        got, want = hashed[rel], expected[rel]
         if got is None:
             report.problems.append(f"{rel}: unreadable or a symlink (recording {want.recording_id})")
-            return
+            continue
         report.files_checked += 1
         report.bytes_checked += got[0]
         if got != (want.size, want.sha256):
             report.problems.append(f"{rel}: changed (sha256 {got[1][:16]}..., size {got[0]}; {want.source} says "
                                    f"{want.sha256[:16]}..., size {want.size}; recording {want.recording_id})")
-
-    async def check_sidecar(rel: str) -> None:
-        async with gate:
-            data = await read_segment(destination, rel)
+    for rel, data in (await destination.read_files(sidecars)).items():
         try:
-            meta = json.loads(data or b"")["archive"]
-            agrees = meta.get("sha256") == notes[rel]
+            agrees = json.loads(data or b"")["archive"].get("sha256") == notes[rel]
         except (ValueError, KeyError, TypeError, AttributeError):
             agrees = False
         if not agrees:
             report.problems.append(f"{rel}: the sidecar does not name the SHA-256 the manifest lists for its body")
-
-    await asyncio.gather(*(check(rel) for rel in to_hash), *(check_sidecar(rel) for rel in sidecars))
     return report
 
 

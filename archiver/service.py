@@ -437,7 +437,7 @@ async def verify_manifest_of(cfg: Config, public_key: Path | None) -> tuple[Mani
         async with open_destination(cfg.archive) as destination:
             report = await verify_manifest(
                 destination, public, heads=heads, state_files=state_files if state is not None else None,
-                ignore=_state_files_in_archive(cfg), concurrency=2 if cfg.archive.destination == "directory" else 8)
+                ignore=_state_files_in_archive(cfg))
         return report, state is not None
     finally:
         if state is not None:

@@ -80,8 +80,13 @@ class Destination:
         temporary names left out; what ``verify --manifest`` walks."""
         raise NotImplementedError
 
-    async def hash(self, rel: str) -> tuple[int, str] | None:
-        """(size, SHA-256) of the archive's file ``rel``, read once; None when it is missing."""
+    async def hash_files(self, rels: list[str]) -> dict[str, tuple[int, str] | None]:
+        """(size, SHA-256) of each of the archive's files ``rels``, each read once, as many at
+        once as the destination bears; None for one missing (or, in a directory, a symlink)."""
+        raise NotImplementedError
+
+    async def read_files(self, rels: list[str]) -> dict[str, bytes | None]:
+        """The bytes of each of the archive's small files ``rels`` (sidecars); None when missing."""
         raise NotImplementedError
 
     async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -10,11 +10,15 @@ copy is deleted.
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import structlog
 
@@ -37,6 +41,9 @@ from ..verify import check_archived, outside
 from .base import Destination
 
 log = structlog.get_logger("archiver.destinations.directory")
+
+HASH_THREADS = 2  # verify --manifest: one per core of a small host; the disk or the CPU is the bound
+T = TypeVar("T")
 
 
 class DirectoryDestination(Destination):
@@ -103,20 +110,39 @@ class DirectoryDestination(Destination):
     async def list_files(self, under: str = "") -> list[tuple[str, int]]:
         return await asyncio.to_thread(_walk, self.layout.root, under)
 
-    async def hash(self, rel: str) -> tuple[int, str] | None:
-        path = self.layout.path(rel)
+    async def hash_files(self, rels: list[str]) -> dict[str, tuple[int, str] | None]:
+        return await self._in_threads(rels, _hash_nofollow)
 
-        def hashed() -> tuple[int, str] | None:
-            if outside(self.layout.root, rel):
-                return None  # a symlink planted in the archive: never followed
-            try:
-                return hash_file(path)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise LocalStorageError(f"cannot read {rel}: {exc.strerror}") from None
+    async def read_files(self, rels: list[str]) -> dict[str, bytes | None]:
+        return await self._in_threads(rels, _read_nofollow)
 
-        return await asyncio.to_thread(hashed)
+    async def _in_threads(self, rels: list[str], work: Callable[[Path], T]) -> dict[str, T | None]:
+        """``work`` on each file, in batches on ``HASH_THREADS`` threads (hashlib lets go of the
+        GIL): a thread hop per batch, not per file. The paths come from ``list_files``, a walk
+        that never follows a symlink; the last component is opened ``O_NOFOLLOW``."""
+        root = self.layout.root
+
+        def batch(part: list[str]) -> list[T | None]:
+            out: list[T | None] = []
+            for rel in part:
+                try:
+                    out.append(work(root / rel))
+                except (FileNotFoundError, IsADirectoryError):
+                    out.append(None)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:  # a symlink
+                        out.append(None)
+                        continue
+                    raise LocalStorageError(f"cannot read {rel}: {exc.strerror}") from None
+            return out
+
+        size = max(1, min(500, len(rels) // (HASH_THREADS * 4) or 1))
+        parts = [rels[i:i + size] for i in range(0, len(rels), size)]
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash") as pool:
+            done = await asyncio.gather(*(loop.run_in_executor(pool, batch, part) for part in parts))
+        return {rel: value for part, values in zip(parts, done, strict=True)
+                for rel, value in zip(part, values, strict=True)}
 
     async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         return await asyncio.to_thread(lambda: {r["id"]: self._unpacked(r) for r in rows if r["state"] == "archived"})
@@ -219,6 +245,19 @@ class DirectoryDestination(Destination):
         )
 
 
+def _hash_nofollow(path: Path) -> tuple[int, str]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return f.tell(), digest.hexdigest()
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(1 << 20)
+
+
 def _is_empty(directory: Path) -> bool:
     """True if ``directory`` is missing or has no entries (an unreadable one is not empty)."""
     try:
@@ -265,22 +304,21 @@ def _walk(root: Path, under: str) -> list[tuple[str, int]]:
     """Every regular file below ``root/under`` (never through a symlink: one is listed as a
     file, so ``verify --manifest`` names it), temporary names left out."""
     found: list[tuple[str, int]] = []
-    start = root / under if under else root
-    stack = [start]
+    stack = [(str(root / under) if under else str(root), f"{under}/" if under else "")]
     while stack:
-        folder = stack.pop()
+        folder, prefix = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as listing:
+                entries = list(listing)
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise LocalStorageError(f"cannot list {folder}: {exc.strerror}") from None
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
+                stack.append((entry.path, f"{prefix}{entry.name}/"))
             elif not is_temporary(entry.name):
-                size = entry.stat(follow_symlinks=False).st_size
-                found.append((str(Path(entry.path).relative_to(root)), size))
+                found.append((prefix + entry.name, entry.stat(follow_symlinks=False).st_size))
     return found
 
 

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import functools
 import hashlib
+import io
 import ipaddress
 import json
 import random
@@ -33,7 +34,7 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
@@ -57,6 +58,8 @@ UPLOAD_TRIES = 3  # a body the store refused for its checksum is sent again this
 RETRY_BASE, RETRY_MAX = 0.25, 5.0  # seconds: our backoff between tries of one request
 HEAD_AFTER_WAITS = (0.25, 0.5, 1.0)  # seconds: a HEAD after the upload that does not show it yet is asked again
 READ_CHUNK = 1 << 20
+VERIFY_CONCURRENCY = 8  # verify --manifest: GETs in flight
+T = TypeVar("T")
 
 
 class S3Destination(Destination):
@@ -373,8 +376,25 @@ class S3Destination(Destination):
             if not answer.get("IsTruncated") or not token:
                 return found
 
-    async def hash(self, rel: str) -> tuple[int, str] | None:
-        return await self._hash_object(self.key(rel), missing_ok=True)
+    async def hash_files(self, rels: list[str]) -> dict[str, tuple[int, str] | None]:
+        return await self._each(rels, lambda rel: self._hash_object(self.key(rel), missing_ok=True))
+
+    async def read_files(self, rels: list[str]) -> dict[str, bytes | None]:
+        async def read(rel: str) -> bytes | None:
+            sink = io.BytesIO()
+            return sink.getvalue() if await self.read(rel, sink) else None
+
+        return await self._each(rels, read)
+
+    async def _each(self, rels: list[str], get: Callable[[str], Awaitable[T]]) -> dict[str, T]:
+        """``get`` of each key, ``VERIFY_CONCURRENCY`` requests in flight."""
+        gate = asyncio.Semaphore(VERIFY_CONCURRENCY)
+
+        async def one(rel: str) -> T:
+            async with gate:
+                return await get(rel)
+
+        return dict(zip(rels, await asyncio.gather(*(one(rel) for rel in rels)), strict=True))
 
     async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         return {}  # a bucket keeps the ZIP whole (unpack is for a directory)
