@@ -78,6 +78,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="prove the archive against its signed manifest: chain, signatures, every file (no API)")
     v.add_argument("--public-key", type=Path, metavar="FILE",
                    help="with --manifest: the public key (default: [archive] signing_key_file + .pub)")
+    e = sub.add_parser("expire", parents=[after],
+                       help="remove from the archive what is older than [archive] keep_days (not held, not locked)")
+    e.add_argument("--dry-run", action="store_true", help="only count what is due, held and locked")
+    h = sub.add_parser("hold", parents=[after], help="legal holds: a held recording is never removed")
+    hs = h.add_subparsers(dest="hold_command", required=True, metavar="ACTION")
+    ha = hs.add_parser("add", parents=[after], help="hold recordings by id, or every one the find filters match")
+    ha.add_argument("ids", nargs="*", metavar="ID")
+    ha.add_argument("--reason", required=True, help="why (recorded in the audit trail and the manifest)")
+    add_filters(ha)
+    hl = hs.add_parser("list", parents=[after], help="the recordings under a hold")
+    hl.add_argument("--json", action="store_true", help="one JSON object per line")
+    hr = hs.add_parser("remove", parents=[after], help="release held recordings")
+    hr.add_argument("ids", nargs="+", metavar="ID")
+    hr.add_argument("--reason", required=True, help="why (recorded in the audit trail and the manifest)")
+    er = sub.add_parser("erase", parents=[after],
+                        help="remove one recording from the archive now (a data subject's request)")
+    er.add_argument("id", metavar="ID")
+    er.add_argument("--reason", required=True, help="why (recorded in the audit trail and the manifest)")
+    er.add_argument("--account", help="the [[accounts]] name (with several)")
     k = sub.add_parser("keygen", help="write a new Ed25519 key pair for the signed manifest")
     k.add_argument("--out", type=Path, required=True,
                    help="the private key's file (0600); the public half goes to FILE.pub, for auditors")
@@ -136,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_find(cfg, args))
         if args.command == "export":
             return asyncio.run(_export(cfg, args))
+        if args.command in ("expire", "hold", "erase"):
+            return asyncio.run(_policy_command(cfg, args))
         if args.command == "import-state":
             return asyncio.run(_import_state(cfg, args.sqlite, args.account))
         from .service import run_engine
@@ -400,6 +421,60 @@ async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:
     checked, problems, _ = await verify(cfg, deep)
     print(f"verified again: {checked} archived recordings, {len(problems)} problem(s)")
     return EXIT_FAILED if problems or lost else _exit_code(result)
+
+
+async def _policy_command(cfg: Config, args: argparse.Namespace) -> int:
+    """``expire``, ``hold add|list|remove``, ``erase``: one account's ``policy.Policy`` each."""
+    from .service import policy_run
+
+    if args.command == "expire":
+        if not cfg.archive.keep_days:
+            raise ConfigError("[archive] keep_days is 0: recordings are kept for ever, nothing expires")
+        result = await policy_run(cfg, lambda p: p.expire(dry_run=args.dry_run))
+        verb = "due" if args.dry_run else "removed"
+        print(f"expire (keep_days {cfg.archive.keep_days}): {result.due} due, "
+              f"{result.due if args.dry_run else result.removed} {verb}, {result.held} kept under a hold, "
+              f"{result.locked} kept by the bucket's lock" + (" (nothing was removed)" if args.dry_run else ""))
+        for error in result.errors:
+            print(f"error: {error}")
+        return EXIT_FAILED if result.errors else EXIT_OK
+    if args.command == "erase":
+        why = await policy_run(cfg, lambda p: p.erase(args.id, args.reason), account=args.account)
+        if why is None:
+            why = f"{args.id}: no such recording in the state"
+        if why:
+            print(f"voipbin-archiver: erase refused: {why}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"erased {args.id} from the archive ({args.reason})")
+        return EXIT_OK
+    if args.hold_command == "list":
+        from .service import list_holds
+
+        holds = await list_holds(cfg)
+        for h in holds:
+            if args.json:
+                print(json.dumps(h, sort_keys=True))
+            else:
+                print(f"{_when(h['held_at'])}  {h['account']}  {h['recording_id']}  {h['reason']}")
+        if not args.json:
+            print(f"{len(holds)} recording(s) under a hold")
+        return EXIT_OK
+    ids = list(args.ids)
+    if args.hold_command == "add" and any(getattr(args, f, None) for f in ("since", "until", "number", "call",
+                                                                            "recording", "direction", "state")):
+        state = await open_state(cfg.state, readonly=True)
+        try:
+            ids += [r["recording_id"] for r in await state.find(query_of(args, 0))]
+        finally:
+            await state.close()
+    if not ids:
+        raise ConfigError(f"hold {args.hold_command}: name recordings (IDs, or find's filters)")
+    hold = args.hold_command == "add"
+    changed = await policy_run(cfg, lambda p: (p.hold if hold else p.release)(ids, args.reason),
+                               account=getattr(args, "account", None))
+    print(f"{'held' if hold else 'released'} {len(changed)} recording(s)"
+          + (f" ({len(set(ids)) - len(changed)} already so or unknown)" if len(set(ids)) != len(changed) else ""))
+    return EXIT_OK
 
 
 def _keygen(out: Path) -> int:

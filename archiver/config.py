@@ -122,6 +122,8 @@ class ArchiveConfig:
     # the signed manifest (manifest.py): off without a key; `voipbin-archiver keygen --out FILE` makes one
     signing_key_file: str = setting("")
     manifest_interval: float = setting(3600.0, minimum=0.1)  # at most one segment per this many seconds
+    # days a recording is kept in the archive from its tm_start (0: forever); `expire` removes older ones
+    keep_days: int = setting(0, minimum=0, maximum=36500)
     temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 
@@ -290,6 +292,12 @@ def build_config(
         layout=_check_layout(reader.key("archive", ArchiveConfig, "layout", default_layout(len(accounts))),
                              len(accounts)),
     )
+    if s3 is not None and archive.keep_days and s3.object_lock_mode and archive.keep_days < s3.retain_days:
+        raise ConfigError(f"[archive] keep_days = {archive.keep_days} is shorter than the bucket's lock "
+                          f"([archive.s3] retain_days = {s3.retain_days}): nothing could be removed when it is due")
+    if s3 is not None and archive.keep_days and s3.legal_hold:
+        raise ConfigError("[archive] keep_days: [archive.s3] legal_hold = true holds every object for good, so "
+                          "nothing could expire; hold single recordings with `voipbin-archiver hold add` instead")
     if s3 is not None and archive.unpack:
         raise ConfigError('[archive] unpack = true is for destination = "directory" (in a bucket, the ZIP object '
                           "holds its members)")

@@ -36,6 +36,7 @@ DIRECTORY = "manifests"  # inside the archive (a directory) or under the prefix 
 MAX_ENTRIES = 5000  # per segment: a backfill's hour becomes several segments, each a few MB at most
 SEGMENT_NAME = re.compile(r"(?P<seq>\d{8})-(?P<time>\d{8}T\d{6}Z)\.json")
 NOTE_SUFFIXES = ("json", "transcript.json", "call.json")  # files beside a body whose content is not hashed
+RECORDING_EVENTS = ("archived", "expired", "erased")  # the entries that say what the archive holds of one
 
 
 def canonical(doc: dict[str, Any]) -> bytes:
@@ -188,6 +189,26 @@ def server_deleted_entry(account: str, row: dict[str, Any]) -> dict[str, Any]:
         "event": "server_copy_deleted", "account": account, "recording_id": row["id"],
         "request_id": row.get("delete_request_id"),
         "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds") if at else None,
+    }
+
+
+def removed_entry(account: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A recording removed from the archive by policy (``expired``) or on request (``erased``):
+    its files are gone, the entry keeps what they were."""
+    at = row.get("removed_at")
+    return {
+        "event": row["state"], "account": account, "recording_id": row["id"], "path": row["path"],
+        "sha256": row["sha256"], "size": row["size"], "reason": row.get("removed_reason"),
+        "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds") if at else None,
+    }
+
+
+def hold_entry(account: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A legal hold placed (``held``) or released on a recording."""
+    return {
+        "event": event["action"], "account": account, "recording_id": event["recording_id"],
+        "reason": event["reason"], "event_seq": event["seq"],
+        "at": datetime.fromtimestamp(event["at"], UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .destinations import Destination
 from .layout import beside_rel
-from .manifest import DIRECTORY, NOTE_SUFFIXES, open_segment, parse_segment_rel, sha256_hex
+from .manifest import DIRECTORY, NOTE_SUFFIXES, RECORDING_EVENTS, open_segment, parse_segment_rel, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -133,11 +133,13 @@ def latest_files(chains: dict[str, Chain]) -> tuple[dict[str, Expected], dict[st
     for chain in chains.values():
         for segment in chain.segments:
             for entry in (segment.doc or {}).get("entries", []):
-                if isinstance(entry, dict) and entry.get("event") == "archived":
+                if isinstance(entry, dict) and entry.get("event") in RECORDING_EVENTS:
                     newest[(str(entry.get("account")), str(entry.get("recording_id")))] = (entry, segment)
     expected: dict[str, Expected] = {}
     notes: dict[str, str] = {}
     for (account, rec_id), (entry, segment) in newest.items():
+        if entry.get("event") != "archived":  # expired or erased: its files are gone
+            continue
         source = f"segment {segment.seq:08d} of account {account}"
         path = str(entry.get("path"))
         if entry.get("state") == "archived":
@@ -176,6 +178,7 @@ async def verify_manifest(
         report.segments += len(chain.segments)
         report.problems += chain.problems
     expected, notes, report.recordings = latest_files(chains)
+    removed = removed_files(chains)
     present = dict(files)
     to_hash: list[str] = []
     sidecars: list[str] = []
@@ -188,6 +191,8 @@ async def verify_manifest(
         elif rel in notes:
             if notes[rel]:
                 sidecars.append(rel)
+        elif rel in removed:
+            report.problems.append(f"{rel}: still in the archive, but {removed[rel]}")
         else:
             unlisted.append(rel)
     for rel, want in expected.items():
@@ -226,6 +231,24 @@ async def verify_manifest(
         if not agrees:
             report.problems.append(f"{rel}: the sidecar does not name the SHA-256 the manifest lists for its body")
     return report
+
+
+def removed_files(chains: dict[str, Chain]) -> dict[str, str]:
+    """The body and notes of each recording whose newest entry removed it: path -> which entry."""
+    newest: dict[tuple[str, str], tuple[dict[str, Any], Segment]] = {}
+    for chain in chains.values():
+        for segment in chain.segments:
+            for entry in (segment.doc or {}).get("entries", []):
+                if isinstance(entry, dict) and entry.get("event") in RECORDING_EVENTS:
+                    newest[(str(entry.get("account")), str(entry.get("recording_id")))] = (entry, segment)
+    gone: dict[str, str] = {}
+    for (account, _), (entry, segment) in newest.items():
+        if entry.get("event") in ("expired", "erased"):
+            path = str(entry.get("path"))
+            why = f"segment {segment.seq:08d} of account {account} says it was {entry.get('event')}"
+            for rel in (path, *(beside_rel(path, suffix) for suffix in NOTE_SUFFIXES)):
+                gone[rel] = why
+    return gone
 
 
 def _unlisted(report: ManifestReport, rel: str) -> None:

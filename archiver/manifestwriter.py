@@ -28,10 +28,13 @@ from .layout import beside_rel
 from .manifest import (
     DIRECTORY,
     MAX_ENTRIES,
+    RECORDING_EVENTS,
     Signer,
     archived_entry,
+    hold_entry,
     make_segment,
     open_segment,
+    removed_entry,
     segment_rel,
     server_deleted_entry,
     sha256_hex,
@@ -79,32 +82,38 @@ class ManifestWriter:
                 return 0
             head = await self._take_up()
             while True:
-                archived, deleted = await self.state.manifest_due(MAX_ENTRIES)
-                listed = {r["id"] for r in archived}
-                deleted = [r for r in deleted if r["manifest_seq"] is not None or r["id"] in listed]
-                if not archived and not deleted:
+                due = await self.state.manifest_due(MAX_ENTRIES)
+                listed = {r["id"] for r in due.archived}
+                deleted = [r for r in due.deleted if r["manifest_seq"] is not None or r["id"] in listed]
+                if not (due.archived or deleted or due.removed or due.holds):
                     return written
-                head = await self._write(head, archived, deleted[: max(0, MAX_ENTRIES - len(archived))])
+                head = await self._write(head, due.archived, deleted, due.removed, due.holds)
                 written += 1
 
     async def _write(self, head: dict[str, Any] | None, archived: list[dict[str, Any]],
-                     deleted: list[dict[str, Any]]) -> dict[str, Any]:
+                     deleted: list[dict[str, Any]], removed: list[dict[str, Any]],
+                     holds: list[dict[str, Any]]) -> dict[str, Any]:
+        """One segment: what was stored, then server copies deleted, holds, removals (a removal
+        after the hold's release that allowed it)."""
         members = await self.destination.unpacked_files(archived) if archived else {}
         entries = [archived_entry(self.account, row, members.get(row["id"], []),
                                   row["path"] if row["state"] == "no_audio" else beside_rel(row["path"], "json"))
                    for row in archived]
         entries += [server_deleted_entry(self.account, row) for row in deleted]
+        entries += [hold_entry(self.account, event) for event in holds]
+        entries += [removed_entry(self.account, row) for row in removed]
         seq = head["seq"] + 1 if head else 1
         created = datetime.now(UTC)
         data = make_segment(self.signer, self.account, seq, head["sha256"] if head else None, entries, created)
         rel = segment_rel(self.account, seq, created)
         await self.destination.put_file(rel, data)
         new_head = {"seq": seq, "sha256": sha256_hex(data), "rel": rel}
-        await self.state.mark_manifested(seq, json.dumps(new_head), [(r["id"], r["sha256"]) for r in archived],
-                                         [r["id"] for r in deleted])
+        await self.state.mark_manifested(seq, json.dumps(new_head),
+                                         [(r["id"], r["sha256"]) for r in archived + removed],
+                                         [r["id"] for r in deleted], [e["seq"] for e in holds])
         self.segments_written += 1
         log.info("manifest_segment_written", segment=rel, entries=len(entries), archived=len(archived),
-                 server_copies_deleted=len(deleted))
+                 server_copies_deleted=len(deleted), removed=len(removed), holds=len(holds))
         return new_head
 
     async def _head(self) -> dict[str, Any] | None:
@@ -136,8 +145,9 @@ class ManifestWriter:
         new_head = {"seq": seq, "sha256": sha256_hex(data or b""), "rel": rel}
         await self.state.mark_manifested(
             seq, json.dumps(new_head),
-            [(str(e["recording_id"]), e.get("sha256")) for e in entries if e.get("event") == "archived"],
-            [str(e["recording_id"]) for e in entries if e.get("event") == "server_copy_deleted"])
+            [(str(e["recording_id"]), e.get("sha256")) for e in entries if e.get("event") in RECORDING_EVENTS],
+            [str(e["recording_id"]) for e in entries if e.get("event") == "server_copy_deleted"],
+            [int(e["event_seq"]) for e in entries if e.get("event") in ("held", "released")])
         log.info("manifest_segment_taken_up", segment=rel, entries=len(entries),
                  reason="written before an interruption, not yet recorded in the state")
         return new_head

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from .manifestcheck import Expected, ManifestReport, verify_manifest
 from .manifestwriter import ManifestWriter
 from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
+from .policy import EXPIRE_EVERY, Policy, PolicyResult
 from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
 from .state import STATES, State, empty_summary, open_state, waiting_count
@@ -109,6 +111,9 @@ async def run_engine(
             writers = [ManifestWriter(signer, e.state, destination, e.account) for e in engines] if signer else []
             if writers:
                 helpers.append(asyncio.create_task(_write_manifests(writers, engines, cfg.archive.manifest_interval)))
+            if mode == "run" and cfg.archive.keep_days:
+                helpers += [asyncio.create_task(_with_account(e, _expire_daily(
+                    e, Policy(e.state, destination, cfg.archive.keep_days)))) for e in engines]
             for account, engine in zip(cfg.accounts, engines, strict=True):
                 if account.api.credential_kind == "accesskey":
                     helpers.append(asyncio.create_task(
@@ -456,4 +461,59 @@ def _state_files_in_archive(cfg: Config) -> set[str]:
     folder = rel.rpartition("/")[0]
     return {rel, rel + "-wal", rel + "-shm", rel + "-journal", rel + ".lock",
             f"{folder}/deletions.jsonl" if folder else "deletions.jsonl"}
+
+
+async def policy_run(cfg: Config, work: Callable[[Policy], Awaitable[Any]], account: str | None = None) -> Any:
+    """``work`` on each account's ``Policy`` (or the one named), under its policy lock; the
+    results of several accounts are added up (``PolicyResult``, lists), or the one account's
+    that is not None (``erase``: the account that has the recording)."""
+    state = await open_state(cfg.state)
+    try:
+        async with open_destination(cfg.archive) as destination:
+            names = [a.name for a in cfg.accounts]
+            if account is not None and account not in names:
+                raise ConfigError(f"--account {account!r}: not an [[accounts]] name ({', '.join(names)})")
+            total: Any = None
+            for name in [account] if account else names:
+                view = state.for_account(name)
+                async with view.policy_lock() as mine:
+                    if not mine:
+                        raise ConfigError(f"account {name}: another daemon is removing or holding recordings now; "
+                                          "try again in a minute")
+                    got = await work(Policy(view, destination, cfg.archive.keep_days))
+                total = _added(total, got)
+            return total
+    finally:
+        await state.close()
+
+
+def _added(total: Any, got: Any) -> Any:
+    if total is None or got is None:
+        return got if total is None else total
+    if isinstance(got, PolicyResult):
+        return PolicyResult(total.removed + got.removed, total.due + got.due, total.held + got.held,
+                            total.locked + got.locked, total.errors + got.errors)
+    if isinstance(got, list):
+        return total + got
+    return total
+
+
+async def list_holds(cfg: Config) -> list[dict[str, Any]]:
+    state = await open_state(cfg.state, readonly=True)
+    try:
+        return await state.holds()
+    finally:
+        await state.close()
+
+
+async def _expire_daily(engine: Engine, policy: Policy) -> None:
+    """The service's expiry: what is due, once a day (and interrupted removals at start)."""
+    while True:
+        try:
+            async with engine.state.policy_lock() as mine:
+                if mine:
+                    await policy.expire(stop=engine.stop)
+        except ArchiverError as exc:
+            log.error("expire_failed", error=redact(str(exc)), hint="tried again tomorrow and at the next start")
+        await asyncio.sleep(EXPIRE_EVERY)
 

@@ -604,3 +604,27 @@ async def test_two_accounts_fetch_from_their_own_listings_into_the_shared_state(
     assert exported.rc == 0, exported
     check = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.count(".zip: OK") == 30, check.stdout + check.stderr
+
+
+async def test_holds_expiry_and_erasure_on_the_shared_state(tmp_path, multi_sim, pg_url):
+    sim = await multi_sim(["acme", "beta"], recordings=4, audio_bytes=2000)
+    cfg = write_accounts_config(tmp_path, sim, state={"url": pg_url}, archive={"directory": "archive",
+                                                                               "keep_days": 30})
+    assert (run := await run_cli("--config", str(cfg), "backfill", "--wait", "10")).rc == 0, run
+    con = await asyncpg.connect(pg_url)
+    try:
+        await con.execute("UPDATE recordings SET tm_start = extract(epoch from now()) - 40 * 86400")
+        ids = [r["id"] for r in await con.fetch("SELECT id FROM recordings WHERE account = 'acme' ORDER BY id")]
+        assert (r := await run_cli("--config", str(cfg), "hold", "add", ids[0], "--reason", "case 9")).rc == 0, r
+        done = await run_cli("--config", str(cfg), "expire")
+        assert done.rc == 0 and "7 removed" in done.out and "1 kept under a hold" in done.out, done
+        states = {r["id"]: r["state"] for r in await con.fetch("SELECT id, state FROM recordings")}
+        assert states[ids[0]] == "archived" and sum(s == "expired" for s in states.values()) == 7
+        refused = await run_cli("--config", str(cfg), "erase", ids[0], "--reason", "r")
+        assert refused.rc == 1 and "legal hold" in refused.err
+        assert (await run_cli("--config", str(cfg), "hold", "remove", ids[0], "--reason", "done")).rc == 0
+        assert (await run_cli("--config", str(cfg), "erase", ids[0], "--reason", "r")).rc == 0
+        trail = [json.loads(r["line"])["event"] for r in await con.fetch("SELECT line FROM archive_audit")]
+        assert sorted(trail) == ["erased", "expired", *["expired"] * 6, "held", "released"]
+    finally:
+        await con.close()

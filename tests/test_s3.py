@@ -482,3 +482,56 @@ async def test_the_signed_manifest_in_a_compliance_bucket(tmp_path, make_sim, rg
     assert f"{replaced[8:]}: changed" in bad.out and f"{hidden[8:]}: missing" in bad.out
     assert "2020/01/01/planted.zip: in the archive but in no manifest entry" in bad.out
     assert f"segment 2 ({newest[8:]}) was written" in bad.out
+
+
+async def test_expire_and_hold_in_a_bucket(tmp_path, make_sim, rgw):
+    """Expiry removes every version once no lock holds it; a hold is the S3 legal hold on each
+    version, and a locked object is kept; keep_days under the lock is refused at start."""
+    bucket = Bucket(rgw, lock=True)
+    sim = await make_sim(recordings=6, audio_bytes=5000)
+    cfg = s3_config(tmp_path, sim, bucket)
+    cfg.write_text(cfg.read_text().replace("[archive]\n", "[archive]\nkeep_days = 30\n"))
+    cli = ("--config", str(cfg))
+    assert (run := await run_cli(*cli, "backfill", "--wait", "10")).rc == 0, run
+    db = tmp_path / "state.sqlite3"
+    rows = {r[0]: r[2] for r in db_rows(db) if r[1] == "archived"}
+    old = sorted(rows)[:3]
+    with sqlite3.connect(db) as con:
+        con.executemany("UPDATE recordings SET tm_start = ? WHERE id = ?", [(time_ago(40), i) for i in old])
+    held = old[0]
+    bucket.client.put_object(Bucket=bucket.name, Key="voipbin/" + rows[old[1]], Body=b"a second version")
+    assert (r := await run_cli(*cli, "hold", "add", held, "--reason", "case 4711")).rc == 0, r
+    key = "voipbin/" + rows[held]
+    assert bucket.client.get_object_legal_hold(Bucket=bucket.name, Key=key)["LegalHold"]["Status"] == "ON"
+    done = await run_cli(*cli, "expire")
+    assert done.rc == 0 and "2 removed" in done.out and "1 kept under a hold" in done.out, done
+    versions = bucket.versions()
+    for rec_id in old[1:]:
+        stem = "voipbin/" + rows[rec_id].rpartition(".")[0]
+        assert not [k for k in versions if k.startswith(stem)], f"{rec_id}: a version left"
+    assert key in versions
+    assert (r := await run_cli(*cli, "hold", "remove", held, "--reason", "closed")).rc == 0, r
+    assert bucket.client.get_object_legal_hold(Bucket=bucket.name, Key=key)["LegalHold"]["Status"] == "OFF"
+    assert (await run_cli(*cli, "erase", held, "--reason", "request 17")).rc == 0
+    assert key not in bucket.versions()
+
+    # a bucket whose lock outlasts keep_days: refused at start; one whose lock still runs: kept
+    locked = Bucket(rgw, lock=True)
+    short = s3_config(tmp_path, sim, locked, object_lock_mode="GOVERNANCE", retain_days=2)
+    short.write_text(short.read_text().replace("[archive]\n", "[archive]\nkeep_days = 1\n"))
+    refused = await run_cli("--config", str(short), "expire")
+    assert refused.rc == 2 and "shorter than the bucket's lock" in refused.err, refused
+    (tmp_path / "state.sqlite3").unlink()
+    lock_cfg = s3_config(tmp_path, sim, locked, object_lock_mode="GOVERNANCE", retain_days=2)
+    lock_cfg.write_text(lock_cfg.read_text().replace("[archive]\n", "[archive]\nkeep_days = 2\n"))
+    assert (run := await run_cli("--config", str(lock_cfg), "backfill", "--wait", "10")).rc == 0, run
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE recordings SET tm_start = ?", (time_ago(40),))
+    kept = await run_cli("--config", str(lock_cfg), "expire")
+    locked_count = len(sim.expected_archives())
+    assert kept.rc == 0 and "0 removed" in kept.out and f"{locked_count} kept by the bucket's lock" in kept.out, kept
+    assert len([k for k in locked.versions() if k.endswith(".zip")]) == len(sim.expected_archives())
+
+
+def time_ago(days: float) -> float:
+    return datetime.now(UTC).timestamp() - days * 86400

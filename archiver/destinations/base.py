@@ -95,3 +95,21 @@ class Destination:
         disagrees with the state's SHA-256 lists none)."""
         raise NotImplementedError
 
+    # keeping and letting go (policy.py)
+
+    async def removal_blocked(self, row: dict[str, Any]) -> str:
+        """Why ``row``'s files may not be removed now ("" when they may): a bucket's Object Lock
+        retention still running, or a legal hold on one of its versions."""
+        raise NotImplementedError
+
+    async def remove(self, row: dict[str, Any]) -> None:
+        """Remove every file of the recording ``row`` (``id``, ``state``, ``path``): its body,
+        sidecar, unpacked members and notes; every version of each in a bucket. Removing what is
+        already gone is no error (a retry after a crash)."""
+        raise NotImplementedError
+
+    async def set_legal_hold(self, row: dict[str, Any], on: bool) -> None:
+        """A bucket: the S3 legal hold on (or off) on every version of ``row``'s objects; a
+        directory has none (the state's hold is what keeps it)."""
+        raise NotImplementedError
+

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from ..config import ArchiveConfig
 from ..errors import InvalidRecording, LocalStorageError, VerificationError
 from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
 from ..layout import EXTENSIONS, Layout, beside_rel, is_temporary, sidecar_path
+from ..manifest import NOTE_SUFFIXES
 from ..state.base import Row
 from ..store import (
     Archived,
@@ -159,6 +161,33 @@ class DirectoryDestination(Destination):
         base = f"{folder}/{row['id']}" if folder else row["id"]
         return [{"path": f"{base}/{m['stored_as']}", "sha256": m.get("sha256"), "size": m.get("size")}
                 for m in meta.get("members", []) if isinstance(m, dict) and m.get("stored_as")]
+
+    async def removal_blocked(self, row: dict[str, Any]) -> str:
+        return ""  # no lock of its own: the state's holds keep what must stay
+
+    async def remove(self, row: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._remove, row)
+
+    def _remove(self, row: dict[str, Any]) -> None:
+        rel = row["path"]
+        path = self.layout.path(rel)
+        if outside(self.layout.root, rel):
+            raise LocalStorageError(f"{rel}: {outside(self.layout.root, rel)}: not removed")
+        stem = rel.rpartition(".")[0]
+        try:
+            for name in {rel, *(f"{stem}.{suffix}" for suffix in NOTE_SUFFIXES)}:
+                self.layout.path(name).unlink(missing_ok=True)
+            members = path.parent / row["id"]
+            if members.is_dir() and not members.is_symlink():
+                shutil.rmtree(members)
+            fsync_path(path.parent)
+        except FileNotFoundError:
+            pass  # the directory itself is gone: nothing left to remove
+        except OSError as exc:
+            raise LocalStorageError(f"cannot remove {rel}: {exc.strerror}") from None
+
+    async def set_legal_hold(self, row: dict[str, Any], on: bool) -> None:
+        return None
 
     async def adopt(self, row: Row, staging: Path) -> Archived | None:
         """A file already under the final name (a crash after the rename, before the database

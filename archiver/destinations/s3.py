@@ -43,6 +43,7 @@ from ..config import ArchiveConfig, S3Config
 from ..errors import ConfigError, DestinationUnavailable, TransientError
 from ..layout import EXTENSIONS, Layout, beside_rel
 from ..logs import register_secret
+from ..manifest import NOTE_SUFFIXES
 from ..state.base import Row
 from ..store import Archived, Staged, StoreJob
 from ..verify import sidecar_agrees
@@ -398,6 +399,54 @@ class S3Destination(Destination):
 
     async def unpacked_files(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         return {}  # a bucket keeps the ZIP whole (unpack is for a directory)
+
+    def _keys_of(self, row: dict[str, Any]) -> list[str]:
+        """Every key of a recording: its body (or sidecar alone), sidecar and notes."""
+        rel = row["path"]
+        stem = rel.rpartition(".")[0]
+        return sorted({self.key(rel), *(self.key(f"{stem}.{suffix}") for suffix in NOTE_SUFFIXES)})
+
+    async def _versions_of(self, key: str) -> list[dict[str, Any]]:
+        """Every version and delete marker of exactly ``key``."""
+        answer = await self._call(lambda: self._client.list_object_versions(
+            Bucket=self.s3.bucket, Prefix=key, MaxKeys=1000), "LIST versions of", key)
+        return [v for v in [*answer.get("Versions", []), *answer.get("DeleteMarkers", [])] if v.get("Key") == key]
+
+    async def removal_blocked(self, row: dict[str, Any]) -> str:
+        now = datetime.now(UTC)
+        for key in self._keys_of(row):
+            for version in await self._versions_of(key):
+                if "Size" not in version:
+                    continue  # a delete marker holds no lock
+                vid = version.get("VersionId")
+                head = await self._call(functools.partial(
+                    self._client.head_object, Bucket=self.s3.bucket, Key=key, VersionId=vid), "HEAD", key)
+                until = head.get("ObjectLockRetainUntilDate")
+                if until is not None and until > now:
+                    return f"{key}: Object Lock ({head.get('ObjectLockMode')}) until {until.isoformat()}"
+                if head.get("ObjectLockLegalHoldStatus") == "ON":
+                    return f"{key}: an S3 legal hold on version {vid}"
+        return ""
+
+    async def remove(self, row: dict[str, Any]) -> None:
+        for key in self._keys_of(row):
+            for version in await self._versions_of(key):
+                vid = version.get("VersionId")
+                await self._call(functools.partial(
+                    self._client.delete_object, Bucket=self.s3.bucket, Key=key, VersionId=vid), "DELETE", key)
+
+    async def set_legal_hold(self, row: dict[str, Any], on: bool) -> None:
+        if not on and self.s3.legal_hold:
+            return  # [archive.s3] legal_hold = true holds every object: a release leaves it on
+        status = "ON" if on else "OFF"
+        for key in self._keys_of(row):
+            for version in await self._versions_of(key):
+                if "Size" not in version:
+                    continue
+                vid = version.get("VersionId")
+                await self._call(functools.partial(
+                    self._client.put_object_legal_hold, Bucket=self.s3.bucket, Key=key, VersionId=vid,
+                    LegalHold={"Status": status}), "legal hold of", key)
 
     # ---- requests ----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from .base import (
     STORED,
     WAITING,
     FindQuery,
+    ManifestDue,
     Row,
     empty_summary,
     unusable_message,
@@ -159,16 +160,52 @@ class State(Protocol):
     # the signed manifest (manifestwriter.py): one writer per account
     def manifest_lock(self) -> contextlib.AbstractAsyncContextManager[bool]: ...
 
-    async def manifest_due(self, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(stored recordings no segment lists yet, oldest first; server copies deleted that no
-        segment lists yet), at most ``limit`` of each, with ``base.MANIFEST_COLUMNS``."""
+    async def manifest_due(self, limit: int) -> ManifestDue:
+        """What no segment lists yet, oldest first, at most ``limit`` of each kind."""
         ...
 
     async def mark_manifested(self, seq: int, head: str, archived: list[tuple[str, str | None]],
-                              deleted: list[str]) -> None:
-        """Segment ``seq`` (now durable in the archive) lists ``archived`` ((id, SHA-256): a row
-        archived again since, with another SHA-256, stays due) and ``deleted``; ``head`` (JSON)
-        becomes the chain's head (meta ``manifest_head``). One transaction."""
+                              deleted: list[str], hold_events: list[int] | None = None) -> None:
+        """Segment ``seq`` (now durable in the archive) lists ``archived`` ((id, SHA-256) of a
+        recording stored, expired or erased: a row changed since, with another SHA-256, stays
+        due), ``deleted`` and ``hold_events``; ``head`` (JSON) becomes the chain's head (meta
+        ``manifest_head``). One transaction."""
+        ...
+
+    # keeping and letting go (policy.py): holds, expiry, erasure
+    def policy_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Whether this process removes the account's recordings now (one daemon at a time)."""
+        ...
+
+    async def change_holds(self, ids: list[str], hold: bool, reason: str, audit: dict[str, str]) -> list[str]:
+        """Hold (or release) the known recordings of ``ids`` not already so; each change gets
+        its line of ``audit`` in the archive's audit trail (``archive-audit.jsonl`` beside
+        SQLite, the table ``archive_audit`` in PostgreSQL) and an event for the manifest.
+        Returns the ids changed."""
+        ...
+
+    async def holds(self) -> list[dict[str, Any]]: ...
+
+    async def removal_rows(self, ids: list[str]) -> list[dict[str, Any]]:
+        """``base.REMOVAL_COLUMNS`` of each known recording of ``ids`` (``erase``)."""
+        ...
+
+    async def expirable(self, before: float, limit: int) -> list[dict[str, Any]]:
+        """Stored recordings that started before ``before``, held or not (the caller says why
+        one is kept), oldest first."""
+        ...
+
+    async def removal_intents(self) -> list[dict[str, Any]]:
+        """Recordings whose removal began and was not recorded done (a crash in between)."""
+        ...
+
+    async def mark_removal_intent(self, ids: list[str], why: str, reason: str) -> None:
+        """The removal (``expired``, ``erased``) of ``ids`` begins, for ``reason``."""
+        ...
+
+    async def mark_removed(self, rows: list[tuple[str, str, str]], audit: list[str]) -> None:
+        """(id, ``expired`` or ``erased``, reason) of each removed recording, after its audit
+        line is durable in the trail: one transaction; the recording is never downloaded again."""
         ...
 
     # deleting the server's copy (retention.py)

@@ -14,11 +14,13 @@ from ..config import DEFAULT_ACCOUNT
 from ..model import Recording, parse_timestamp
 from ..storagefiles import StorageFile
 
-STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped")
+STATES = ("discovered", "pending", "downloading", "archived", "no_audio", "failed", "skipped", "expired", "erased")
 FLAGS = ("incomplete", "damaged")  # how an archived recording falls short, if it does
 STORED = ("archived", "no_audio")  # states with files in the archive (``verify``)
 STORED_SQL = ", ".join(f"'{state}'" for state in STORED)
 WAITING = ("discovered", "pending", "downloading")  # not archived, failed or skipped yet
+REMOVED = ("expired", "erased")  # archived once, then removed from the archive by policy (policy.py)
+REMOVED_SQL = ", ".join(f"'{state}'" for state in REMOVED)
 
 
 def waiting_count(counts: dict[str, int]) -> int:
@@ -29,8 +31,21 @@ def waiting_count(counts: dict[str, int]) -> int:
 DELETABLE_COLUMNS = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
 # what manifestwriter reads of a recording due in the manifest, and the meta key of the chain's head
 MANIFEST_COLUMNS = ("id, state, path, size, sha256, flag, archived_at, server_deleted_at, delete_request_id,"
-                    " manifest_seq")
+                    " manifest_seq, removed_at, removed_reason")
 MANIFEST_HEAD = "manifest_head"
+# what policy.py reads of a recording to remove, and whether it is held
+REMOVAL_COLUMNS = ("id, state, path, size, sha256, tm_start, tm_create, remove_intent, removed_reason, members,"
+                   " EXISTS (SELECT 1 FROM holds h WHERE h.account = r.account AND h.recording_id = r.id) AS held")
+
+
+@dataclass(frozen=True)
+class ManifestDue:
+    """What no manifest segment lists yet (``State.manifest_due``), with ``MANIFEST_COLUMNS``."""
+
+    archived: list[dict[str, Any]]  # stored recordings
+    deleted: list[dict[str, Any]]  # server copies deleted
+    removed: list[dict[str, Any]]  # recordings expired or erased from the archive
+    holds: list[dict[str, Any]]  # holds placed or released (seq, recording_id, action, reason, at)
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,15 @@ from .base import (
     FLAGS,
     MANIFEST_COLUMNS,
     MANIFEST_HEAD,
+    REMOVAL_COLUMNS,
+    REMOVED_SQL,
     ROW_COLUMNS,
     STATES,
     STORED_SQL,
     SUMMARY_META,
     Dialect,
     FindQuery,
+    ManifestDue,
     Row,
     assemble_summaries,
     call_rows,
@@ -179,6 +182,31 @@ MIGRATIONS: list[str] = [
         WHERE manifest_seq IS NULL AND state IN ('archived', 'no_audio');
     CREATE INDEX recordings_manifest_deleted_due ON recordings(account)
         WHERE manifest_deleted_seq IS NULL AND server_deleted_at IS NOT NULL;
+    ALTER TABLE recordings ADD COLUMN remove_intent text;
+    ALTER TABLE recordings ADD COLUMN removed_at double precision;
+    ALTER TABLE recordings ADD COLUMN removed_reason text;
+    CREATE INDEX recordings_manifest_removed_due ON recordings(account)
+        WHERE manifest_seq IS NULL AND state IN ('expired', 'erased');
+    CREATE INDEX recordings_removing ON recordings(account) WHERE remove_intent IS NOT NULL;
+    CREATE TABLE holds (
+        account text NOT NULL,
+        recording_id text NOT NULL,
+        reason text NOT NULL,
+        held_at double precision NOT NULL,
+        PRIMARY KEY (account, recording_id)
+    );
+    CREATE TABLE hold_events (
+        seq bigserial PRIMARY KEY,
+        account text NOT NULL,
+        recording_id text NOT NULL,
+        action text NOT NULL,
+        reason text NOT NULL,
+        at double precision NOT NULL,
+        manifest_seq bigint
+    );
+    CREATE INDEX hold_events_due ON hold_events(account) WHERE manifest_seq IS NULL;
+    CREATE TABLE archive_audit (id bigserial PRIMARY KEY, account text NOT NULL, recording_id text NOT NULL,
+        line text NOT NULL);
     """,
 ]
 CATALOG_FILLED_AT = 2  # the version after which recordings' tm_start is filled in from raw
@@ -662,20 +690,29 @@ class PgState:
         async with self._advisory(f"voipbin-archiver:manifest:{self._acct}") as got:
             yield got
 
-    async def manifest_due(self, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def manifest_due(self, limit: int) -> ManifestDue:
         rows = await self._fetch(
             f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=$1 AND manifest_seq IS NULL"
             f" AND state IN ({STORED_SQL}) ORDER BY archived_at, id LIMIT $2", self._acct, limit)
         deleted = await self._fetch(
             f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=$1 AND manifest_deleted_seq IS NULL"
             " AND server_deleted_at IS NOT NULL ORDER BY server_deleted_at, id LIMIT $2", self._acct, limit)
-        return [dict(r) for r in rows], [dict(r) for r in deleted]
+        removed = await self._fetch(
+            f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=$1 AND manifest_seq IS NULL"
+            f" AND state IN ({REMOVED_SQL}) ORDER BY removed_at, id LIMIT $2", self._acct, limit)
+        holds = await self._fetch(
+            "SELECT seq, recording_id, action, reason, at FROM hold_events WHERE account=$1 AND manifest_seq IS NULL"
+            " ORDER BY seq LIMIT $2", self._acct, limit)
+        return ManifestDue([dict(r) for r in rows], [dict(r) for r in deleted], [dict(r) for r in removed],
+                           [dict(r) for r in holds])
 
     async def mark_manifested(self, seq: int, head: str, archived: list[tuple[str, str | None]],
-                              deleted: list[str]) -> None:
+                              deleted: list[str], hold_events: list[int] | None = None) -> None:
         account = self._acct
         with self._reachable():
             async with self.pool.acquire() as con, con.transaction():
+                await con.executemany("UPDATE hold_events SET manifest_seq=$1 WHERE seq=$2",
+                                      [(seq, n) for n in hold_events or []])
                 await con.executemany(
                     "UPDATE recordings SET manifest_seq=$1 WHERE account=$2 AND id=$3"
                     " AND sha256 IS NOT DISTINCT FROM $4", [(seq, account, rec_id, sha) for rec_id, sha in archived])
@@ -685,6 +722,76 @@ class PgState:
                 await con.execute("INSERT INTO meta (account, key, value) VALUES ($1,$2,$3)"
                                   " ON CONFLICT (account, key) DO UPDATE SET value=excluded.value",
                                   account, MANIFEST_HEAD, head)
+
+    # ---- keeping and letting go (policy.py): holds, expiry, erasure ----------------------------
+
+    @contextlib.asynccontextmanager
+    async def policy_lock(self) -> AsyncIterator[bool]:
+        async with self._advisory(f"voipbin-archiver:policy:{self._acct}") as got:
+            yield got
+
+    async def change_holds(self, ids: list[str], hold: bool, reason: str, audit: dict[str, str]) -> list[str]:
+        account = self._acct
+        now = time.time()
+        with self._reachable():
+            async with self.pool.acquire() as con, con.transaction():
+                known = {r[0] for r in await con.fetch(
+                    "SELECT id FROM recordings WHERE account=$1 AND id = ANY($2::text[]) FOR UPDATE", account, ids)}
+                held = {r[0] for r in await con.fetch(
+                    "SELECT recording_id FROM holds WHERE account=$1 AND recording_id = ANY($2::text[])", account, ids)}
+                changed = [i for i in dict.fromkeys(ids) if i in known and ((i in held) != hold)]
+                if hold:
+                    await con.executemany("INSERT INTO holds (account, recording_id, reason, held_at)"
+                                          " VALUES ($1,$2,$3,$4)", [(account, i, reason, now) for i in changed])
+                else:
+                    await con.executemany("DELETE FROM holds WHERE account=$1 AND recording_id=$2",
+                                          [(account, i) for i in changed])
+                await con.executemany(
+                    "INSERT INTO hold_events (account, recording_id, action, reason, at) VALUES ($1,$2,$3,$4,$5)",
+                    [(account, i, "held" if hold else "released", reason, now) for i in changed])
+                await con.executemany("INSERT INTO archive_audit (account, recording_id, line) VALUES ($1,$2,$3)",
+                                      [(account, i, audit[i]) for i in changed])
+        return changed
+
+    async def holds(self) -> list[dict[str, Any]]:
+        scope, params = self._scope(1)
+        rows = await self._fetch(
+            f"SELECT account, recording_id, reason, held_at FROM holds WHERE {scope}true"
+            " ORDER BY held_at, recording_id", *params)
+        return [dict(r) for r in rows]
+
+    async def removal_rows(self, ids: list[str]) -> list[dict[str, Any]]:
+        rows = await self._fetch(f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=$1"
+                                 " AND id = ANY($2::text[])", self._acct, ids)
+        return [dict(r) for r in rows]
+
+    async def expirable(self, before: float, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetch(
+            f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=$1 AND state IN ({STORED_SQL})"
+            " AND coalesce(tm_start, tm_create) < $2 AND remove_intent IS NULL ORDER BY tm_start LIMIT $3",
+            self._acct, before, limit)
+        return [dict(r) for r in rows]
+
+    async def removal_intents(self) -> list[dict[str, Any]]:
+        rows = await self._fetch(f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=$1"
+                                 " AND remove_intent IS NOT NULL", self._acct)
+        return [dict(r) for r in rows]
+
+    async def mark_removal_intent(self, ids: list[str], why: str, reason: str) -> None:
+        await self._execute("UPDATE recordings SET remove_intent=$1, removed_reason=$4 WHERE account=$2"
+                            " AND id = ANY($3::text[])", why, self._acct, ids, reason)
+
+    async def mark_removed(self, rows: list[tuple[str, str, str]], audit: list[str]) -> None:
+        account = self._acct
+        now = time.time()
+        with self._reachable():
+            async with self.pool.acquire() as con, con.transaction():
+                await con.executemany("INSERT INTO archive_audit (account, recording_id, line) VALUES ($1,$2,$3)",
+                                      [(account, json.loads(line)["recording_id"], line) for line in audit])
+                await con.executemany(
+                    "UPDATE recordings SET state=$1, removed_reason=$2, removed_at=$3, remove_intent=NULL,"
+                    " manifest_seq=NULL, updated_at=$3 WHERE account=$4 AND id=$5",
+                    [(state, reason, now, account, rec_id) for rec_id, state, reason in rows])
 
     # ---- deleting the server's copy (retention.py): one pruner per account ---------------------
 

@@ -50,12 +50,15 @@ from .base import (
     FLAGS,
     MANIFEST_COLUMNS,
     MANIFEST_HEAD,
+    REMOVAL_COLUMNS,
+    REMOVED_SQL,
     ROW_COLUMNS,
     STATES,
     STORED_SQL,
     SUMMARY_META,
     Dialect,
     FindQuery,
+    ManifestDue,
     Row,
     assemble_summaries,
     call_rows,
@@ -246,6 +249,29 @@ MIGRATIONS: list[str] = [
         WHERE manifest_seq IS NULL AND state IN ('archived', 'no_audio');
     CREATE INDEX recordings_manifest_deleted_due ON recordings(account)
         WHERE manifest_deleted_seq IS NULL AND server_deleted_at IS NOT NULL;
+    ALTER TABLE recordings ADD COLUMN remove_intent TEXT;
+    ALTER TABLE recordings ADD COLUMN removed_at REAL;
+    ALTER TABLE recordings ADD COLUMN removed_reason TEXT;
+    CREATE INDEX recordings_manifest_removed_due ON recordings(account)
+        WHERE manifest_seq IS NULL AND state IN ('expired', 'erased');
+    CREATE INDEX recordings_removing ON recordings(account) WHERE remove_intent IS NOT NULL;
+    CREATE TABLE holds (
+        account TEXT NOT NULL,
+        recording_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        held_at REAL NOT NULL,
+        PRIMARY KEY (account, recording_id)
+    );
+    CREATE TABLE hold_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        account TEXT NOT NULL,
+        recording_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        manifest_seq INTEGER
+    );
+    CREATE INDEX hold_events_due ON hold_events(account) WHERE manifest_seq IS NULL;
     """,
 ]
 CATALOG_FILLED_AT = 6  # the version after which recordings' tm_start is filled in from raw
@@ -730,19 +756,28 @@ class StateDB:
         """Whether this process writes the account's manifest now: always (one process)."""
         yield True
 
-    async def manifest_due(self, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def manifest_due(self, limit: int) -> ManifestDue:
         rows = await self._fetchall(
             f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=? AND manifest_seq IS NULL"
             f" AND state IN ({STORED_SQL}) ORDER BY archived_at, id LIMIT ?", (self._acct, limit))
         deleted = await self._fetchall(
             f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=? AND manifest_deleted_seq IS NULL"
             " AND server_deleted_at IS NOT NULL ORDER BY server_deleted_at, id LIMIT ?", (self._acct, limit))
-        return [dict(r) for r in rows], [dict(r) for r in deleted]
+        removed = await self._fetchall(
+            f"SELECT {MANIFEST_COLUMNS} FROM recordings WHERE account=? AND manifest_seq IS NULL"
+            f" AND state IN ({REMOVED_SQL}) ORDER BY removed_at, id LIMIT ?", (self._acct, limit))
+        holds = await self._fetchall(
+            "SELECT seq, recording_id, action, reason, at FROM hold_events WHERE account=? AND manifest_seq IS NULL"
+            " ORDER BY seq LIMIT ?", (self._acct, limit))
+        return ManifestDue([dict(r) for r in rows], [dict(r) for r in deleted], [dict(r) for r in removed],
+                           [dict(r) for r in holds])
 
     @_writes
     async def mark_manifested(self, seq: int, head: str, archived: list[tuple[str, str | None]],
-                              deleted: list[str]) -> None:
+                              deleted: list[str], hold_events: list[int] | None = None) -> None:
         account = self._acct
+        await self.db.executemany("UPDATE hold_events SET manifest_seq=? WHERE seq=?",
+                                  [(seq, n) for n in hold_events or []])
         await self.db.executemany(
             "UPDATE recordings SET manifest_seq=? WHERE account=? AND id=? AND sha256 IS ?",
             [(seq, account, rec_id, sha) for rec_id, sha in archived])
@@ -751,6 +786,82 @@ class StateDB:
             [(seq, account, rec_id) for rec_id in deleted])
         await self.db.execute("INSERT OR REPLACE INTO meta (account, key, value) VALUES (?,?,?)",
                               (account, MANIFEST_HEAD, head))
+        await self.db.commit()
+
+    # ---- keeping and letting go (policy.py): holds, expiry, erasure ----------------------------
+
+    @contextlib.asynccontextmanager
+    async def policy_lock(self) -> AsyncIterator[bool]:
+        yield True  # one process per database
+
+    @_writes
+    async def change_holds(self, ids: list[str], hold: bool, reason: str, audit: dict[str, str]) -> list[str]:
+        account = self._acct
+        now = time.time()
+        marks = ",".join("?" * len(ids))
+        known = {r[0] for r in await self._fetchall(
+            f"SELECT id FROM recordings WHERE account=? AND id IN ({marks})", (account, *ids))} if ids else set()
+        held = {r[0] for r in await self._fetchall(
+            f"SELECT recording_id FROM holds WHERE account=? AND recording_id IN ({marks})", (account, *ids))
+        } if ids else set()
+        changed = [i for i in dict.fromkeys(ids) if i in known and ((i in held) != hold)]
+        if not changed:
+            return []
+        await asyncio.to_thread(_append_lines, policy_audit_path(self.path), [audit[i] for i in changed])
+        if hold:
+            await self.db.executemany("INSERT INTO holds (account, recording_id, reason, held_at) VALUES (?,?,?,?)",
+                                      [(account, i, reason, now) for i in changed])
+        else:
+            await self.db.executemany("DELETE FROM holds WHERE account=? AND recording_id=?",
+                                      [(account, i) for i in changed])
+        await self.db.executemany(
+            "INSERT INTO hold_events (account, recording_id, action, reason, at) VALUES (?,?,?,?,?)",
+            [(account, i, "held" if hold else "released", reason, now) for i in changed])
+        await self.db.commit()
+        return changed
+
+    async def holds(self) -> list[dict[str, Any]]:
+        scope, params = self._scope()
+        rows = await self._fetchall(
+            f"SELECT account, recording_id, reason, held_at FROM holds WHERE {scope}1=1 ORDER BY held_at, recording_id",
+            params)
+        return [dict(r) for r in rows]
+
+    async def removal_rows(self, ids: list[str]) -> list[dict[str, Any]]:
+        marks = ",".join("?" * len(ids))
+        rows = await self._fetchall(
+            f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=? AND id IN ({marks})",
+            (self._acct, *ids)) if ids else []
+        return [dict(r) for r in rows]
+
+    async def expirable(self, before: float, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=? AND state IN ({STORED_SQL})"
+            " AND coalesce(tm_start, tm_create) < ? AND remove_intent IS NULL ORDER BY tm_start LIMIT ?",
+            (self._acct, before, limit))
+        return [dict(r) for r in rows]
+
+    async def removal_intents(self) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=? AND remove_intent IS NOT NULL",
+            (self._acct,))
+        return [dict(r) for r in rows]
+
+    @_writes
+    async def mark_removal_intent(self, ids: list[str], why: str, reason: str) -> None:
+        await self.db.executemany("UPDATE recordings SET remove_intent=?, removed_reason=? WHERE account=? AND id=?",
+                                  [(why, reason, self._acct, i) for i in ids])
+        await self.db.commit()
+
+    @_writes
+    async def mark_removed(self, rows: list[tuple[str, str, str]], audit: list[str]) -> None:
+        if audit:
+            await asyncio.to_thread(_append_lines, policy_audit_path(self.path), audit)
+        now = time.time()
+        await self.db.executemany(
+            "UPDATE recordings SET state=?, removed_reason=?, removed_at=?, remove_intent=NULL, manifest_seq=NULL,"
+            " updated_at=? WHERE account=? AND id=?",
+            [(state, reason, now, now, self._acct, rec_id) for rec_id, state, reason in rows])
         await self.db.commit()
 
     # ---- deleting the server's copy (retention.py) --------------------------------------------
@@ -995,6 +1106,11 @@ def _lock(path: Path) -> int:
             f"state database {path} is in use by another voipbin-archiver process (lock {lock_path})"
         ) from None
     return fd
+
+
+def policy_audit_path(database: Path) -> Path:
+    """The append-only audit trail of the archive's own changes (holds, expiry, erasure)."""
+    return database.with_name("archive-audit.jsonl")
 
 
 def audit_path(database: Path) -> Path:
