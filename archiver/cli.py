@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="download again what is missing or changed, while the server still has it")
     v.add_argument("--deep", action="store_true",
                    help="a bucket: download and re-hash every object (without it: HEAD size and checksum)")
+    v.add_argument("--identity", type=Path, metavar="FILE",
+                   help="an encrypted archive: decrypt each body with this age identity and check its plaintext")
     v.add_argument("--manifest", action="store_true",
                    help="prove the archive against its signed manifest: chain, signatures, every file (no API)")
     v.add_argument("--public-key", type=Path, metavar="FILE",
@@ -116,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", parents=[after],
                         help="copy what the filters match into a new folder, re-verified, with SHA256SUMS")
     ex.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    ex.add_argument("--identity", type=Path, metavar="FILE",
+                    help="an encrypted archive: decrypt with this age identity file (without it: ciphertext)")
     add_filters(ex)
     d = sub.add_parser("demo", help="archive from the bundled simulator into ./demo-archive (no account needed)")
     d.add_argument("--recordings", type=int, default=60)
@@ -142,13 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_status(cfg, args.json))
         if args.command == "verify" and args.manifest:
-            if args.repair or args.deep:
-                raise ConfigError("verify --manifest takes neither --repair nor --deep (it reads every file)")
+            if args.repair or args.deep or args.identity:
+                raise ConfigError("verify --manifest takes neither --repair, --deep nor --identity (it reads every "
+                                  "file, and needs no private key)")
             return asyncio.run(_verify_manifest(cfg, args.public_key))
         if args.command == "verify":
             if args.public_key:
                 raise ConfigError("--public-key is for verify --manifest")
-            return asyncio.run(_verify(cfg, args.repair, args.deep))
+            return asyncio.run(_verify(cfg, args.repair, args.deep, args.identity))
         if args.command == "prune":
             return asyncio.run(_prune(cfg, args.dry_run))
         if args.command == "find":
@@ -225,7 +230,7 @@ async def _find(cfg: Config, args: argparse.Namespace) -> int:
 async def _export(cfg: Config, args: argparse.Namespace) -> int:
     """``export``: exit 0 when every file matched what was archived, 1 otherwise (or when
     nothing matched), 2 for a non-empty ``--out``."""
-    report = await export(cfg, query_of(args), args.out, filters_of(args))
+    report = await export(cfg, query_of(args), args.out, filters_of(args), args.identity)
     if not report.recordings and not report.mismatches and not report.not_archived:
         print("export: no recording matches; nothing written", file=sys.stderr)
         return EXIT_FAILED
@@ -400,10 +405,10 @@ def _expiry_line(label: str, expires: float | None) -> str:
     return f"{label}: {_when(expires)}" + (f"  WARNING: {warning}" if warning else "")
 
 
-async def _verify(cfg: Config, repair: bool = False, deep: bool = False) -> int:
+async def _verify(cfg: Config, repair: bool = False, deep: bool = False, identity: Path | None = None) -> int:
     from .service import mark_for_repair, run_engine, verify
 
-    checked, problems, bad = await verify(cfg, deep)
+    checked, problems, bad = await verify(cfg, deep, identity)
     for problem in problems:
         print(f"BAD  {problem}")
     print(f"verified {checked} archived recordings: {len(problems)} problem(s)")

@@ -124,6 +124,8 @@ class ArchiveConfig:
     manifest_interval: float = setting(3600.0, minimum=0.1)  # at most one segment per this many seconds
     # days a recording is kept in the archive from its tm_start (0: forever); `expire` removes older ones
     keep_days: int = setting(0, minimum=0, maximum=36500)
+    # age X25519 recipients ("age1..."): every body and sidecar encrypted to them (seal.py); empty: none
+    encrypt_to: tuple[str, ...] = setting(())
     temp_tag: str = ""  # set by the daemon when its state is shared (layout.set_temp_tag)
 
 
@@ -284,7 +286,9 @@ def build_config(
         raise ConfigError('[archive] directory is for destination = "directory"; with "s3", transfers are '
                           "staged in [archive.s3] staging_directory")
     archive = ArchiveConfig(
-        **reader.keys("archive", ArchiveConfig, skip=("destination", "directory", "layout", "signing_key_file")),
+        **reader.keys("archive", ArchiveConfig,
+                      skip=("destination", "directory", "layout", "signing_key_file", "encrypt_to")),
+        encrypt_to=_recipients(reader),
         signing_key_file=_optional_path(reader.key("archive", ArchiveConfig, "signing_key_file"), base_dir),
         destination=destination,
         s3=s3,
@@ -298,6 +302,9 @@ def build_config(
     if s3 is not None and archive.keep_days and s3.legal_hold:
         raise ConfigError("[archive] keep_days: [archive.s3] legal_hold = true holds every object for good, so "
                           "nothing could expire; hold single recordings with `voipbin-archiver hold add` instead")
+    if archive.encrypt_to and archive.unpack:
+        raise ConfigError("[archive] unpack = true would leave the members in plain audio beside the encrypted "
+                          "body: with encrypt_to, keep unpack = false")
     if s3 is not None and archive.unpack:
         raise ConfigError('[archive] unpack = true is for destination = "directory" (in a bucket, the ZIP object '
                           "holds its members)")
@@ -314,6 +321,19 @@ def build_config(
         metrics=metrics, accounts=accounts, path=path,
         warnings=tuple(warnings),
     )
+
+
+def _recipients(reader: _Reader) -> tuple[str, ...]:
+    """``[archive] encrypt_to``: a list of age recipients, each checked now (a malformed one
+    stops the start, named, before anything is archived)."""
+    value = reader._get("archive", "encrypt_to", [], lambda v: isinstance(v, list) and all(
+        isinstance(x, str) for x in v), 'a list of age recipients (["age1..."])')
+    from .seal import recipients_of
+
+    recipients_of(value)
+    if len(set(value)) != len(value):
+        raise ConfigError("[archive] encrypt_to names a recipient twice")
+    return tuple(value)
 
 
 def _optional_path(value: str, base_dir: Path) -> str:

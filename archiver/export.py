@@ -13,6 +13,7 @@ fails (exit 1) with no ``SHA256SUMS``: a folder without one is not a production.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ import structlog
 from . import __version__
 from .config import Config
 from .destinations import Destination, open_destination
-from .errors import ConfigError
+from .errors import ConfigError, VerificationError
 from .inspect import hash_file
 from .layout import beside_rel
 from .logs import redact
+from .seal import SUFFIX as SEAL_SUFFIX
+from .seal import decrypt, identities_of, unseal_json
 from .state import STORED, FindQuery, open_state
 from .store import fsync_path, mkdir_durable, write_file_atomic
 from .verify import sidecar_agrees
@@ -65,8 +68,12 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: not empty; an export goes into a new or empty directory")
 
 
-async def export(cfg: Config, query: FindQuery, out: Path, filters: dict[str, Any]) -> ExportReport:
-    """Everything ``query`` matches into ``out`` (see the module doc)."""
+async def export(cfg: Config, query: FindQuery, out: Path, filters: dict[str, Any],
+                 identity: Path | None = None) -> ExportReport:
+    """Everything ``query`` matches into ``out`` (see the module doc); an encrypted archive's
+    files as they are (ciphertext), or with ``identity`` (an age identity file) decrypted, each
+    plaintext checked against the SHA-256 archived before encryption."""
+    identities = identities_of(identity) if identity else None
     check_out(out)
     state = await open_state(cfg.state, readonly=True)
     try:
@@ -84,6 +91,8 @@ async def export(cfg: Config, query: FindQuery, out: Path, filters: dict[str, An
                 continue
             try:
                 files = await _export_recording(destination, row, out, report)
+                if identities:
+                    files = _open_sealed(out, row, files, identities, report)
             except Mismatch as exc:
                 report.mismatches.append(str(exc))
                 log.error("export_mismatch", recording_id=row["id"], problem=str(exc))
@@ -130,7 +139,7 @@ async def _export_recording(destination: Destination, row: dict[str, Any], out: 
         return files + await _copy_extras(destination, rel, out, report, rec)
     await _copy(destination, rel, out, report, rec, (row["size"], row["sha256"]))
     files.append(rel)
-    side_rel = rel.rpartition(".")[0] + ".json"
+    side_rel = beside_rel(rel, "json")
     files.append(await _copy_sidecar(destination, side_rel, row, out, report))
     meta = json.loads((out / side_rel).read_text())["archive"]
     if meta.get("unpacked_to"):
@@ -215,12 +224,55 @@ def _json_problem(path: Path, rel: str, sidecar_of: dict[str, Any] | None, json_
         meta = doc.get("archive") if isinstance(doc, dict) else None
         if not isinstance(meta, dict) or not sidecar_agrees(meta, sidecar_of):
             return f"{rel}: the sidecar disagrees with the state (size and SHA-256 archived)"
+        if "sealed" in doc and "recording" not in doc:  # encrypted: the recording's JSON is sealed
+            return ""
         recording = doc.get("recording")
         if not isinstance(recording, dict) or recording.get("id") != sidecar_of["id"]:
             return f"{rel}: the sidecar is another recording's"
-    elif not isinstance(doc, dict) or doc.get("recording_id") != json_of:
+    elif not isinstance(doc, dict) or doc.get("recording_id") != json_of:  # (a sealed note names it too)
         return f"{rel}: the call file is another recording's"
     return ""
+
+
+def _open_sealed(out: Path, row: dict[str, Any], files: list[str], identities: list[Any],
+                 report: ExportReport) -> list[str]:
+    """The exported files of an encrypted recording opened in ``out``: each ``.age`` body
+    decrypted (its plaintext checked against the sidecar's ``plaintext`` SHA-256, which agrees
+    with the state) and renamed without ``.age``; each sealed JSON merged back into its document."""
+    rec = row["id"]
+    opened = []
+    plain_sha = ""
+    for rel in files:
+        if rel.endswith(".json"):
+            doc = json.loads((out / rel).read_bytes())
+            if isinstance(doc, dict) and isinstance(doc.get("sealed"), str):
+                try:
+                    doc.update(unseal_json(doc.pop("sealed"), identities))
+                except (VerificationError, ValueError) as exc:
+                    raise Mismatch(f"recording {rec}: {rel}: cannot open its sealed part ({exc})") from None
+                plain_sha = plain_sha or str((doc.get("archive") or {}).get("plaintext", {}).get("sha256", ""))
+                data = json.dumps(doc, indent=2, sort_keys=True).encode()
+                write_file_atomic(out / rel, data)
+                report.sums[rel] = hashlib.sha256(data).hexdigest()
+    for rel in files:
+        if not rel.endswith(f".{SEAL_SUFFIX}"):
+            opened.append(rel)
+            continue
+        try:
+            plain = decrypt((out / rel).read_bytes(), identities)
+        except VerificationError as exc:
+            raise Mismatch(f"recording {rec}: {rel}: {exc}") from None
+        sha = hashlib.sha256(plain).hexdigest()
+        if sha != plain_sha:
+            raise Mismatch(f"recording {rec}: {rel} decrypts to other bytes than were archived")
+        plain_rel = rel[: -len(SEAL_SUFFIX) - 1]
+        write_file_atomic(out / plain_rel, plain)
+        report.bytes += len(plain) - (out / rel).stat().st_size
+        (out / rel).unlink()
+        report.sums.pop(rel, None)
+        report.sums[plain_rel] = sha
+        opened.append(plain_rel)
+    return opened
 
 
 def _inside(out: Path, rel: str, rec: str) -> Path:

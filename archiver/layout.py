@@ -72,13 +72,17 @@ def _check_account(name: str) -> str:
 
 
 def sidecar_path(final: Path) -> Path:
+    """``<id>.json`` beside the body ``<id>.<ext>`` (or, encrypted, ``<id>.<ext>.age``)."""
+    if final.suffix == ".age":
+        final = final.with_suffix("")
     return final.with_suffix(".json")
 
 
 def beside_rel(rel: str, suffix: str) -> str:
     """``<id>.<suffix>`` beside the recording at ``rel`` (its body, or a sidecar alone): a
     bucket's late call (``call.json``), a transcript (``transcript.json``)."""
-    return rel.rpartition(".")[0] + "." + suffix
+    base = rel[:-4] if rel.endswith(".age") else rel  # an encrypted body: <id>.<ext>.age
+    return base.rpartition(".")[0] + "." + suffix
 
 
 _temp_tag = ""  # this process's mark in temporary names, when other daemons write beside it

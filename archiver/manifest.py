@@ -177,6 +177,7 @@ def archived_entry(account: str, row: dict[str, Any], files: list[dict[str, Any]
         "event": "archived", "account": account, "recording_id": row["id"], "state": row["state"],
         "flag": row.get("flag") or None, "path": row["path"],
         "sha256": row["sha256"], "size": row["size"],  # of the body; a sidecar alone (no audio) is not hashed
+        "plaintext_sha256": row.get("plain_sha256") or None,  # encrypted: the audio's own
         "files": files, "sidecar": sidecar,
         "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds") if at else None,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import json
 import signal
 import sys
@@ -19,9 +21,9 @@ import structlog
 
 from .client import ApiClient
 from .config import ApiConfig, Config
-from .destinations import open_destination
+from .destinations import Destination, open_destination
 from .engine import Engine, RunResult
-from .errors import ArchiverError, ConfigError, LocalStorageError
+from .errors import ArchiverError, ConfigError, LocalStorageError, VerificationError
 from .expiry import expiry_warning, watch_accesskey
 from .layout import set_temp_tag
 from .logs import redact
@@ -33,6 +35,7 @@ from .notify import Notifier, watchdog_interval
 from .policy import EXPIRE_EVERY, Policy, PolicyResult
 from .ratelimit import Grant
 from .retention import Pruner, PruneResult, read_store
+from .seal import decrypt, identities_of
 from .state import STATES, State, empty_summary, open_state, waiting_count
 from .state.base import MANIFEST_HEAD
 from .storepool import StorePool
@@ -362,10 +365,13 @@ async def prune(cfg: Config, dry_run: bool) -> PruneResult:
         await state.close()
 
 
-async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[tuple[str, str]]]:
+async def verify(cfg: Config, deep: bool = False, identity: Path | None = None,
+                 ) -> tuple[int, list[str], list[tuple[str, str]]]:
     """Re-check every archived recording against SQLite and its sidecar (a directory: re-hash
-    every file; a bucket: HEAD each object, ``deep`` downloads and re-hashes it). Returns
-    (checked, problems, (account, id) of each recording with a problem)."""
+    every file; a bucket: HEAD each object, ``deep`` downloads and re-hashes it); with
+    ``identity`` (an age identity file), each encrypted body is decrypted and its plaintext's
+    SHA-256 checked too. Returns (checked, problems, (account, id) of each recording with a problem)."""
+    identities = identities_of(identity) if identity else None
     state = await open_state(cfg.state, readonly=True)
     checked = 0
     problems: list[str] = []
@@ -375,12 +381,28 @@ async def verify(cfg: Config, deep: bool = False) -> tuple[int, list[str], list[
             async for row in state.archived():
                 checked += 1
                 found = await destination.check(row, deep)
+                if identities and not found and row["plain_sha256"]:
+                    found = await _check_plaintext(destination, row, identities)
                 if found:
                     problems.extend(found)
                     bad.append((row["account"], row["id"]))
     finally:
         await state.close()
     return checked, problems, bad
+
+
+async def _check_plaintext(destination: Destination, row: dict[str, Any], identities: list[Any]) -> list[str]:
+    """An encrypted body decrypted (in memory) and its plaintext's SHA-256 checked."""
+    sink = io.BytesIO()
+    if not await destination.read(row["path"], sink):
+        return [f"{row['path']}: missing"]
+    try:
+        plain = decrypt(sink.getvalue(), identities)
+    except VerificationError as exc:
+        return [f"{row['path']}: {exc} (another key, or the ciphertext is damaged)"]
+    if hashlib.sha256(plain).hexdigest() != row["plain_sha256"]:
+        return [f"{row['path']}: decrypts to other bytes than were archived"]
+    return []
 
 
 async def mark_for_repair(

@@ -43,6 +43,8 @@ from .inspect import (
 )
 from .layout import Layout, sidecar_path, temp_name, temp_path
 from .model import expected_members
+from .seal import SUFFIX as SEAL_SUFFIX
+from .seal import encrypt, encrypt_file, recipients_of, seal_json
 
 NO_AUDIO_CAUSE = (
     "the server holds no audio for this recording and never will (it stores a recording's files once, "
@@ -66,6 +68,7 @@ class Archived:
     flag: str = ""  # "", "incomplete" (fewer files than expected) or "damaged" (broken structure)
     flag_reason: str = ""
     via: str = ""  # "storage_files" or "recordingfiles": how it was fetched ("" when adopted)
+    plain_sha256: str = ""  # encrypted (``[archive] encrypt_to``): the plaintext's; size and sha256 are the file's
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class Store:
         # another destination (a bucket) commits the verified body itself: verify and stage only.
         # A staged copy needs no fsync (a crash loses it, and the recording is fetched again).
         self.stage_only = cfg.destination != "directory"
+        self.recipients = recipients_of(cfg.encrypt_to) if cfg.encrypt_to else None
 
     def store_batch(self, jobs: list[StoreJob]) -> list[Archived | Staged | Exception]:
         """Store each job, then fsync each directory once for all the renames into it (group
@@ -292,14 +296,15 @@ class Store:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
         Returns what the checks read: the bytes in memory unless the body spilled to disk."""
         try:  # a spilled body was created by ``create_exclusive`` in the daemon
-            if job.spilled or not self.stage_only:  # a staged body in memory stays there
+            # a staged body in memory stays there, and so does one to encrypt: no plaintext at rest
+            if job.spilled or not (self.stage_only or self.recipients):
                 if job.spilled:
                     fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
                 else:
                     fd = create_exclusive(job.tmp)
                 try:
                     write_all(fd, job.tail)
-                    if not self.stage_only:
+                    if not (self.stage_only or self.recipients):  # a plaintext to encrypt is never kept
                         os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -391,8 +396,11 @@ class Store:
 
     def _sidecar(
         self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], file: str | None,
-        state: str, flag: str, reason: str, unpacked: bool,
+        state: str, flag: str, reason: str, unpacked: bool, cipher: dict[str, Any] | None = None,
     ) -> bytes:
+        """The sidecar; encrypted (``cipher``: the ciphertext's part of the clear ``archive``
+        block), the recording's JSON and its call go into ``sealed``, the rest stays clear so the
+        archive can be checked without the private key."""
         meta = {
             "account": job.account,
             "file": file,
@@ -417,6 +425,10 @@ class Store:
         doc: dict[str, Any] = {"recording": job.raw, "archive": meta}
         if job.call is not None:
             doc["call"] = job.call
+        if self.recipients and cipher is not None:
+            meta.update(cipher)
+            private = {k: doc.pop(k) for k in ("recording", "call") if k in doc}
+            doc["sealed"] = seal_json(private, self.recipients)  # who called whom: personal data
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 
     def _commit_no_audio(
@@ -428,7 +440,8 @@ class Store:
                                    job.account)
         side = sidecar_path(self.layout.path(rel))
         reason = f"{reason}: {NO_AUDIO_CAUSE}"
-        data = self._sidecar(job, kind, digest, members, None, "no_audio", "", reason, False)
+        data = self._sidecar(job, kind, digest, members, None, "no_audio", "", reason, False,
+                             {"encrypted_to": list(self.cfg.encrypt_to)} if self.recipients else None)
         try:
             if not self.stage_only:
                 write_file_atomic(side, data)
@@ -449,6 +462,8 @@ class Store:
         renamed into place only once written and fsynced. With ``stage_only``, handed back."""
         rel = self.layout.relative(job.rec_id, kind, job.tm_create, job.ref_type, job.account)
         final = self.layout.path(rel)
+        if self.recipients:
+            return self._commit_encrypted(job, kind, digest, members, flag, reason, rel, final)
         unpack = kind == "zip" and unpack_tmp is not None
         sidecar = self._sidecar(job, kind, digest, members, final.name, "archived", flag, reason, unpack)
         checked = {k: job.hashes[k] for k in sorted(job.hashes)}
@@ -475,6 +490,56 @@ class Store:
             rel, digest.size, digest.sha256.hexdigest(), checked, len(members), flag=flag, flag_reason=reason,
             via=_via(job),
         )
+
+
+    def _commit_encrypted(
+        self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], flag: str, reason: str,
+        rel: str, final: Path,
+    ) -> Archived | Staged:
+        """The verified plaintext encrypted to ``encrypt_to`` into ``<id>.<ext>.age`` (from memory,
+        or streamed from the spilled plaintext, which is removed at once), fsynced, then the
+        sidecar and the rename; a bucket gets the ciphertext staged. The file's size and SHA-256
+        are the ciphertext's; the plaintext's go beside them."""
+        assert self.recipients is not None
+        enc_final = final.with_name(f"{final.name}.{SEAL_SUFFIX}")
+        enc_tmp = temp_path(job.directory, job.rec_id, SEAL_SUFFIX)
+        try:
+            if job.spilled:
+                try:
+                    encrypt_file(job.tmp, enc_tmp, self.recipients)
+                finally:
+                    remove_quietly(job.tmp)  # the plaintext is never kept
+            else:
+                fd = create_exclusive(enc_tmp)
+                try:
+                    write_all(fd, encrypt(job.tail, self.recipients))
+                finally:
+                    os.close(fd)
+            cipher = BodyDigest(md5=self.stage_only)
+            with open(enc_tmp, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    cipher.update(chunk)
+                if not self.stage_only:
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            remove_quietly(enc_tmp)
+            raise LocalStorageError(f"cannot store {enc_final.name}: {exc.strerror}") from None
+        extra = {"encrypted_to": list(self.cfg.encrypt_to), "plaintext": {"size": digest.size,
+                 "sha256": digest.sha256.hexdigest()}}
+        sidecar = self._sidecar(job, kind, cipher, members, enc_final.name, "archived", flag, reason, False, extra)
+        checked = {k: job.hashes[k] for k in sorted(job.hashes)}
+        archived = Archived(f"{rel}.{SEAL_SUFFIX}", cipher.size, cipher.sha256.hexdigest(), checked, len(members),
+                            flag=flag, flag_reason=reason, via=_via(job), plain_sha256=digest.sha256.hexdigest())
+        if self.stage_only:
+            assert cipher.md5 is not None
+            return Staged(archived, sidecar, base64.b64encode(cipher.md5.digest()).decode(), enc_tmp)
+        try:
+            write_file_atomic(sidecar_path(final), sidecar)
+            os.replace(enc_tmp, enc_final)
+        except OSError as exc:
+            remove_quietly(enc_tmp)
+            raise LocalStorageError(f"cannot store {enc_final.name}: {exc.strerror}") from None
+        return archived
 
 
 def _via(job: StoreJob) -> str:

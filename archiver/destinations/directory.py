@@ -28,6 +28,8 @@ from ..errors import InvalidRecording, LocalStorageError, VerificationError
 from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
 from ..layout import EXTENSIONS, Layout, beside_rel, is_temporary, sidecar_path
 from ..manifest import NOTE_SUFFIXES
+from ..seal import SUFFIX as SEAL_SUFFIX
+from ..seal import recipients_of, sealed
 from ..state.base import Row
 from ..store import (
     Archived,
@@ -57,6 +59,7 @@ class DirectoryDestination(Destination):
         self.cfg = cfg
         self.layout = Layout(cfg.directory, cfg.layout)
         self.limits = limits(cfg)
+        self.recipients = recipients_of(cfg.encrypt_to) if cfg.encrypt_to else None
         self._empty_at_start: dict[Path, asyncio.Future[bool]] = {}
 
     def location(self) -> str:
@@ -91,13 +94,16 @@ class DirectoryDestination(Destination):
 
     async def write_beside(self, row: dict[str, Any], suffix: str, doc: dict[str, Any]) -> None:
         path = self.layout.path(beside_rel(row["path"], suffix))
-        data = json.dumps(doc, indent=2, sort_keys=True).encode()
+        data = json.dumps(sealed(doc, self.recipients), indent=2, sort_keys=True).encode()
         await asyncio.to_thread(_write_durable, path, data)
 
     async def note_call(self, row: dict[str, Any], call: dict[str, Any]) -> None:
         """The sidecar rewritten with its ``call`` block (temporary name, fsync, rename)."""
         path = self.layout.path(row["path"])
         side = path if row["state"] == "no_audio" else sidecar_path(path)
+        if self.recipients:  # the clear sidecar never holds a number: the call goes sealed beside it
+            await self.write_beside(row, "call.json", {"recording_id": row["id"], "call": call})
+            return
         await asyncio.to_thread(_rewrite_sidecar, side, "call", call)
 
     async def note_server_deleted(self, row: dict[str, Any], request_id: str, status: int) -> None:
@@ -173,9 +179,8 @@ class DirectoryDestination(Destination):
         path = self.layout.path(rel)
         if outside(self.layout.root, rel):
             raise LocalStorageError(f"{rel}: {outside(self.layout.root, rel)}: not removed")
-        stem = rel.rpartition(".")[0]
         try:
-            for name in {rel, *(f"{stem}.{suffix}" for suffix in NOTE_SUFFIXES)}:
+            for name in {rel, *(beside_rel(rel, suffix) for suffix in NOTE_SUFFIXES)}:
                 self.layout.path(name).unlink(missing_ok=True)
             members = path.parent / row["id"]
             if members.is_dir() and not members.is_symlink():
@@ -220,24 +225,29 @@ class DirectoryDestination(Destination):
             raise LocalStorageError(f"cannot read the archive: {exc.strerror} ({directory})") from None
 
     def _adopt_existing_file(self, row: Row, directory: Path) -> Archived | None:
-        for ext in EXTENSIONS:
-            final = directory / f"{row.id}.{ext}"
+        for ext, final in [(ext, directory / f"{row.id}.{ext}{tail}") for ext in EXTENSIONS
+                           for tail in ("", f".{SEAL_SUFFIX}")]:
             side = sidecar_path(final)
             if final.is_symlink() or side.is_symlink():  # planted: never read or trust through a link
                 log.warning("existing_file_rejected", recording_id=row.id, file=final.name, reason="a symlink")
                 remove_quietly(final if final.is_symlink() else side)
                 continue
             if not final.exists():
-                adopted = self._adopt_no_audio(row, side) if ext == EXTENSIONS[0] else None
+                adopted = self._adopt_no_audio(row, side) if final.name == f"{row.id}.{EXTENSIONS[0]}" else None
                 if adopted is not None:
                     return adopted
                 continue
             try:
                 meta = json.loads(side.read_text())["archive"]
                 size, sha = hash_file(final)
-                if size != meta["size"] or sha != meta["sha256"]:
+                if size != meta["size"] or sha != meta["sha256"] or meta.get("file") not in (None, final.name):
                     raise VerificationError("differs from its sidecar")
-                if meta.get("flag") != "damaged":  # a damaged body was kept knowing it fails these
+                encrypted = final.suffix == f".{SEAL_SUFFIX}"
+                if encrypted != bool(meta.get("plaintext")):
+                    raise VerificationError("its sidecar says otherwise of its encryption")
+                if encrypted:
+                    pass  # the plaintext was checked before it was encrypted; the ciphertext's hash holds
+                elif meta.get("flag") != "damaged":  # a damaged body was kept knowing it fails these
                     if ext == "zip":
                         inspect_zip(final, self.limits)
                     else:
@@ -255,6 +265,7 @@ class DirectoryDestination(Destination):
             return Archived(
                 rel, size, sha, meta.get("server_hashes_checked", {}), len(meta.get("members", [])), True,
                 flag=meta.get("flag") or "", flag_reason=meta.get("flag_reason") or "",
+                plain_sha256=str((meta.get("plaintext") or {}).get("sha256") or ""),
             )
         return None
 

@@ -44,6 +44,8 @@ from ..errors import ConfigError, DestinationUnavailable, TransientError
 from ..layout import EXTENSIONS, Layout, beside_rel
 from ..logs import register_secret
 from ..manifest import NOTE_SUFFIXES
+from ..seal import SUFFIX as SEAL_SUFFIX
+from ..seal import recipients_of, sealed
 from ..state.base import Row
 from ..store import Archived, Staged, StoreJob
 from ..verify import sidecar_agrees
@@ -73,6 +75,7 @@ class S3Destination(Destination):
         self.cfg = cfg
         self.s3: S3Config = cfg.s3
         self.layout = Layout(cfg.directory, cfg.layout)  # the root is the staging directory
+        self.recipients = recipients_of(cfg.encrypt_to) if cfg.encrypt_to else None
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._empty_at_start: dict[str, asyncio.Future[bool]] = {}
@@ -175,6 +178,8 @@ class S3Destination(Destination):
         ref = row.raw.get("reference_type", "") or ""
         rels = {ext: self.layout.relative(row.id, ext, row.tm_create, ref, row.account) for ext in EXTENSIONS}
         prefix = self.key(rels["zip"]).rpartition("/")[0] + "/"
+        if self.recipients:
+            rels = {**rels, **{f"{ext}.{SEAL_SUFFIX}": f"{rel}.{SEAL_SUFFIX}" for ext, rel in rels.items()}}
         known = self._empty_at_start.get(prefix)
         if known is None:
             known = self._empty_at_start[prefix] = asyncio.ensure_future(self._prefix_empty(prefix))
@@ -204,7 +209,8 @@ class S3Destination(Destination):
             log.info("existing_object_adopted", recording_id=row.id, key=self.key(rel), kind=ext)
             return Archived(rel, head["ContentLength"], meta["sha256"], meta.get("server_hashes_checked", {}),
                             len(meta.get("members", [])), True, flag=meta.get("flag") or "",
-                            flag_reason=meta.get("flag_reason") or "")
+                            flag_reason=meta.get("flag_reason") or "",
+                            plain_sha256=str((meta.get("plaintext") or {}).get("sha256") or ""))
         return None
 
     async def commit(self, job: StoreJob, result: Archived | Staged) -> Archived:
@@ -336,7 +342,7 @@ class S3Destination(Destination):
         key = self.key(beside_rel(row["path"], suffix))
         if await self._check_before_write(key) is not None:
             return
-        data = json.dumps(doc, indent=2, sort_keys=True).encode()
+        data = json.dumps(sealed(doc, self.recipients), indent=2, sort_keys=True).encode()
         await self._put(key, data, row["id"], row["sha256"] or "", self._lock(), "application/json")
 
     async def note_call(self, row: dict[str, Any], call: dict[str, Any]) -> None:
@@ -403,8 +409,7 @@ class S3Destination(Destination):
     def _keys_of(self, row: dict[str, Any]) -> list[str]:
         """Every key of a recording: its body (or sidecar alone), sidecar and notes."""
         rel = row["path"]
-        stem = rel.rpartition(".")[0]
-        return sorted({self.key(rel), *(self.key(f"{stem}.{suffix}") for suffix in NOTE_SUFFIXES)})
+        return sorted({self.key(rel), *(self.key(beside_rel(rel, suffix)) for suffix in NOTE_SUFFIXES)})
 
     async def _versions_of(self, key: str) -> list[dict[str, Any]]:
         """Every version and delete marker of exactly ``key``."""
@@ -743,7 +748,7 @@ def _describe(head: dict[str, Any] | None) -> str:
 
 
 def _sidecar_rel(rel: str) -> str:
-    return rel.rpartition(".")[0] + ".json"
+    return beside_rel(rel, "json")
 
 
 

@@ -175,7 +175,7 @@ class Workers(EngineParts):
             row.id, result.rel_path, result.size, result.sha256,
             ",".join(f"{k}={v}" for k, v in result.server_hashes.items()), result.members,
             result.state, result.flag, result.flag_reason,
-            call_noted=bool(row.call and row.call.get("id")) and not result.adopted,
+            call_noted=bool(row.call and row.call.get("id")) and not result.adopted, plain_sha256=result.plain_sha256,
         )
         seconds = time.monotonic() - started
         self.result.stats[result.state] += 1

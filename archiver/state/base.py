@@ -31,7 +31,7 @@ def waiting_count(counts: dict[str, int]) -> int:
 DELETABLE_COLUMNS = "id, state, path, size, sha256, delete_intent_at"  # what retention.Pruner reads
 # what manifestwriter reads of a recording due in the manifest, and the meta key of the chain's head
 MANIFEST_COLUMNS = ("id, state, path, size, sha256, flag, archived_at, server_deleted_at, delete_request_id,"
-                    " manifest_seq, removed_at, removed_reason")
+                    " manifest_seq, removed_at, removed_reason, plain_sha256")
 MANIFEST_HEAD = "manifest_head"
 # what policy.py reads of a recording to remove, and whether it is held
 REMOVAL_COLUMNS = ("id, state, path, size, sha256, tm_start, tm_create, remove_intent, removed_reason, members,"

@@ -182,6 +182,7 @@ MIGRATIONS: list[str] = [
         WHERE manifest_seq IS NULL AND state IN ('archived', 'no_audio');
     CREATE INDEX recordings_manifest_deleted_due ON recordings(account)
         WHERE manifest_deleted_seq IS NULL AND server_deleted_at IS NOT NULL;
+    ALTER TABLE recordings ADD COLUMN plain_sha256 text;
     ALTER TABLE recordings ADD COLUMN remove_intent text;
     ALTER TABLE recordings ADD COLUMN removed_at double precision;
     ALTER TABLE recordings ADD COLUMN removed_reason text;
@@ -662,6 +663,7 @@ class PgState:
     async def mark_archived(
         self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
         state: str = "archived", flag: str = "", flag_reason: str = "", call_noted: bool = False,
+        plain_sha256: str = "",
     ) -> None:
         """Idempotent: an archived row with the same SHA-256 is left as it is; with another
         SHA-256 the first is kept and the conflict logged (never two answers for one recording).
@@ -670,10 +672,10 @@ class PgState:
         rows = await self._fetch(
             "UPDATE recordings SET state=$1, path=$2, size=$3, sha256=$4, server_hashes=$5, members=$6, flag=$7,"
             " flag_reason=$8, archived_at=$9, last_error=NULL, updated_at=$9, lease_owner=NULL, lease_until=NULL,"
-            " call_noted_at=$12, manifest_seq=NULL"
+            " call_noted_at=$12, manifest_seq=NULL, plain_sha256=$13"
             " WHERE account=$10 AND id=$11 AND state NOT IN ('archived', 'no_audio') RETURNING id",
             state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None, now,
-            self._acct, rec_id, now if call_noted else None,
+            self._acct, rec_id, now if call_noted else None, plain_sha256 or None,
         )
         if rows:
             return
@@ -957,7 +959,8 @@ class PgState:
         last = ("", "")
         while True:
             rows = await self._fetch(
-                f"SELECT account, id, state, path, size, sha256, manifest_seq FROM recordings WHERE {scope}"
+                f"SELECT account, id, state, path, size, sha256, manifest_seq, plain_sha256 FROM recordings"
+                f" WHERE {scope}"
                 f"state IN ({STORED_SQL}) AND (account, id) > ($1, $2) ORDER BY account, id LIMIT $3",
                 *last, batch, *params)
             if not rows:

@@ -249,6 +249,7 @@ MIGRATIONS: list[str] = [
         WHERE manifest_seq IS NULL AND state IN ('archived', 'no_audio');
     CREATE INDEX recordings_manifest_deleted_due ON recordings(account)
         WHERE manifest_deleted_seq IS NULL AND server_deleted_at IS NOT NULL;
+    ALTER TABLE recordings ADD COLUMN plain_sha256 TEXT;
     ALTER TABLE recordings ADD COLUMN remove_intent TEXT;
     ALTER TABLE recordings ADD COLUMN removed_at REAL;
     ALTER TABLE recordings ADD COLUMN removed_reason TEXT;
@@ -713,14 +714,15 @@ class StateDB:
     async def mark_archived(
         self, rec_id: str, path: str, size: int, sha256: str, server_hashes: str, members: int,
         state: str = "archived", flag: str = "", flag_reason: str = "", call_noted: bool = False,
+        plain_sha256: str = "",
     ) -> None:
         """Record a stored recording (``archived`` or ``no_audio``). Concurrent calls share one
         transaction (group commit); each returns only once its own row is committed.
-        ``call_noted``: its sidecar holds its call already."""
+        ``call_noted``: its sidecar holds its call already; ``plain_sha256``: an encrypted body's plaintext's."""
         now = time.time()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         values = (state, path, size, sha256, server_hashes, members, flag or None, flag_reason or None,
-                  now if call_noted else None)
+                  now if call_noted else None, plain_sha256 or None)
         self._archived_batch.append(((*values, now, now, self._acct, rec_id), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_archived())
@@ -733,8 +735,8 @@ class StateDB:
             try:
                 await self.db.executemany(
                     "UPDATE recordings SET state=?, path=?, size=?, sha256=?, server_hashes=?, members=?,"
-                    " flag=?, flag_reason=?, call_noted_at=?, archived_at=?, last_error=NULL, updated_at=?,"
-                    " manifest_seq=NULL WHERE account=? AND id=?",
+                    " flag=?, flag_reason=?, call_noted_at=?, plain_sha256=?, archived_at=?, last_error=NULL,"
+                    " updated_at=?, manifest_seq=NULL WHERE account=? AND id=?",
                     [values for values, _ in batch],
                 )
                 await self.db.commit()
@@ -1082,7 +1084,7 @@ class StateDB:
         last = ("", "")
         while True:
             rows = await self._fetchall(
-                f"SELECT account, id, state, path, size, sha256, manifest_seq FROM recordings"
+                f"SELECT account, id, state, path, size, sha256, manifest_seq, plain_sha256 FROM recordings"
                 f" WHERE {scope}state IN ({STORED_SQL})"
                 " AND (account, id) > (?, ?) ORDER BY account, id LIMIT ?",
                 (*params, *last, batch),
