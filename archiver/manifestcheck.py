@@ -198,9 +198,13 @@ async def verify_manifest(
     for rel, want in expected.items():
         if rel not in present:
             report.problems.append(f"{rel}: missing (recording {want.recording_id}, listed in {want.source})")
-    if unlisted and state_files is not None:  # archived since the newest segment: the state knows them
+    if state_files is not None:  # archived since the newest segment: the state knows them
         known = await state_files()
         beside = {beside_rel(rel, suffix) for rel in known for suffix in NOTE_SUFFIXES}
+        for rel, held in known.items():
+            if held is not None and rel not in present and rel not in expected:
+                report.problems.append(f"{rel}: missing (recording {held.recording_id}, archived in the state "
+                                       "after the newest segment found)")
         for rel in unlisted:
             held = known.get(rel)
             if held is not None:

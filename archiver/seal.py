@@ -19,7 +19,7 @@ from typing import Any
 
 import pyrage
 
-from .errors import ConfigError, VerificationError
+from .errors import ConfigError, LocalStorageError, VerificationError
 
 SUFFIX = "age"  # appended to a body's name: <id>.zip.age
 MAGIC = b"age-encryption.org/v1\n"
@@ -62,9 +62,13 @@ def encrypt(data: bytes, recipients: list[Any]) -> bytes:
 
 
 def encrypt_file(source: Path, target: Path, recipients: list[Any]) -> None:
-    """``source``'s bytes, encrypted, into ``target`` (streamed: a large body is never whole in memory)."""
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        pyrage.encrypt_io(src, dst, recipients)
+    """``source``'s bytes, encrypted, into ``target`` (streamed: a large body is never whole in
+    memory); the disk's failure (pyrage wraps it) is the archive's: ``LocalStorageError``."""
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            pyrage.encrypt_io(src, dst, recipients)
+    except pyrage.EncryptError as exc:
+        raise LocalStorageError(f"cannot encrypt into {target.name}: {exc}") from None
 
 
 def decrypt(data: bytes, identities: list[Any]) -> bytes:

@@ -524,6 +524,9 @@ class Store:
         except OSError as exc:
             remove_quietly(enc_tmp)
             raise LocalStorageError(f"cannot store {enc_final.name}: {exc.strerror}") from None
+        except LocalStorageError:
+            remove_quietly(enc_tmp)
+            raise
         extra = {"encrypted_to": list(self.cfg.encrypt_to), "plaintext": {"size": digest.size,
                  "sha256": digest.sha256.hexdigest()}}
         sidecar = self._sidecar(job, kind, cipher, members, enc_final.name, "archived", flag, reason, False, extra)

@@ -85,6 +85,8 @@ async def _simulators(build: Callable[..., Any]) -> AsyncIterator[Callable[..., 
 
 
 def toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

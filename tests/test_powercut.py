@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyrage
 import pytest
 
 from archiver.manifest import keygen
+from archiver.simdata import make_wav, make_zip
 from archiver.simulator import Simulator
 from tests.checks import assert_archive_complete, assert_same_audio
 from tests.conftest import REPO, cli_command, cli_env, run_cli, wait_until, write_config
@@ -47,7 +49,7 @@ class CutLog:
     archived_at_cut: list[int] = field(default_factory=list)
 
 
-def schedule(rng: random.Random, n: int, kind: str, deleting: bool = False) -> list[str]:
+def schedule(rng: random.Random, n: int, kind: str, deleting: bool = False, manifest: bool = False) -> list[str]:
     """``n`` cut commands: chosen moments (right after a body's rename into its final name, a
     sidecar's, a directory fsync that ends a store batch, a SQLite commit, in the middle of a
     body's write; when deleting, right after the audit trail's fsync), random ones (after the
@@ -65,6 +67,8 @@ def schedule(rng: random.Random, n: int, kind: str, deleting: bool = False) -> l
     ]
     if deleting:
         chosen.append(lambda: f"arm fsync /deletions.jsonl {rng.randint(1, 2)}")
+    if manifest:  # right after a segment's rename, before the state records it
+        chosen.append(lambda: f"arm rename /archive/manifests/* {rng.randint(1, 3)}")
     commands = []
     for i in range(n):
         command = chosen[i % len(chosen)]()
@@ -146,10 +150,12 @@ def survived_rows(disk: Path) -> list[tuple[str, str, str | None, str | None]]:
         db.close()
 
 
-def check_survivors(sim: Simulator, disk: Path) -> int:
+def check_survivors(sim: Simulator, disk: Path, identities: list[Any] | None = None) -> int:
     """What a machine finds after the power came back: every file under a final name complete
     and right; every recording the database calls archived present with its sidecar; no
-    recording deleted from the server without a surviving copy. Returns how many are archived."""
+    recording deleted from the server without a surviving copy. Returns how many are archived.
+    ``identities``: an encrypted archive, whose bodies are decrypted to be compared, and where no
+    plaintext audio is under a final name."""
     bodies = {rid: body for rid, body in sim.expected_archives().items()}
     archive = disk / "archive"
     finals: dict[str, Path] = {}
@@ -161,18 +167,25 @@ def check_survivors(sim: Simulator, disk: Path) -> int:
             continue
         rec_id = path.name.split(".")[0]
         assert rec_id in bodies, f"{path}: a final name for a recording with no body"
+        if path.name.endswith(".call.json"):
+            continue  # a late call, sealed (encrypted archives)
         if path.suffix == ".json":
             meta = json.loads(path.read_text())["archive"]  # a torn sidecar fails here
-            if meta.get("fetched_from") == "storage_files":  # our own ZIP of the listed files
+            if identities:
+                assert "plaintext" in meta or meta.get("state") == "no_audio", f"{path}: a sidecar of no ciphertext"
+            elif meta.get("fetched_from") == "storage_files":  # our own ZIP of the listed files
                 assert meta["storage_files"], f"{path}: a listing sidecar that names no file"
             else:
                 assert meta["sha256"] == hashlib.sha256(bodies[rec_id]).hexdigest(), f"{path}: wrong sidecar"
         else:
             data = path.read_bytes()
+            if identities:
+                assert path.suffix == ".age", f"{path}: plaintext audio under a final name"
+                data = pyrage.decrypt(data, identities)  # a torn ciphertext fails here
             if data != bodies[rec_id]:  # not the server's body: our own ZIP of its listed files, complete
                 assert_same_audio(sim, rec_id, data)  # a torn or wrong ZIP fails here
-                side = path.with_suffix(".json")  # a cut can keep the body's rename and lose the sidecar's
-                if side.exists():
+                side = sidecar_of(path)  # a cut can keep the body's rename and lose the sidecar's
+                if side.exists() and not identities:
                     meta = json.loads(side.read_text())["archive"]
                     assert meta["fetched_from"] == "storage_files", f"{path}: wrong bytes under a final name"
                     assert hashlib.sha256(data).hexdigest() == meta["sha256"], f"{path}: wrong sidecar"
@@ -182,21 +195,40 @@ def check_survivors(sim: Simulator, disk: Path) -> int:
         body = archive / rel
         assert body.is_file(), f"{rec_id}: archived in SQLite, but its file did not survive"
         assert hashlib.sha256(body.read_bytes()).hexdigest() == sha, f"{rec_id}: archived with other bytes"
-        assert body.with_suffix(".json").is_file(), f"{rec_id}: archived in SQLite, but its sidecar did not survive"
-    lost = [rid for rid in sim.deletes if rid not in finals or not finals[rid].with_suffix(".json").is_file()]
+        assert sidecar_of(body).is_file(), f"{rec_id}: archived in SQLite, but its sidecar did not survive"
+    lost = [rid for rid in sim.deletes if rid not in finals or not sidecar_of(finals[rid]).is_file()]
     assert not lost, f"deleted from the server, but no archive copy survived: {lost[:5]}"
     return len(archived)
 
 
+def sidecar_of(body: Path) -> Path:
+    return (body.with_suffix("") if body.suffix == ".age" else body).with_suffix(".json")
+
+
+def assert_no_plaintext_left(disk: Path) -> None:
+    """After the last run: no plaintext audio anywhere in the archive, temporaries included."""
+    for path in (disk / "archive").rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                assert f.read(4) not in (b"PK\x03\x04", b"RIFF"), f"{path}: plaintext audio left at rest"
+
+
 async def cut_power_repeatedly(
-    sim: Simulator, tmp_path: Path, cuts: int, seed: int, manifest: bool = False, **sections: dict[str, Any]
+    sim: Simulator, tmp_path: Path, cuts: int, seed: int, manifest: bool = False, encrypted: bool = False,
+    **sections: dict[str, Any]
 ) -> CutLog:
     """``manifest``: signed every half second, so cuts fall in segment writes too; after the last
-    run, ``verify --manifest`` must find the archive whole, with the state and without it."""
+    run, ``verify --manifest`` must find the archive whole, with the state and without it.
+    ``encrypted``: to an age key; every check decrypts, and no plaintext audio may survive."""
     disk, mnt = tmp_path / "disk", tmp_path / "mnt"
-    signing = {"signing_key_file": str(tmp_path / "signing.key"), "manifest_interval": 0.5} if manifest else {}
+    signing: dict[str, Any] = {"signing_key_file": str(tmp_path / "signing.key"), "manifest_interval": 0.5} \
+        if manifest else {}
     if manifest:
         keygen(tmp_path / "signing.key")
+    identity = pyrage.x25519.Identity.generate() if encrypted else None
+    identities = [identity] if identity else None
+    if identity is not None:
+        signing["encrypt_to"] = [str(identity.to_public())]
     cfg = write_config(
         tmp_path, sim, archive={"directory": str(mnt / "archive"), "settle_window": 60, **signing},
         state={"database": str(mnt / "state.sqlite3")}, **sections,
@@ -206,7 +238,7 @@ async def cut_power_repeatedly(
     result = CutLog()
     log = tmp_path / "runs.log"
     deleting = bool(sections.get("retention", {}).get("delete_from_server"))
-    commands = schedule(rng, cuts, sim.cfg.mode, deleting)
+    commands = schedule(rng, cuts, f"{sim.cfg.mode}.age" if encrypted else sim.cfg.mode, deleting, manifest)
     while commands:
         command = commands[0]
         rc = await boot_and_run(cfg, mount, command, log)
@@ -217,17 +249,22 @@ async def cut_power_repeatedly(
                 commands[0] = f"after {float(seconds) / 2:.2f} {rest}".strip()
             result.finished_early += 1
             assert result.finished_early <= cuts, "the runs keep ending before their moment"
-            check_survivors(sim, disk)
+            check_survivors(sim, disk, identities)
             for _ in range(40):
                 sim.add_recording(reference_type=rng.choice(["call", "confbridge"]))
             continue
         commands.pop(0)
         result.cuts.append(f"{command} -> {mount.cut_summary()['why']}")
-        result.archived_at_cut.append(check_survivors(sim, disk))
+        result.archived_at_cut.append(check_survivors(sim, disk, identities))
     rc = await boot_and_run(cfg, mount, None, log)  # the power stays on: run to the end
     assert rc == 0, log.read_text()[-3000:]
-    check_survivors(sim, disk)
-    assert_archive_complete(sim, disk / "archive", disk / "state.sqlite3")
+    check_survivors(sim, disk, identities)
+    if encrypted:
+        assert_no_plaintext_left(disk)
+        archived = {r[0] for r in survived_rows(disk) if r[1] == "archived"}
+        assert archived == set(sim.expected_archives()), "every recording archived, encrypted"
+    else:
+        assert_archive_complete(sim, disk / "archive", disk / "state.sqlite3")
     if manifest:
         await _verify_manifest_on(sim, disk, tmp_path)
     return result
@@ -275,6 +312,23 @@ async def test_power_cuts_with_deletion_from_the_server(tmp_path: Path, make_sim
     assert len(result.cuts) == 9 * SCALE, result
     assert set(sim.deletes) == set(sim.expected_archives()), "every archived recording freed on the server"
     assert all(n == 1 for n in sim.deletes.values()), "each deleted once"
+
+
+@pytest.mark.timeout(300 * SCALE)
+async def test_power_cuts_with_encryption_and_the_manifest(tmp_path: Path, make_sim: Any) -> None:
+    """Encrypted to an age key, signed every half second, some bodies spilled to disk (over
+    1 MB): no cut leaves plaintext audio under a final name, or anywhere once the archiver has
+    run again; every body decrypts to the server's bytes; the manifest holds."""
+    require_fuse()
+    sim = await make_sim(recordings=150, audio_bytes=6_000, late_files=3, files_after=2.0)
+    for _ in range(8):  # bodies over the 1 MB in-memory bound: the plaintext is staged, then encrypted
+        sim.add_recording(body=make_zip([("a_in.wav", make_wav(os.urandom(700_000))),
+                                         ("a_out.wav", make_wav(os.urandom(700_000)))]))
+    result = await cut_power_repeatedly(
+        sim, tmp_path, cuts=9 * SCALE, seed=19 + SEED, manifest=True, encrypted=True, api={"page_size": 20},
+        workers={"concurrency": 4},
+    )
+    assert len(result.cuts) == 9 * SCALE, result
 
 
 @pytest.mark.timeout(300 * SCALE)
