@@ -1,7 +1,7 @@
 """Benchmarks: voipbin-archiver against the bundled simulator, and against aria2c.
 
     python bench/run.py                      # all runs, default sizes
-    python bench/run.py --runs throughput    # one of: throughput, rate, scale, s3, listing (comma-separated)
+    python bench/run.py --runs throughput    # throughput, rate, scale, s3, listing, encryption (comma-separated)
     python bench/run.py --repeat 5           # throughput: 5 alternating runs of each tool, medians
 
 Every figure is a ratio measured in one run on the same machine (ours vs aria2c, ours vs the
@@ -149,8 +149,10 @@ def write_config(directory: Path, sim: Sim, concurrency: int, rps: float, s3: di
 
 
 def backfill(sim: Sim, work: Path, concurrency: int, rps: float, s3: dict[str, str] | None = None,
-             api: str = "burst = 16\n") -> dict[str, Any]:
+             api: str = "burst = 16\n", archive: str = "") -> dict[str, Any]:
     cfg = write_config(work, sim, concurrency, rps, s3, api=api)
+    if archive:  # extra [archive] keys (encrypt_to, signing_key_file)
+        cfg.write_text(cfg.read_text().replace("[archive]\n", f"[archive]\n{archive}", 1))
     before = sim.stats()
     result = measured([sys.executable, "-m", "archiver", "--config", str(cfg), "backfill", "--wait", "0"],
                       work, work / "backfill.log")
@@ -224,6 +226,37 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
         f" aria2c {ref['wall']:.2f} s ({ref_walls} s;"
         f" {ref['files']} files): ours/aria2c = **{ours['wall'] / ref['wall']:.2f}**; latency bound {bound:.2f} s:"
         f" bound/ours = **{bound / ours['wall']:.0%}**; file create {create_us:.0f} µs |"
+    ]
+
+
+def encryption(args: argparse.Namespace, root: Path) -> list[str]:
+    """The same recordings archived plain and encrypted to an age key (``encrypt_to``),
+    alternating, ``--repeat`` times each against one simulator: CPU per 1,000 recordings of each
+    (daemon and store helpers), wall time, medians."""
+    import pyrage
+
+    n, lat, c = args.recordings, args.latency, args.concurrency
+    recipient = str(pyrage.x25519.Identity.generate().to_public())
+    sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", "zip",
+              "--audio-bytes", str(args.audio_bytes))
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "encrypted": []}
+    api = "burst = 16\nstorage_listing = false\n"
+    try:
+        for i in range(args.repeat):
+            for kind, extra in (("plain", ""), ("encrypted", f"encrypt_to = [{json.dumps(recipient)}]\n")):
+                work = root / f"encryption-{kind}-{i}"
+                work.mkdir()
+                runs[kind].append(backfill(sim, work, c, 0, api=api, archive=extra))
+    finally:
+        sim.stop()
+    plain, enc = median_run(runs["plain"]), median_run(runs["encrypted"])
+    mb = plain["bytes"] / 1e6
+    return [
+        f"| encryption at rest | N={n} of {mb / n:.2f} MB, L={lat * 1000:.0f}ms C={c}, median of {args.repeat} |"
+        f" {enc['wall']:.2f} s (plain {plain['wall']:.2f} s) | {n / enc['wall']:.0f} rec/s |"
+        f" encrypted **{1000 * enc['cpu'] / n:.2f}** CPU-s/1k rec, plain **{1000 * plain['cpu'] / n:.2f}** |"
+        f" {enc['rss_mb']:.0f} MB | - | encrypted/plain: CPU **{enc['cpu'] / plain['cpu']:.2f}**,"
+        f" wall {enc['wall'] / plain['wall']:.2f} |"
     ]
 
 
@@ -503,6 +536,8 @@ def main() -> None:
             lines += s3_vs_directory(args, root)
         if "listing" in runs:
             lines += listing(args, root)
+        if "encryption" in runs:
+            lines += encryption(args, root)
     header = (
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — {machine()}\n\n"
         f"`python bench/run.py {' '.join(sys.argv[1:])}`\n\n"
