@@ -476,10 +476,13 @@ async def test_the_signed_manifest_in_a_compliance_bucket(tmp_path, make_sim, rg
     bucket.client.put_object(Bucket=bucket.name, Key=replaced, Body=b"PK\x05\x06" + b"\0" * 18)  # a new version
     bucket.client.delete_object(Bucket=bucket.name, Key=hidden)  # a delete marker over the locked version
     bucket.client.put_object(Bucket=bucket.name, Key="voipbin/2020/01/01/planted.zip", Body=b"x")
-    newest = sorted(k for k in bucket.versions() if k.startswith("voipbin/manifests/default/"))[-1]
+    first, newest = sorted(k for k in bucket.versions() if k.startswith("voipbin/manifests/default/"))
     bucket.client.delete_object(Bucket=bucket.name, Key=newest)
+    edited = bucket.get(first).replace(b'"archived"', b'"Archived"', 1)
+    bucket.client.put_object(Bucket=bucket.name, Key=first, Body=edited)  # a new version over the locked one
     bad = await run_cli("--config", str(cfg), "verify", "--manifest")
     assert bad.rc == 1, bad
+    assert f"{first[8:]}: its signature does not match its content (edited)" in bad.out
     assert f"{replaced[8:]}: changed" in bad.out and f"{hidden[8:]}: missing" in bad.out
     assert "2020/01/01/planted.zip: in the archive but in no manifest entry" in bad.out
     assert f"segment 2 ({newest[8:]}) was written" in bad.out
