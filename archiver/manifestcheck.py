@@ -125,16 +125,23 @@ async def read_chain(destination: Destination, account: str, rels: list[tuple[in
     return chain
 
 
-def latest_files(chains: dict[str, Chain]) -> tuple[dict[str, Expected], dict[str, str], int]:
-    """What the newest entries say the archive holds: (the hashed files, by path; the note files
-    allowed beside each recording's body: path -> the body's SHA-256 for a sidecar, "" for the
-    rest; how many recordings)."""
+def newest_entries(chains: dict[str, Chain]) -> dict[tuple[str, str], tuple[dict[str, Any], Segment]]:
+    """Each recording's newest ``archived``, ``expired`` or ``erased`` entry, by (account, id),
+    with the segment that holds it: what the archive must hold of it now."""
     newest: dict[tuple[str, str], tuple[dict[str, Any], Segment]] = {}
     for chain in chains.values():
         for segment in chain.segments:
             for entry in (segment.doc or {}).get("entries", []):
                 if isinstance(entry, dict) and entry.get("event") in RECORDING_EVENTS:
                     newest[(str(entry.get("account")), str(entry.get("recording_id")))] = (entry, segment)
+    return newest
+
+
+def latest_files(chains: dict[str, Chain]) -> tuple[dict[str, Expected], dict[str, str], int]:
+    """What the newest entries say the archive holds: (the hashed files, by path; the note files
+    allowed beside each recording's body: path -> the body's SHA-256 for a sidecar, "" for the
+    rest; how many recordings)."""
+    newest = newest_entries(chains)
     expected: dict[str, Expected] = {}
     notes: dict[str, str] = {}
     for (account, rec_id), (entry, segment) in newest.items():
@@ -239,12 +246,7 @@ async def verify_manifest(
 
 def removed_files(chains: dict[str, Chain]) -> dict[str, str]:
     """The body and notes of each recording whose newest entry removed it: path -> which entry."""
-    newest: dict[tuple[str, str], tuple[dict[str, Any], Segment]] = {}
-    for chain in chains.values():
-        for segment in chain.segments:
-            for entry in (segment.doc or {}).get("entries", []):
-                if isinstance(entry, dict) and entry.get("event") in RECORDING_EVENTS:
-                    newest[(str(entry.get("account")), str(entry.get("recording_id")))] = (entry, segment)
+    newest = newest_entries(chains)
     gone: dict[str, str] = {}
     for (account, _), (entry, segment) in newest.items():
         if entry.get("event") in ("expired", "erased"):

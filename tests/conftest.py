@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -154,6 +155,22 @@ async def run_cli(*args: str, timeout: float = 120, cwd: Path | None = None, env
         out, err = await proc.communicate()
         raise AssertionError(f"CLI {args} timed out: {err.decode()[-3000:]}") from None
     return Proc(proc.returncode or 0, out.decode(), err.decode())
+
+
+@contextlib.asynccontextmanager
+async def running_service(cfg: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The real ``run`` (the service) in a subprocess logging to ``log``; SIGTERM and its exit
+    awaited when the block ends (its return code is then the process's)."""
+    out = open(log, "wb")
+    proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"), stdout=out, stderr=out,
+                                                env=cli_env())
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+        out.close()
 
 
 def db_rows(db: Path, sql: str = "SELECT id, state, path, sha256, last_error FROM recordings") -> list[tuple]:

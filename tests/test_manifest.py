@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import shutil
-import signal
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from archiver.errors import ConfigError
 from archiver.manifest import Signer, keygen, load_public_key, make_segment, open_segment
-from tests.conftest import cli_command, cli_env, free_port, http_get, run_cli, write_config
+from tests.conftest import cli_command, cli_env, free_port, http_get, run_cli, running_service, write_config
 
 
 def _segments(root: Path, account: str = "default") -> list[Path]:
@@ -202,24 +201,16 @@ async def test_a_broken_chain_is_logged_and_exported_and_archiving_goes_on(tmp_p
     cfg = write_config(tmp_path, sim, name="svc.toml", archive={"signing_key_file": str(key)},
                        metrics={"listen": f"127.0.0.1:{port}"})
     sim.add_recording()
-    log_file = open(tmp_path / "run.log", "wb")
-    proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"),
-                                                stdout=log_file, stderr=log_file, env=cli_env())
-    try:
-        async with aiohttp.ClientSession() as http:
-            async def until_exported() -> str:
-                while True:
-                    text = (await http_get(http, f"http://127.0.0.1:{port}/metrics"))[1]
-                    if "voipbin_archiver_manifest_ok 0.0" in text and \
-                            'voipbin_archiver_recordings{state="archived"} 4.0' in text:
-                        return text
-                    await asyncio.sleep(0.05)
+    async with running_service(cfg, tmp_path / "run.log") as proc, aiohttp.ClientSession() as http:
+        async def until_exported() -> str:
+            while True:
+                text = (await http_get(http, f"http://127.0.0.1:{port}/metrics"))[1]
+                if "voipbin_archiver_manifest_ok 0.0" in text and \
+                        'voipbin_archiver_recordings{state="archived"} 4.0' in text:
+                    return text
+                await asyncio.sleep(0.05)
 
-            await asyncio.wait_for(until_exported(), 30)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 20)
-        log_file.close()
+        await asyncio.wait_for(until_exported(), 30)
     assert proc.returncode == 0
     log_text = (tmp_path / "run.log").read_text()
     assert "manifest_broken" in log_text and "its signature does not match" in log_text

@@ -136,10 +136,7 @@ async def test_hold_by_find_filters(tmp_path, make_sim):
 
 
 async def test_the_service_expires_what_is_due(tmp_path, make_sim):
-    import asyncio
-    import signal
-
-    from tests.conftest import cli_command, cli_env
+    from tests.conftest import running_service, wait_until
 
     sim = await make_sim(recordings=5, audio_bytes=2000)
     cfg = write_config(tmp_path, sim, archive={"keep_days": 7})
@@ -147,18 +144,8 @@ async def test_the_service_expires_what_is_due(tmp_path, make_sim):
     db = tmp_path / "state.sqlite3"
     old = sorted(r[0] for r in db_rows(db))[:2]
     _age(db, old, 8)
-    log = open(tmp_path / "run.log", "wb")
-    proc = await asyncio.create_subprocess_exec(*cli_command("--config", str(cfg), "run"), stdout=log, stderr=log,
-                                                env=cli_env())
-    try:
-        async def expired() -> None:
-            while sorted(r[0] for r in db_rows(db) if r[1] == "expired") != old:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(expired(), 30)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 20)
-        log.close()
+    async with running_service(cfg, tmp_path / "run.log") as proc:
+        await wait_until(lambda: sorted(r[0] for r in db_rows(db) if r[1] == "expired") == old, 30,
+                         "the service to expire what is due")
     assert proc.returncode == 0
     assert '"event": "expire_done"' in (tmp_path / "run.log").read_text()
