@@ -358,8 +358,9 @@ MUTATIONS = {
         "store.py", "        return\n    fsync_path(path.parent)\n", "        return\n",
     ),
     "no fsync of a body before its rename": (
-        "store.py", "                    if not (self.stage_only or self.recipients):  # a plaintext to encrypt is never"
-        " kept\n                        os.fsync(fd)\n", "",
+        "store.py",
+        "                    if not (self.stage_only or self.recipients):  # a plaintext to encrypt is never kept\n"
+        "                        os.fsync(fd)\n", "",
     ),
 }
 
