@@ -264,7 +264,6 @@ SLOW = {
                    "test_two_daemons_delete_each_server_copy_once_with_one_audit_trail",
                    "test_two_daemons_share_one_bucket"},
     "test_realserver.py": {"test_a_429_while_under_our_pace_says_once_that_others_use_the_budget",
-                           "test_a_recordingfiles_answer_slower_than_a_minute_is_archived",
                            "test_default_pace_leaves_half_the_shared_budget_and_meets_no_429",
                            "test_frozen_account_mid_backfill_exits_3_counts_nothing_and_a_plain_rerun_finishes",
                            "test_login_429_and_5xx_are_transient_not_a_refused_credential",
