@@ -10,6 +10,7 @@ state's SHA-256 instead of being called a stranger).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections import defaultdict
@@ -144,21 +145,25 @@ def latest_files(chains: dict[str, Chain]) -> tuple[dict[str, Expected], dict[st
     newest = newest_entries(chains)
     expected: dict[str, Expected] = {}
     notes: dict[str, str] = {}
+    sources: dict[tuple[int, str], str] = {}  # one string per segment, not per file
     for (account, rec_id), (entry, segment) in newest.items():
         if entry.get("event") != "archived":  # expired or erased: its files are gone
             continue
-        source = f"segment {segment.seq:08d} of account {account}"
+        source = sources.get((segment.seq, account))
+        if source is None:
+            source = sources[(segment.seq, account)] = f"segment {segment.seq:08d} of account {account}"
         path = str(entry.get("path"))
+        stem = beside_rel(path, "")  # "<dir>/<id>."
+        for suffix in NOTE_SUFFIXES:
+            notes[stem + suffix] = ""
         if entry.get("state") == "archived":
-            expected[path] = Expected(str(entry.get("sha256")), int(entry.get("size") or 0), rec_id, source)
-            for member in entry.get("files", []):
+            sha = str(entry.get("sha256"))
+            expected[path] = Expected(sha, int(entry.get("size") or 0), rec_id, source)
+            notes[stem + "json"] = sha
+            for member in entry.get("files") or ():
                 if isinstance(member, dict):
                     expected[str(member.get("path"))] = Expected(str(member.get("sha256")),
                                                                  int(member.get("size") or 0), rec_id, source)
-        for suffix in NOTE_SUFFIXES:
-            notes[beside_rel(path, suffix)] = ""
-        if entry.get("state") == "archived":
-            notes[beside_rel(path, "json")] = str(entry.get("sha256"))
     return expected, notes, len(newest)
 
 
@@ -223,7 +228,8 @@ async def verify_manifest(
     else:
         for rel in unlisted:
             _unlisted(report, rel)
-    hashed = await destination.hash_files(to_hash)
+    # both at once: the sidecars are parsed here while the bodies are hashed elsewhere
+    hashed, texts = await asyncio.gather(destination.hash_files(to_hash), destination.read_files(sidecars))
     for rel in to_hash:
         got, want = hashed[rel], expected[rel]
         if got is None:
@@ -234,7 +240,7 @@ async def verify_manifest(
         if got != (want.size, want.sha256):
             report.problems.append(f"{rel}: changed (sha256 {got[1][:16]}..., size {got[0]}; {want.source} says "
                                    f"{want.sha256[:16]}..., size {want.size}; recording {want.recording_id})")
-    for rel, data in (await destination.read_files(sidecars)).items():
+    for rel, data in texts.items():
         try:
             agrees = json.loads(data or b"")["archive"].get("sha256") == notes[rel]
         except (ValueError, KeyError, TypeError, AttributeError):
