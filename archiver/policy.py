@@ -94,13 +94,13 @@ class Policy:
         if not self.keep_days:
             return result
         before = time.time() - self.keep_days * 86400
-        seen: set[str] = set()
+        after = ""
         while not (stop and stop.is_set()):
-            rows = [r for r in await self.state.expirable(before, BATCH + len(seen)) if r["id"] not in seen]
+            rows = await self.state.expirable(before, BATCH, after)
             if not rows:
                 break
+            after = rows[-1]["id"]
             for row in rows:
-                seen.add(row["id"])
                 result.due += 1
                 if row["held"]:
                     result.held += 1

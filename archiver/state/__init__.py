@@ -191,9 +191,9 @@ class State(Protocol):
         """``base.REMOVAL_COLUMNS`` of each known recording of ``ids`` (``erase``)."""
         ...
 
-    async def expirable(self, before: float, limit: int) -> list[dict[str, Any]]:
+    async def expirable(self, before: float, limit: int, after: str = "") -> list[dict[str, Any]]:
         """Stored recordings that started before ``before``, held or not (the caller says why
-        one is kept), oldest first."""
+        one is kept), by id from after ``after`` (a pass pages through them once)."""
         ...
 
     async def removal_intents(self) -> list[dict[str, Any]]:

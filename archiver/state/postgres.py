@@ -767,11 +767,11 @@ class PgState:
                                  " AND id = ANY($2::text[])", self._acct, ids)
         return [dict(r) for r in rows]
 
-    async def expirable(self, before: float, limit: int) -> list[dict[str, Any]]:
+    async def expirable(self, before: float, limit: int, after: str = "") -> list[dict[str, Any]]:
         rows = await self._fetch(
             f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=$1 AND state IN ({STORED_SQL})"
-            " AND coalesce(tm_start, tm_create) < $2 AND remove_intent IS NULL ORDER BY tm_start LIMIT $3",
-            self._acct, before, limit)
+            " AND coalesce(tm_start, tm_create) < $2 AND remove_intent IS NULL AND id > $4 ORDER BY id LIMIT $3",
+            self._acct, before, limit, after)
         return [dict(r) for r in rows]
 
     async def removal_intents(self) -> list[dict[str, Any]]:

@@ -836,11 +836,11 @@ class StateDB:
             (self._acct, *ids)) if ids else []
         return [dict(r) for r in rows]
 
-    async def expirable(self, before: float, limit: int) -> list[dict[str, Any]]:
+    async def expirable(self, before: float, limit: int, after: str = "") -> list[dict[str, Any]]:
         rows = await self._fetchall(
             f"SELECT {REMOVAL_COLUMNS} FROM recordings r WHERE account=? AND state IN ({STORED_SQL})"
-            " AND coalesce(tm_start, tm_create) < ? AND remove_intent IS NULL ORDER BY tm_start LIMIT ?",
-            (self._acct, before, limit))
+            " AND coalesce(tm_start, tm_create) < ? AND remove_intent IS NULL AND id > ? ORDER BY id LIMIT ?",
+            (self._acct, before, after, limit))
         return [dict(r) for r in rows]
 
     async def removal_intents(self) -> list[dict[str, Any]]:
