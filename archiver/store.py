@@ -491,7 +491,6 @@ class Store:
             via=_via(job),
         )
 
-
     def _commit_encrypted(
         self, job: StoreJob, kind: str, digest: BodyDigest, members: list[Member], flag: str, reason: str,
         rel: str, final: Path,
