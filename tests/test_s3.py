@@ -101,7 +101,7 @@ def assert_bucket_complete(sim: Any, bucket: Bucket, db: Path, log: Path | None 
 @pytest.mark.parametrize("listing", [False, True], ids=["recordingfiles", "storage-listing"])
 async def test_backfill_to_a_compliance_bucket(tmp_path, make_sim, rgw, listing):
     bucket = Bucket(rgw, lock=True)
-    sim = await make_sim(recordings=60, audio_bytes=20_000, deleted=2, pending=2, end_after=0.5)
+    sim = await make_sim(recordings=30, audio_bytes=20_000, deleted=2, pending=2, end_after=0.5)
     cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="COMPLIANCE", retain_days=2, legal_hold=False)
     if listing:
         cfg.write_text(cfg.read_text().replace("storage_listing = false", "storage_listing = true"))
@@ -130,7 +130,7 @@ async def test_backfill_to_a_compliance_bucket(tmp_path, make_sim, rgw, listing)
     for deep in ((), ("--deep",)):
         verified = await run_cli("--config", str(cfg), "verify", *deep)
         assert verified.rc == 0, verified
-        assert "58 archived recordings: 0 problem(s)" in verified.out
+        assert "28 archived recordings: 0 problem(s)" in verified.out
 
     again = await run_cli("--config", str(cfg), "backfill", "--wait", "5")  # nothing new: nothing written
     assert again.rc == 0, again
@@ -181,10 +181,10 @@ async def test_an_upload_whose_commit_was_lost_is_adopted_not_uploaded_again(tmp
 
 async def test_sigkill_mid_backfill_then_resume(tmp_path, make_sim, rgw):
     bucket = Bucket(rgw, lock=True)
-    sim = await make_sim(recordings=300, latency=0.01, audio_bytes=20_000)
+    sim = await make_sim(recordings=150, latency=0.01, audio_bytes=20_000)
     cfg = s3_config(tmp_path, sim, bucket, object_lock_mode="COMPLIANCE", retain_days=1)
     db = tmp_path / "state.sqlite3"
-    for threshold in (30, 120, 210):
+    for threshold in (15, 60, 105):
         proc = await asyncio.create_subprocess_exec(
             *cli_command("--config", str(cfg), "backfill", "--wait", "60"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=cli_env(),
