@@ -25,7 +25,6 @@ from .errors import AuthRefused, ConfigError, LocalStorageError, StateLocked, St
 from .export import export
 from .find import add_filters, filters_of, query_of, table
 from .logs import configure_logging, redact
-from .manifest import keygen
 from .state import FLAGS, STATES, open_state, unusable_message, waiting_count
 from .store import mkdir_durable, write_file_atomic
 
@@ -483,6 +482,8 @@ async def _policy_command(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _keygen(out: Path) -> int:
+    from .manifest import keygen
+
     public, key_id = keygen(out)
     print(f"wrote the private key to {out} (mode 0600) and its public half to {public}")
     print(f"key id {key_id}: set [archive] signing_key_file = \"{out}\"; give {public.name} to your auditors "
@@ -540,6 +541,8 @@ async def _demo(args: argparse.Namespace, live: bool) -> int:
     key = directory / "signing.key"  # the manifest is signed with a key of the demo's own
     try:
         if not key.exists():
+            from .manifest import keygen
+
             mkdir_durable(directory)
             keygen(key)
         cfg = build_config(

@@ -328,9 +328,10 @@ def _recipients(reader: _Reader) -> tuple[str, ...]:
     stops the start, named, before anything is archived)."""
     value = reader._get("archive", "encrypt_to", [], lambda v: isinstance(v, list) and all(
         isinstance(x, str) for x in v), 'a list of age recipients (["age1..."])')
-    from .seal import recipients_of
+    if value:  # (pyrage is imported only for an archive that encrypts)
+        from .seal import recipients_of
 
-    recipients_of(value)
+        recipients_of(value)
     if len(set(value)) != len(value):
         raise ConfigError("[archive] encrypt_to names a recipient twice")
     return tuple(value)

@@ -28,6 +28,7 @@ from .config import Config
 from .destinations import Destination, open_destination
 from .errors import ConfigError, VerificationError
 from .inspect import hash_file
+from .layout import EXTRA_SUFFIXES as EXTRAS
 from .layout import beside_rel
 from .logs import redact
 from .seal import SUFFIX as SEAL_SUFFIX
@@ -39,7 +40,6 @@ from .verify import sidecar_agrees
 log = structlog.get_logger("archiver.export")
 
 SUMS = "SHA256SUMS"
-EXTRAS = ("call.json", "transcript.json")  # files beside a recording that it may have
 MANIFEST = "export.json"
 
 

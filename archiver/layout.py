@@ -14,6 +14,8 @@ from .errors import InvalidRecording
 from .model import check_id
 
 EXTENSIONS = ("zip", "wav")
+EXTRA_SUFFIXES = ("call.json", "transcript.json")  # notes a recording may have beside it: a late call, a transcript
+NOTE_SUFFIXES = ("json", *EXTRA_SUFFIXES)  # every file beside a body: its sidecar and its notes
 MEMBER_NAME_BYTES = 200  # a stored member's name, with room for a repeat's prefix below 255
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f:*?\"<>|\ud800-\udfff]")
 

@@ -35,7 +35,6 @@ FORMAT = "voipbin-archiver-manifest/1"
 DIRECTORY = "manifests"  # inside the archive (a directory) or under the prefix (a bucket)
 MAX_ENTRIES = 5000  # per segment: a backfill's hour becomes several segments, each a few MB at most
 SEGMENT_NAME = re.compile(r"(?P<seq>\d{8})-(?P<time>\d{8}T\d{6}Z)\.json")
-NOTE_SUFFIXES = ("json", "transcript.json", "call.json")  # files beside a body whose content is not hashed
 RECORDING_EVENTS = ("archived", "expired", "erased")  # the entries that say what the archive holds of one
 
 

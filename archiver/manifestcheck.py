@@ -11,7 +11,6 @@ state's SHA-256 instead of being called a stranger).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -21,8 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .destinations import Destination
-from .layout import beside_rel
-from .manifest import DIRECTORY, NOTE_SUFFIXES, RECORDING_EVENTS, open_segment, parse_segment_rel, sha256_hex
+from .layout import NOTE_SUFFIXES, beside_rel
+from .manifest import DIRECTORY, RECORDING_EVENTS, open_segment, parse_segment_rel, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -82,11 +81,6 @@ def segment_rels(files: list[tuple[str, int]]) -> tuple[dict[str, list[tuple[int
     return chains, strays
 
 
-async def read_segment(destination: Destination, rel: str) -> bytes | None:
-    sink = io.BytesIO()
-    return sink.getvalue() if await destination.read(rel, sink) else None
-
-
 async def read_chain(destination: Destination, account: str, rels: list[tuple[int, str]],
                      public: Ed25519PublicKey) -> Chain:
     """Each segment read and checked: its signature, its number against its name and the one
@@ -94,7 +88,7 @@ async def read_chain(destination: Destination, account: str, rels: list[tuple[in
     chain = Chain()
     last: Segment | None = None
     for seq, rel in sorted(rels):
-        data = await read_segment(destination, rel)
+        data = await destination.read_bytes(rel)
         if data is None:
             chain.problems.append(f"{rel}: listed but unreadable")
             continue

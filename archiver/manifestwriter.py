@@ -39,7 +39,7 @@ from .manifest import (
     server_deleted_entry,
     sha256_hex,
 )
-from .manifestcheck import read_chain, read_segment, segment_rels
+from .manifestcheck import read_chain, segment_rels
 from .state import State
 from .state.base import MANIFEST_HEAD
 
@@ -62,8 +62,7 @@ class ManifestWriter:
     async def check_chain(self) -> bool:
         """Read every segment of the account and check signatures and links (at start); the
         problems are logged and ``ok`` says whether there were none."""
-        rels, _ = segment_rels(await self.destination.list_files(f"{DIRECTORY}/{self.account}"))
-        chain = await read_chain(self.destination, self.account, rels.get(self.account, []), self.public)
+        chain = await read_chain(self.destination, self.account, await self._segments(), self.public)
         head = await self._head()
         if head is not None and (chain.newest is None or chain.newest.seq < head["seq"]):
             chain.problems.append(f"segment {head['seq']} ({head['rel']}) was written but is gone")
@@ -116,6 +115,11 @@ class ManifestWriter:
                  server_copies_deleted=len(deleted), removed=len(removed), holds=len(holds))
         return new_head
 
+    async def _segments(self) -> list[tuple[int, str]]:
+        """(seq, path) of each of the account's segments in the archive."""
+        rels, _ = segment_rels(await self.destination.list_files(f"{DIRECTORY}/{self.account}"))
+        return rels.get(self.account, [])
+
     async def _head(self) -> dict[str, Any] | None:
         raw = await self.state.get_meta(MANIFEST_HEAD)
         return json.loads(raw) if raw else None
@@ -124,8 +128,7 @@ class ManifestWriter:
         """The chain's head: the state's, or a newer segment of ours the state has not recorded
         (a crash after its rename), whose entries are then recorded as listed."""
         head = await self._head()
-        rels, _ = segment_rels(await self.destination.list_files(f"{DIRECTORY}/{self.account}"))
-        found = sorted(rels.get(self.account, []))
+        found = sorted(await self._segments())
         if not found:
             if head is not None:
                 self._broken(f"segment {head['seq']} ({head['rel']}) was written but no segment is left")
@@ -136,7 +139,7 @@ class ManifestWriter:
             return head
         if head is not None and seq == head["seq"]:
             return head
-        data = await read_segment(self.destination, rel)
+        data = await self.destination.read_bytes(rel)
         doc, why = open_segment(data or b"", self.public)
         if doc is None or why:
             self._broken(f"{rel}: newer than the chain's head and not ours ({why or 'unreadable'})")

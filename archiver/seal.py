@@ -12,7 +12,6 @@ transcript) are sealed the same way. The private key never needs to be on the ar
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,6 @@ import pyrage
 from .errors import ConfigError, LocalStorageError, VerificationError
 
 SUFFIX = "age"  # appended to a body's name: <id>.zip.age
-MAGIC = b"age-encryption.org/v1\n"
-ARMOR_BEGIN, ARMOR_END = "-----BEGIN AGE ENCRYPTED FILE-----", "-----END AGE ENCRYPTED FILE-----"
 
 
 def recipients_of(texts: tuple[str, ...] | list[str], where: str = "[archive] encrypt_to") -> list[Any]:
@@ -86,25 +83,10 @@ def sealed(doc: dict[str, Any], recipients: list[Any] | None) -> dict[str, Any]:
 
 
 def seal_json(doc: Any, recipients: list[Any]) -> str:
-    """A JSON value encrypted and armored (text that fits in a JSON string)."""
-    return armor(encrypt(json.dumps(doc, sort_keys=True).encode(), recipients))
+    """A JSON value encrypted and ASCII-armored (text that fits in a JSON string; ``age -d``
+    opens it as it is)."""
+    return bytes(pyrage.encrypt(json.dumps(doc, sort_keys=True).encode(), recipients, armored=True)).decode()
 
 
 def unseal_json(text: str, identities: list[Any]) -> Any:
-    return json.loads(decrypt(unarmor(text), identities))
-
-
-def armor(data: bytes) -> str:
-    body = base64.b64encode(data).decode()
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return "\n".join([ARMOR_BEGIN, *lines, ARMOR_END]) + "\n"
-
-
-def unarmor(text: str) -> bytes:
-    lines = [line.strip() for line in text.strip().splitlines()]
-    if len(lines) < 2 or lines[0] != ARMOR_BEGIN or lines[-1] != ARMOR_END:
-        raise VerificationError("not an armored age file")
-    try:
-        return base64.b64decode("".join(lines[1:-1]), validate=True)
-    except ValueError:
-        raise VerificationError("not an armored age file") from None
+    return json.loads(decrypt(text.encode(), identities))  # pyrage reads the armor itself

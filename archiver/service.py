@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import signal
 import sys
@@ -393,11 +392,11 @@ async def verify(cfg: Config, deep: bool = False, identity: Path | None = None,
 
 async def _check_plaintext(destination: Destination, row: dict[str, Any], identities: list[Any]) -> list[str]:
     """An encrypted body decrypted (in memory) and its plaintext's SHA-256 checked."""
-    sink = io.BytesIO()
-    if not await destination.read(row["path"], sink):
+    data = await destination.read_bytes(row["path"])
+    if data is None:
         return [f"{row['path']}: missing"]
     try:
-        plain = decrypt(sink.getvalue(), identities)
+        plain = decrypt(data, identities)
     except VerificationError as exc:
         return [f"{row['path']}: {exc} (another key, or the ciphertext is damaged)"]
     if hashlib.sha256(plain).hexdigest() != row["plain_sha256"]:

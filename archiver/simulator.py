@@ -326,18 +326,27 @@ class Simulator:
         """The page of ``items`` (newest first, each a tuple starting with its -tm_create epoch)
         that ``page_size`` and ``page_token`` ask for, as the server's keyset pages; a 400 for a
         malformed one."""
+        asked = self._page_asked(request)
+        if isinstance(asked, web.Response):
+            return asked
+        size, after = asked
+        start = 0 if after is None else bisect.bisect_right([item[0] for item in items], -after)
+        return items[start : start + size]
+
+    def _page_asked(self, request: web.Request) -> tuple[int, float | None] | web.Response:
+        """A listing's ``page_size`` (1 to 100) and ``page_token`` (the epoch it names, or None
+        for the first page), or the server's 400 for a malformed one."""
         try:
             size = max(1, min(100, int(request.query.get("page_size", "100"))))
         except ValueError:
             return self._error(request, 400, "INVALID_ARGUMENT", "page_size")
         token = request.query.get("page_token", "")
-        start = 0
-        if token:
-            ts = parse_token(token)
-            if ts is None:
-                return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
-            start = bisect.bisect_right([item[0] for item in items], -ts.timestamp())
-        return items[start : start + size]
+        if not token:
+            return size, None
+        ts = parse_token(token)
+        if ts is None:
+            return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
+        return size, ts.timestamp()
 
     def _listed_calls(self) -> list[tuple[float, SimRecording]]:
         """(-tm_create epoch of the call, recording) of every listed call, newest first."""
@@ -597,17 +606,12 @@ class Simulator:
         gate = await self._api_gate(request, "list")
         if gate is not None:
             return gate
-        try:
-            size = max(1, min(100, int(request.query.get("page_size", "100"))))
-        except ValueError:
-            return self._error(request, 400, "INVALID_ARGUMENT", "page_size")
-        token = request.query.get("page_token", "")
-        start = 0
-        if token:
-            ts = parse_token(token)
-            if ts is None:
-                return self._error(request, 400, "INVALID_ARGUMENT", "page_token")
-            start = bisect.bisect_right(self._order, (-ts.timestamp(), "\uffff"))
+        asked = self._page_asked(request)
+        if isinstance(asked, web.Response):
+            return asked
+        size, after = asked
+        token = request.query.get("page_token", "")  # as sent: the quirks below answer it
+        start = 0 if after is None else bisect.bisect_right(self._order, (-after, "\uffff"))
         items: list[Any] = []
         i = start
         while i < len(self._order) and len(items) < size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,6 +54,12 @@ class Destination:
         the prefix) to ``sink``, from its start (a retry starts it again); False when there is
         no such file (``export``)."""
         raise NotImplementedError
+
+    async def read_bytes(self, rel: str) -> bytes | None:
+        """The whole of the archive's (small) file ``rel`` in memory (``read``), or None when
+        there is no such file: a segment, a sidecar, a body to decrypt."""
+        sink = io.BytesIO()
+        return sink.getvalue() if await self.read(rel, sink) else None
 
     async def write_beside(self, row: dict[str, Any], suffix: str, doc: dict[str, Any]) -> None:
         """A JSON document beside ``row``'s files, ``<id>.<suffix>`` (a transcript), written once

@@ -27,8 +27,7 @@ import structlog
 from ..config import ArchiveConfig
 from ..errors import InvalidRecording, LocalStorageError, VerificationError
 from ..inspect import CHUNK, RiffChecker, hash_file, inspect_zip
-from ..layout import EXTENSIONS, Layout, beside_rel, is_temporary, sidecar_path
-from ..manifest import NOTE_SUFFIXES
+from ..layout import EXTENSIONS, NOTE_SUFFIXES, Layout, beside_rel, is_temporary, sidecar_path
 from ..seal import SUFFIX as SEAL_SUFFIX
 from ..seal import recipients_of, sealed
 from ..state.base import Row

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import functools
 import hashlib
-import io
 import ipaddress
 import json
 import random
@@ -41,9 +40,8 @@ import structlog
 
 from ..config import ArchiveConfig, S3Config
 from ..errors import ConfigError, DestinationUnavailable, TransientError
-from ..layout import EXTENSIONS, Layout, beside_rel
+from ..layout import EXTENSIONS, NOTE_SUFFIXES, Layout, beside_rel
 from ..logs import register_secret
-from ..manifest import NOTE_SUFFIXES
 from ..seal import SUFFIX as SEAL_SUFFIX
 from ..seal import recipients_of, sealed
 from ..state.base import Row
@@ -358,9 +356,9 @@ class S3Destination(Destination):
         """One object, locked like the recordings; one already there with these bytes (a retry
         after a crash) is left as it is."""
         key = self.key(rel)
-        sha = hashlib.sha256(data).hexdigest()
-        head = await self._check_before_write(key, len(data), hashlib.md5(data).hexdigest())
-        if head is not None and _holds(head, len(data), sha, hashlib.md5(data).hexdigest()):
+        sha, md5 = hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest()
+        head = await self._check_before_write(key, len(data), md5)
+        if head is not None and _holds(head, len(data), sha, md5):
             return
         await self._put(key, data, "manifest", sha, self._lock(), "application/json")
 
@@ -387,11 +385,7 @@ class S3Destination(Destination):
         return await self._each(rels, lambda rel: self._hash_object(self.key(rel), missing_ok=True))
 
     async def read_files(self, rels: list[str]) -> dict[str, bytes | None]:
-        async def read(rel: str) -> bytes | None:
-            sink = io.BytesIO()
-            return sink.getvalue() if await self.read(rel, sink) else None
-
-        return await self._each(rels, read)
+        return await self._each(rels, self.read_bytes)
 
     async def _each(self, rels: list[str], get: Callable[[str], Awaitable[T]]) -> dict[str, T]:
         """``get`` of each key, ``VERIFY_CONCURRENCY`` requests in flight."""
