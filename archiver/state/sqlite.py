@@ -295,12 +295,15 @@ def _writes(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
 
     @wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        state = args[0]
+        assert isinstance(state, StateDB)
         try:
             return await method(*args, **kwargs)
         except sqlite3.DatabaseError as exc:
-            state = args[0]
-            assert isinstance(state, StateDB)
             raise await state._storage_error(exc) from None
+        except (LocalStorageError, StateUnusable):  # a read of this write failed (``_fetchall``)
+            await state._rollback()
+            raise
 
     return wrapper
 
@@ -332,8 +335,15 @@ class StateDB:
         return StateDB(self.db, None, self.path, account, self._owner or self)
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        """One read in one step of aiosqlite's thread (see the class doc); a list at run time."""
-        return cast(list[aiosqlite.Row], await self.db.execute_fetchall(sql, params))
+        """One read in one step of aiosqlite's thread (see the class doc); a list at run time.
+        A file SQLite finds damaged is ``StateUnusable`` whichever query meets it first, a read
+        as well as a write (a worker's read once logged it as an unexpected error and retried)."""
+        try:
+            return cast(list[aiosqlite.Row], await self.db.execute_fetchall(sql, params))
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:
+                raise  # an I/O error or a bug: as before, the caller's (and the CLI's) to say
+            raise self._failure(exc, "read") from None
 
     @property
     def writer_tag(self) -> str:
@@ -408,16 +418,22 @@ class StateDB:
             )
 
     async def _storage_error(self, exc: sqlite3.DatabaseError) -> Exception:
-        """What a failed write means, after a rollback: a full disk or an I/O error
-        (``OperationalError``) is ``LocalStorageError``, which the engine pauses on; a damaged
-        file ("malformed", "not a database") is ``StateUnusable``, which stops it; any other
-        (``IntegrityError``...) is a bug and stays what it is."""
+        """What a failed write means, after a rollback (``_failure``)."""
+        await self._rollback()
+        return self._failure(exc, "write")
+
+    async def _rollback(self) -> None:
         try:
             await self.db.rollback()
         except sqlite3.Error:
             pass
+
+    def _failure(self, exc: sqlite3.DatabaseError, doing: str) -> Exception:
+        """A full disk or an I/O error (``OperationalError``) is ``LocalStorageError``, which the
+        engine pauses on; a damaged file ("malformed", "not a database") is ``StateUnusable``,
+        which stops it; any other (``IntegrityError``...) is a bug and stays what it is."""
         if isinstance(exc, sqlite3.OperationalError):
-            return LocalStorageError(f"cannot write the state database {self.path}: {exc}")
+            return LocalStorageError(f"cannot {doing} the state database {self.path}: {exc}")
         if type(exc) is sqlite3.DatabaseError:
             return StateUnusable(unusable_message(self.path, exc))
         return exc
