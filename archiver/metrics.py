@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
 from .errors import ConfigError
 from .state import FLAGS, STATES
+
+if TYPE_CHECKING:  # the server is imported only when it is started ([metrics] listen)
+    from aiohttp import web
 
 
 class Metrics:
@@ -170,6 +172,8 @@ def health(metrics: dict[str, Metrics], poll_interval: float) -> tuple[bool, str
 
 async def serve_metrics(metrics: dict[str, Metrics], listen: str, poll_interval: float) -> web.AppRunner:
     """Start ``GET /metrics`` and ``GET /healthz`` on ``host:port``; returns the runner to clean up."""
+    from aiohttp import web
+
     host, _, port = listen.rpartition(":")
 
     async def h_metrics(_request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -26,10 +26,6 @@ from .errors import ArchiverError, ConfigError, LocalStorageError, VerificationE
 from .expiry import expiry_warning, watch_accesskey
 from .layout import set_temp_tag
 from .logs import redact
-from .manifest import Signer, load_public_key
-from .manifestcheck import Expected, ManifestReport, verify_manifest
-from .manifestwriter import ManifestWriter
-from .metrics import serve_metrics
 from .notify import Notifier, watchdog_interval
 from .policy import EXPIRE_EVERY, Policy, PolicyResult
 from .ratelimit import Grant
@@ -38,6 +34,12 @@ from .seal import decrypt, identities_of
 from .state import STATES, State, empty_summary, open_state, waiting_count
 from .state.base import MANIFEST_HEAD
 from .storepool import StorePool
+
+if TYPE_CHECKING:  # each imported where it is used: a run without a manifest or metrics imports
+    # neither cryptography nor aiohttp's server (about 40 ms of every start, measured)
+    from .manifest import Signer
+    from .manifestcheck import ManifestReport
+    from .manifestwriter import ManifestWriter
 
 log = structlog.get_logger("archiver.service")
 
@@ -106,11 +108,13 @@ async def run_engine(
                 engines.append(engine)
             _on_signals(engines, notifier)
             if cfg.metrics.listen:
+                from .metrics import serve_metrics
+
                 metrics_runner = await serve_metrics({e.account: e.metrics for e in engines}, cfg.metrics.listen,
                                                      cfg.workers.poll_interval)
                 log.info("metrics_listening", listen=cfg.metrics.listen)
             helpers = [asyncio.create_task(_supervise(engines, state, notifier, mode, progress))]
-            writers = [ManifestWriter(signer, e.state, destination, e.account) for e in engines] if signer else []
+            writers = _manifest_writers(signer, engines, destination)
             if writers:
                 helpers.append(asyncio.create_task(_write_manifests(writers, engines, cfg.archive.manifest_interval)))
             if mode == "run" and cfg.archive.keep_days:
@@ -154,7 +158,17 @@ def load_signer(cfg: Config) -> Signer | None:
     """The manifest's signing key (``[archive] signing_key_file``), or None: no manifest."""
     if not cfg.archive.signing_key_file:
         return None
+    from .manifest import Signer
+
     return Signer.load(Path(cfg.archive.signing_key_file))
+
+
+def _manifest_writers(signer: Signer | None, engines: list[Engine], destination: Destination) -> list[ManifestWriter]:
+    if signer is None:
+        return []
+    from .manifestwriter import ManifestWriter
+
+    return [ManifestWriter(signer, e.state, destination, e.account) for e in engines]
 
 
 async def _write_manifests(writers: list[ManifestWriter], engines: list[Engine], interval: float) -> None:
@@ -437,6 +451,9 @@ async def verify_manifest_of(cfg: Config, public_key: Path | None) -> tuple[Mani
         if not cfg.archive.signing_key_file:
             raise ConfigError("verify --manifest needs the public key: --public-key FILE (keygen's FILE.pub)")
         public_key = Path(cfg.archive.signing_key_file + ".pub")
+    from .manifest import load_public_key
+    from .manifestcheck import Expected, verify_manifest
+
     public = load_public_key(public_key)
     state: State | None
     try:
