@@ -15,6 +15,7 @@ structure is broken although it matches every server hash (flag ``damaged``), or
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import stat
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -180,6 +182,31 @@ def create_exclusive(path: Path, mode: int = 0o640) -> int:
     return os.open(path, flags, mode)
 
 
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`` where libc has it (Linux): starts
+    writing a file's dirty pages without waiting. Only a head start for the fsync that follows,
+    which reports any error: where the call is missing or fails, nothing is lost but the overlap."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        import ctypes  # here, not at import: only a store helper needs it
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or directory by path (Linux flushes the inode whatever the descriptor)."""
     try:
@@ -294,33 +321,50 @@ class Store:
 
     def _finish(self, job: StoreJob) -> tuple[BodyDigest, BinaryIO]:
         """The whole body on disk and fsynced; its digest checked against the server's hashes.
-        Returns what the checks read: the bytes in memory unless the body spilled to disk."""
+        Returns what the checks read: the bytes in memory unless the body spilled to disk.
+
+        The disk writes the body while it is hashed: its writeback is started first
+        (``start_writeback``) and the fsync comes after the digest, so it mostly finds the
+        pages written already (an fsync right after the write cost 15 % of a large-body
+        backfill's wall time, measured against one without fsync)."""
+        fd: int | None = None
         try:  # a spilled body was created by ``create_exclusive`` in the daemon
             # a staged body in memory stays there, and so does one to encrypt: no plaintext at rest
-            if job.spilled or not (self.stage_only or self.recipients):
+            durable = not (self.stage_only or self.recipients)  # a plaintext to encrypt is never kept
+            if job.spilled or durable:
                 if job.spilled:
                     fd = os.open(job.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
                 else:
                     fd = create_exclusive(job.tmp)
-                try:
-                    write_all(fd, job.tail)
-                    if not (self.stage_only or self.recipients):  # a plaintext to encrypt is never kept
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                write_all(fd, job.tail)
+                if durable:
+                    start_writeback(fd)
             # MD5 only when there is one to compare, or for a bucket's Content-MD5
             digest = BodyDigest(md5="md5" in job.hashes or self.stage_only)
             source: BinaryIO
             if job.spilled:
                 source = open(job.tmp, "rb")  # closed by store()
-                while chunk := source.read(CHUNK):
-                    digest.update(chunk)
-                source.seek(0)
+                try:
+                    while chunk := source.read(CHUNK):
+                        digest.update(chunk)
+                    source.seek(0)
+                except BaseException:
+                    source.close()
+                    raise
             else:
                 digest.update(job.tail)
                 source = io.BytesIO(job.tail)
+            if fd is not None and durable:
+                try:
+                    os.fsync(fd)
+                except BaseException:
+                    source.close()
+                    raise
         except OSError as exc:
             raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
+        finally:
+            if fd is not None:
+                os.close(fd)
         try:
             digest.check(job.expected_length, job.hashes)
         except VerificationError:

@@ -359,8 +359,7 @@ MUTATIONS = {
     ),
     "no fsync of a body before its rename": (
         "store.py",
-        "                    if not (self.stage_only or self.recipients):  # a plaintext to encrypt is never kept\n"
-        "                        os.fsync(fd)\n", "",
+        "                try:\n                    os.fsync(fd)\n", "                try:\n                    pass\n",
     ),
 }
 
