@@ -341,25 +341,19 @@ class Store:
                     start_writeback(fd)
             # MD5 only when there is one to compare, or for a bucket's Content-MD5
             digest = BodyDigest(md5="md5" in job.hashes or self.stage_only)
-            source: BinaryIO
-            if job.spilled:
-                source = open(job.tmp, "rb")  # closed by store()
-                try:
+            source: BinaryIO = open(job.tmp, "rb") if job.spilled else io.BytesIO(job.tail)  # closed by store()
+            try:
+                if job.spilled:
                     while chunk := source.read(CHUNK):
                         digest.update(chunk)
                     source.seek(0)
-                except BaseException:
-                    source.close()
-                    raise
-            else:
-                digest.update(job.tail)
-                source = io.BytesIO(job.tail)
-            if fd is not None and durable:
-                try:
+                else:
+                    digest.update(job.tail)
+                if durable and fd is not None:
                     os.fsync(fd)
-                except BaseException:
-                    source.close()
-                    raise
+            except BaseException:
+                source.close()
+                raise
         except OSError as exc:
             raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
         finally:

@@ -359,7 +359,8 @@ MUTATIONS = {
     ),
     "no fsync of a body before its rename": (
         "store.py",
-        "                try:\n                    os.fsync(fd)\n", "                try:\n                    pass\n",
+        "                if durable and fd is not None:\n                    os.fsync(fd)\n",
+        "                if durable and fd is not None:\n                    pass\n",
     ),
 }
 
