@@ -78,6 +78,7 @@ class Downloader:
         verify and store ``row`` in ``directory`` (from ``self.directory(row)``); raise an
         ``archiver.errors`` class otherwise. Listed files that fail (refused, expired, failing
         verification twice) leave the recording to ``/recordingfiles``, in the same attempt."""
+        self.store.warm()  # the helpers start while this transfers
         if directory not in self._made_dirs:  # created once per process, not checked per file
             await asyncio.to_thread(make_dirs, self.layout.root, directory)
             self._made_dirs.add(directory)

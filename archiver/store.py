@@ -124,6 +124,12 @@ class StoreJob:
     def ref_type(self) -> str:
         return str(self.raw.get("reference_type", "") or "")
 
+    @property
+    def body_bytes(self) -> int:
+        """How large the body is, as far as the daemon knows: what the helper will read."""
+        listed = sum(f.listed_size for f in self.files)
+        return listed + (self.expected_length if self.expected_length is not None else len(self.tail))
+
 
 def limits(cfg: ArchiveConfig) -> ZipLimits:
     return ZipLimits(cfg.max_members, cfg.max_member_bytes, cfg.max_total_bytes, cfg.max_ratio)

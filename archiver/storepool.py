@@ -51,6 +51,20 @@ class StorePool:
         self._starting = asyncio.Lock()
         self._closed = False
         self._outstanding: dict[str, set[asyncio.Future[Archived | Staged]]] = {}  # by account
+        self._warming: asyncio.Task[None] | None = None
+
+    def warm(self) -> None:
+        """Start the helpers in the background if none has started: called as a download
+        begins, so that their start-up (about 70 ms of imports each) overlaps the transfer
+        instead of following it. The first ``store`` reports a helper that cannot start."""
+        if self._warming is None and not self._helpers and not self._closed:
+            self._warming = asyncio.get_running_loop().create_task(self._warm(), name="store-helpers-warm")
+
+    async def _warm(self) -> None:
+        try:
+            await self._helper()
+        except TransientError:
+            pass  # the next store() tries again, and says why
 
     async def store(self, job: StoreJob, account: str = "") -> Archived | Staged:
         helper = await self._helper()
@@ -88,6 +102,8 @@ class StorePool:
         """Let every helper finish what it has (for up to ``CLOSE_WAIT`` seconds), then reap it:
         its CPU time then counts as ours."""
         self._closed = True
+        if self._warming is not None:  # a helper it starts must be among those closed below
+            await asyncio.gather(self._warming, return_exceptions=True)
         helpers, self._helpers = self._helpers, []
         for helper in helpers:
             if helper.proc.stdin is not None:

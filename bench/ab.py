@@ -56,6 +56,7 @@ def main() -> None:
                     work = root / f"{name}-{i}"
                     work.mkdir()
                     result = one(tree, sim, work, args.concurrency, args.fetch == "listing")
+                    bench.recycle(work, args.audio_bytes)
                     if i >= 0:
                         runs[name].append(result)
     finally:

@@ -188,10 +188,26 @@ def aria2c(sim: Sim, work: Path, concurrency: int, files: bool = False) -> dict[
     return result
 
 
+RECYCLE_BYTES = 1_000_000  # bodies this large: each run's files are deleted once it is measured
+
+
+def recycle(work: Path, audio_bytes: int) -> None:
+    """Delete a measured run's files when its bodies are large (``RECYCLE_BYTES``), so the next
+    run's page cache reuses their memory. Fresh memory costs this virtual machine a fault to the
+    host per page: kept, the 528 MB a large-body run writes made each later run slower, inside
+    the copy into the page cache (``copy_folio_from_iter_atomic``, 28-42 % of a run's samples
+    in ``perf``), aria2c's more than ours (1.05 s to 1.9-2.1 s; ours 1.8 s to 2.9-3.2 s,
+    2026-12-07). Small bodies are kept until the end: a run of them is a thousand files, and
+    creating files soon after deleting that many is slow (``quiet_filesystem``)."""
+    if audio_bytes >= RECYCLE_BYTES:
+        shutil.rmtree(work)
+
+
 def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = False) -> list[str]:
     """Ours and aria2c, alternating, ``--repeat`` times each against one simulator; medians.
-    Every run writes into a fresh directory under ``root``; nothing is deleted until the end.
-    ``listing``: we fetch from the storage listing, and aria2c the same channel files."""
+    Every run writes into a fresh directory under ``root``, deleted after it only when its
+    bodies are large (``recycle``). ``listing``: we fetch from the storage listing, and aria2c
+    the same channel files."""
     path = "storage listing" if listing else "/recordingfiles"
     api = f"burst = 16\nstorage_listing = {'true' if listing else 'false'}\n"
     n, lat, c = args.recordings, args.latency, args.concurrency
@@ -205,9 +221,11 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
             work = root / f"{mode}-{listing}-ours-{i}"
             work.mkdir()
             ours_runs.append(backfill(sim, work, c, 0, api=api))
+            recycle(work, args.audio_bytes)
             work = root / f"{mode}-{listing}-aria2c-{i}"
             work.mkdir()
             ref_runs.append(aria2c(sim, work, c, files=listing))
+            recycle(work, args.audio_bytes)
     finally:
         sim.stop()
     ours = median_run(ours_runs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import os
 import signal
@@ -168,6 +169,40 @@ async def test_a_closed_pool_starts_no_helper(tmp_path):
     with pytest.raises(TransientError, match="shut down"):
         await pool.store(_job(tmp_path, 2))
     assert not pool._helpers
+
+
+async def test_helpers_warmed_before_the_first_store_are_reaped_by_close(tmp_path):
+    """``warm`` starts the helpers in the background (a download has begun); a pool closed
+    while they start, or after, leaves no helper running."""
+    pool = StorePool(_cfg(tmp_path), processes=2)
+    pool.warm()
+    pool.warm()  # once only
+    deadline = time.monotonic() + 10
+    while not pool._starting.locked():  # the helpers are being started
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0)
+    await pool.close()
+    assert pool._warming is not None
+    await pool._warming
+    assert not pool._helpers, "a helper started while closing was left running"
+    warmed = StorePool(_cfg(tmp_path), processes=2)
+    warmed.warm()
+    await warmed._warming
+    procs = [h.proc for h in warmed._helpers]
+    assert len(procs) == 2
+    assert isinstance(await warmed.store(_job(tmp_path, 1)), Archived)
+    assert [h.proc for h in warmed._helpers] == procs, "the warmed helpers did the work"
+    await warmed.close()
+    assert all(p.returncode == 0 for p in procs)
+
+
+def test_small_bodies_share_a_group_and_a_large_one_is_answered_alone(tmp_path):
+    """A group's answers wait for its last store: small bodies share their directory fsync,
+    a body as large as a group goes on its own, so its worker is not kept waiting."""
+    small = [(n, _job(tmp_path, n)) for n in range(3)]
+    large = (9, dataclasses.replace(_job(tmp_path, 9), expected_length=storeproc.GROUP_BYTES))
+    groups = storeproc._groups([*small, large, *small])
+    assert [[n for n, _ in g] for g in groups] == [[0, 1, 2], [9], [0, 1, 2]]
 
 
 def test_frames_dribbled_in_small_writes_arrive_whole_and_a_cut_frame_is_the_end(tmp_path):
