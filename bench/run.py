@@ -12,12 +12,14 @@ bench/results.md. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,9 +65,37 @@ class Sim:
     def stats(self) -> dict[str, int]:
         return json.loads(self.get("/_sim/stats"))
 
+    def cpu(self) -> float:
+        """The simulator's CPU seconds so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def checks_cpu(sim: Sim, rounds: int = 5) -> float:
+    """CPU seconds our checks of one of the simulator's bodies take at the least, in this
+    process with nothing around them: the digest the store helper computes (SHA-256, and MD5
+    and CRC32C for the ``x-goog-hash`` storage sends) and the ZIP check (every member's CRC-32,
+    size and WAV structure). Best of ``rounds``: the floor, not the noise."""
+    sys.path.insert(0, str(REPO))
+    from archiver.inspect import BodyDigest, ZipLimits, body_kind, inspect_zip
+
+    url = sim.get("/_sim/urls").split()[0].decode()
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        body = resp.read()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        digest = BodyDigest(md5=True)
+        for i in range(0, len(body), 1 << 18):  # as the helper reads it
+            digest.update(body[i:i + (1 << 18)])
+        if body_kind(body[:4]) == "zip":
+            inspect_zip(io.BytesIO(body), ZipLimits())
+        best = min(best, time.process_time() - start)
+    return best
 
 
 def measured(cmd: list[str], cwd: Path, stderr_path: Path) -> dict[str, Any]:
@@ -224,8 +254,11 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
             recycle(work, args.audio_bytes)
             work = root / f"{mode}-{listing}-aria2c-{i}"
             work.mkdir()
+            sim_before = sim.cpu()
             ref_runs.append(aria2c(sim, work, c, files=listing))
+            ref_runs[-1]["sim_cpu"] = sim.cpu() - sim_before
             recycle(work, args.audio_bytes)
+        checks = checks_cpu(sim)
     finally:
         sim.stop()
     ours = median_run(ours_runs)
@@ -233,6 +266,10 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
     per_rec = (ours["api_requests"] + ours["storage_requests"]) / n
     bound = n * per_rec * lat / c
     mb = ours["bytes"] / 1e6
+    # the least wall time of any tool that does aria2c's work and our checks, on this machine's
+    # cores, with the simulator's CPU too: every core busy with nothing else from start to end
+    cores = os.cpu_count() or 1
+    floor = statistics.median((r["cpu"] + r["sim_cpu"] + n * checks) / cores for r in ref_runs)
     walls = ", ".join(f"{r['wall']:.2f}" for r in ours_runs)
     ref_walls = ", ".join(f"{r['wall']:.2f}" for r in ref_runs)
     return [
@@ -243,7 +280,10 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
         f" {ours['rss_mb']:.0f} MB (PSS {ours['pss_mb']:.0f}) | {per_rec:.3f} req/rec |"
         f" aria2c {ref['wall']:.2f} s ({ref_walls} s;"
         f" {ref['files']} files): ours/aria2c = **{ours['wall'] / ref['wall']:.2f}**; latency bound {bound:.2f} s:"
-        f" bound/ours = **{bound / ours['wall']:.0%}**; file create {create_us:.0f} µs |"
+        f" bound/ours = **{bound / ours['wall']:.0%}**; CPU floor {floor:.2f} s (aria2c's CPU, the simulator's"
+        f" and our checks, {1000 * checks:.1f} ms a ZIP, on {cores} cores):"
+        f" floor/aria2c = **{floor / ref['wall']:.2f}**, ours/floor = **{ours['wall'] / floor:.2f}**;"
+        f" file create {create_us:.0f} µs |"
     ]
 
 
@@ -327,24 +367,36 @@ def s3_vs_directory(args: argparse.Namespace, root: Path) -> list[str]:
     dir_runs: list[dict[str, Any]] = []
     s3_runs: list[dict[str, Any]] = []
     try:
-        gateway_rate = _gateway_rate(client, c)
+        gateway_rate, gateway_cpu = _gateway_rate(client, c, rgw)
+        gateway_busy = gateway_rate * gateway_cpu  # cores the client and gateway kept busy
         for i in range(args.repeat):
             work = root / f"s3-dir-{i}"
             work.mkdir()
+            sim_before = sim.cpu()
             dir_runs.append(backfill(sim, work, c, 0))
+            dir_runs[-1]["sim_cpu"] = sim.cpu() - sim_before
             bucket = f"bench-{i}"
             client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
             work = root / f"s3-s3-{i}"
             work.mkdir()
-            ceph_before = _ceph_cpu(rgw)
+            ceph_before, sim_before = _ceph_cpu(rgw), sim.cpu()
             s3_runs.append(backfill(sim, work, c, 0, s3={
                 "endpoint": rgw.endpoint, "bucket": bucket, "prefix": "voipbin/", "access_key_id": rgw.access_key,
                 "secret_access_key": rgw.secret_key, "object_lock_mode": "COMPLIANCE", "retain_days": 1}))
             s3_runs[-1]["ceph_cpu"] = _ceph_cpu(rgw) - ceph_before
+            s3_runs[-1]["sim_cpu"] = sim.cpu() - sim_before
     finally:
         sim.stop()
         rgw.close()
     d, o = median_run(dir_runs), median_run(s3_runs)
+    # the least wall time of the S3 run on this machine's cores: what the directory run costs us
+    # and the simulator, plus what a recording's requests cost a plain client and the gateway
+    cores = os.cpu_count() or 1
+    floor = statistics.median((r["cpu"] + r["sim_cpu"] + n * gateway_cpu) / cores for r in dir_runs)
+    bound = max(n / gateway_rate, floor)
+    # the gateway alone keeps fewer than all cores busy: the floor at the bound's own core use
+    busy_floor = floor * cores / gateway_busy
+    ours_busy = (o["cpu"] + o["ceph_cpu"] + o["sim_cpu"]) / o["wall"]
     walls = ", ".join(f"{r['wall']:.2f}" for r in s3_runs)
     dir_walls = ", ".join(f"{r['wall']:.2f}" for r in dir_runs)
     return [
@@ -357,14 +409,21 @@ def s3_vs_directory(args: argparse.Namespace, root: Path) -> list[str]:
         f" directory {d['wall']:.2f} s ({dir_walls} s): s3/directory = **{o['wall'] / d['wall']:.2f}** wall,"
         f" {o['cpu'] / d['cpu']:.2f} CPU; the gateway's bound {n / gateway_rate:.2f} s ({gateway_rate:.0f} rec/s:"
         f" {c} threads of a plain client, a recording's PUT, sidecar PUT and HEAD each):"
-        f" bound/ours = **{n / gateway_rate / o['wall']:.0%}** |"
+        f" bound/ours = **{n / gateway_rate / o['wall']:.0%}**; CPU floor {floor:.2f} s (the directory run's CPU"
+        f" and the simulator's, and the client's and gateway's {1000 * gateway_cpu:.1f} ms a recording in the"
+        f" bound, on {cores} cores): floor/gateway bound = **{floor * gateway_rate / n:.2f}**,"
+        f" max(bound, floor)/ours = **{bound / o['wall']:.0%}**; cores busy: {gateway_busy:.2f} in the bound,"
+        f" {ours_busy:.2f} in ours (ours, the gateway's and the simulator's CPU / wall); the floor at the"
+        f" bound's {gateway_busy:.2f} cores {busy_floor:.2f} s: it/ours = **{busy_floor / o['wall']:.0%}** |"
     ]
 
 
-def _gateway_rate(client: Any, threads: int, rounds: int = 300, size: int = 171_000) -> float:
+def _gateway_rate(client: Any, threads: int, rgw: Any, rounds: int = 300,
+                  size: int = 171_000) -> tuple[float, float]:
     """Recordings per second the gateway takes from a plain threaded botocore client: each a
     locked PUT of ``size`` bytes with Content-MD5, a locked PUT of a 2 kB sidecar and a HEAD,
-    what our destination sends per recording. On this machine it is the bound of the S3 run."""
+    what our destination sends per recording. On this machine it is the bound of the S3 run.
+    Also the CPU seconds a recording cost the client (this process) and the gateway and OSD."""
     import base64
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
@@ -383,9 +442,11 @@ def _gateway_rate(client: Any, threads: int, rounds: int = 300, size: int = 171_
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, range(threads)))  # warm: connections, the bucket index
-        start = time.perf_counter()
+        start, cpu_start, ceph_start = time.perf_counter(), time.process_time(), _ceph_cpu(rgw)
         list(pool.map(one, range(threads, threads + rounds)))
-    return rounds / (time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start + _ceph_cpu(rgw) - ceph_start
+    return rounds / wall, cpu / rounds
 
 
 def _ceph_cpu(rgw: Any) -> float:
