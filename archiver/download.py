@@ -27,7 +27,16 @@ from .inspect import body_kind, parse_goog_hash
 from .layout import Layout, temp_path
 from .logs import redact
 from .state import Row
-from .store import Archived, ListedFile, Staged, StoreJob, create_exclusive, make_dirs, remove_quietly
+from .store import (
+    Archived,
+    ListedFile,
+    Staged,
+    StoreJob,
+    create_exclusive,
+    listed_offsets,
+    make_dirs,
+    remove_quietly,
+)
 from .storepool import StorePool
 
 log = structlog.get_logger("archiver.download")
@@ -107,10 +116,23 @@ class Downloader:
         raise _ListingFailed(f"listed files failed {LISTING_TRIES} times: {last}")
 
     async def _fetch_listed(self, row: Row, directory: Path, listed: tuple[dict[str, Any], ...]) -> Archived:
+        """A recording's listed files, side by side, then stored as one ZIP. Files that will
+        spill are spilled where their bytes lie in that ZIP (``listed_offsets``), so the store
+        helper writes only the headers around them instead of copying every byte again."""
         tmp = temp_path(directory, row.id, "download")
+        sizes = [(str(f["filename"]), int(f["filesize"])) for f in listed]
+        offsets = listed_offsets(sizes) if any(size >= WRITE_BUFFER for _, size in sizes) else None
+        shared: int | None = None
         try:
-            files = await _all_or_none([self._stream_listed(temp_path(directory, row.id, f"file{i}"), f)
-                                        for i, f in enumerate(listed)])
+            if offsets is not None:
+                shared = await _create(tmp)
+            files = await _all_or_none([
+                self._stream_listed(temp_path(directory, row.id, f"file{i}"), f,
+                                    None if shared is None or offsets is None else _Place(tmp, shared, offsets[i]))
+                for i, f in enumerate(listed)])
+            if shared is not None:
+                fd, shared = shared, None
+                await _close(fd)
             job = StoreJob(
                 row.id, row.raw, row.tm_create, row.tm_end, directory, tmp, b"", False, None, {}, row.account,
                 row.call, files=tuple(files),
@@ -118,6 +140,8 @@ class Downloader:
             stored = await self.store.store(job, row.account)
             archived = await self.destination.commit(job, stored)
         except BaseException:
+            if shared is not None:
+                os.close(shared)
             await asyncio.to_thread(remove_quietly, tmp, temp_path(directory, row.id, "unpack"),
                                     *(temp_path(directory, row.id, f"file{i}") for i in range(len(listed))))
             raise
@@ -125,16 +149,18 @@ class Downloader:
             await asyncio.to_thread(remove_quietly, stored.body)
         return archived
 
-    async def _stream_listed(self, part: Path, f: dict[str, Any]) -> ListedFile:
-        """One listed channel file, streamed like a body; checked by the store helper."""
+    async def _stream_listed(self, part: Path, f: dict[str, Any], place: _Place | None) -> ListedFile:
+        """One listed channel file, streamed like a body (into ``part``, or in ``place``);
+        checked by the store helper."""
+        name = f"listed file {f['filename'][:80]!r}"
         try:
-            body = await self._stream(part, f["url"])
+            body = await self._stream(part, f["url"], place, int(f["filesize"]), name)
         except NotReady:  # listed, but storage has no bytes for it
-            raise _ListingFailed(f"listed file {f['filename'][:80]!r} is empty in storage") from None
+            raise _ListingFailed(f"{name} is empty in storage") from None
         if body.kind != "wav":
-            raise VerificationError(f"listed file {f['filename'][:80]!r} is not a WAV")
-        return ListedFile(f["id"], f["filename"], part, body.take(), body.spilled, body.expected_length,
-                          int(f["filesize"]), body.hashes)
+            raise VerificationError(f"{name} is not a WAV")
+        return ListedFile(f["id"], f["filename"], body.tmp, body.take(), body.spilled, body.expected_length,
+                          int(f["filesize"]), body.hashes, body.written, None if place is None else place.offset)
 
     async def _from_recordingfiles(self, row: Row, directory: Path, url: str | None) -> Archived:
         last: Exception | None = None
@@ -177,7 +203,11 @@ class Downloader:
             )
         return archived
 
-    async def _stream(self, tmp: Path, url: str) -> _Body:
+    async def _stream(
+        self, tmp: Path, url: str, place: _Place | None = None, max_bytes: int | None = None, name: str = "the body"
+    ) -> _Body:
+        """The body at ``url``, spilled to ``tmp`` (or in ``place``) past ``WRITE_BUFFER``; with
+        ``max_bytes`` (a listed ``filesize``), no more than that is spilled."""
         try:
             async with self.client.storage_get(url) as resp:
                 if resp.status in (400, 401, 403):
@@ -185,7 +215,7 @@ class Downloader:
                 if resp.status != 200:
                     raise TransientError(f"storage answered HTTP {resp.status}")
                 hashes = parse_goog_hash(resp.headers.getall("x-goog-hash", []))
-                body = _Body(tmp, resp.content_length, hashes)
+                body = _Body(tmp, resp.content_length, hashes, place, max_bytes, name)
                 pace = TransferPace(self.client.cfg.min_transfer_rate, self.client.cfg.transfer_rate_window)
                 limit = asyncio.timeout(pace.deadline(resp.content_length))
                 try:
@@ -215,7 +245,9 @@ class Downloader:
 class _Body:
     """A body on its way to a store helper. Up to ``WRITE_BUFFER`` bytes stay in memory and go
     to the helper whole; a larger body spills to the temporary file as it streams (the chunks
-    as they arrived, in one ``writev`` per spill: no joined copy), and only its tail goes.
+    as they arrived, in one ``writev`` per spill: no joined copy), and only its tail goes. A
+    listed file with a ``_Place`` spills into the recording's ZIP at its offset instead, never
+    past its listed size (``max_bytes``): the bytes beyond would land on the next file's.
     Memory stays bounded per transfer.
 
     The ``writev`` runs on the event loop, not in a thread: the chunks were just received there
@@ -225,15 +257,22 @@ class _Body:
     ``bench/ab.py``). A buffered write of 1 MB to the page cache takes about a millisecond; a
     disk that cannot keep up throttles every writer alike, threads included."""
 
-    def __init__(self, tmp: Path, expected_length: int | None, hashes: dict[str, str]) -> None:
-        self.tmp = tmp
+    def __init__(
+        self, tmp: Path, expected_length: int | None, hashes: dict[str, str], place: _Place | None = None,
+        max_bytes: int | None = None, name: str = "the body",
+    ) -> None:
+        self.tmp = tmp if place is None else place.path
         self.expected_length = expected_length
         self.hashes = hashes
         self.kind = ""
         self._pending: list[bytes] = []
         self.buffered = 0
         self._fd: int | None = None
+        self._place = place
+        self._max_bytes = max_bytes
+        self._name = name
         self.spilled = False
+        self.written = 0  # bytes spilled so far
 
     def add(self, chunk: bytes) -> None:
         self._pending.append(chunk)
@@ -251,16 +290,33 @@ class _Body:
         return data
 
     async def spill(self) -> None:
-        if self._fd is None:
-            self._fd = await _create(self.tmp)
-            self.spilled = True
-        pending, self._pending, self.buffered = self._pending, [], 0
-        _writev_all(self._fd, pending)
+        if self._max_bytes is not None and self.written + self.buffered > self._max_bytes:
+            # in place, the bytes past it would land on the next file's: not one is written
+            raise VerificationError(f"{self._name}: storage sent more than its listed filesize {self._max_bytes}")
+        pending, self._pending, n, self.buffered = self._pending, [], self.buffered, 0
+        if self._place is not None:
+            _writev_all(self._place.fd, pending, self._place.offset + self.written)
+        else:
+            if self._fd is None:
+                self._fd = await _create(self.tmp)
+            _writev_all(self._fd, pending)
+        self.spilled = True
+        self.written += n
 
     async def close(self) -> None:
-        if self._fd is not None:
+        if self._fd is not None:  # not a place's: the one who made it closes it
             fd, self._fd = self._fd, None
             await _close(fd)
+
+
+class _Place:
+    """Where a listed file's bytes go: ``offset`` in the recording's ZIP being made at ``path``
+    (open as ``fd``, shared by the recording's files)."""
+
+    def __init__(self, path: Path, fd: int, offset: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.offset = offset
 
 
 class TransferPace:
@@ -321,11 +377,16 @@ async def _all_or_none(works: list[Coroutine[Any, Any, T]]) -> list[T]:
     return [t.result() for t in tasks]
 
 
-def _writev_all(fd: int, chunks: list[bytes]) -> None:
-    """Every byte of ``chunks``, in order, with as few ``writev`` calls as the kernel allows."""
+def _writev_all(fd: int, chunks: list[bytes], offset: int | None = None) -> None:
+    """Every byte of ``chunks``, in order, with as few ``writev`` calls as the kernel allows: at
+    the file's position, or from ``offset`` on (``pwritev``, which leaves the position alone)."""
     views = [memoryview(c) for c in chunks]
     while views:
-        written = os.writev(fd, views[:IOV_MAX])
+        if offset is None:
+            written = os.writev(fd, views[:IOV_MAX])
+        else:
+            written = os.pwritev(fd, views[:IOV_MAX], offset)
+            offset += written
         while written and views:
             if written >= len(views[0]):
                 written -= len(views.pop(0))

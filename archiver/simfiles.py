@@ -9,8 +9,9 @@ listed too. ``/recordingfiles`` builds its ZIP from exactly these files.
 
 Faults, per recording id in ``file_faults``: ``expired_early`` (its URLs answer 400
 ``ExpiredToken`` before ``tm_download_expire``), ``refused_early`` (403 ``AccessDenied``),
-``bad_size`` (``filesize`` one byte off), ``twice`` (a second file, of another id, listed for
-its first channel), ``unsigned`` (``uri_download`` empty: signing failed).
+``bad_size`` (``filesize`` one byte more than the file), ``short_size`` (one byte less),
+``twice`` (a second file, of another id, listed for its first channel), ``unsigned``
+(``uri_download`` empty: signing failed).
 ``stranger_files`` lists files whose ``reference_id`` names no recording of the account, and the
 ``files_repeat_token`` switch makes every page answer the token it was asked with.
 """
@@ -143,7 +144,7 @@ class StorageListing:
     def _make_file_json(self, rec: SimRecording, name: str, created: datetime) -> dict[str, Any]:
         fault = self.file_faults.get(rec.id, "")
         expires = created + timedelta(seconds=self.sim.cfg.file_url_ttl)
-        size = len(self.member_wav(rec, name)) + (1 if fault == "bad_size" else 0)
+        size = len(self.member_wav(rec, name)) + {"bad_size": 1, "short_size": -1}.get(fault, 0)
         url = "" if fault == "unsigned" else self.file_url(rec.id, name, expires.timestamp())
         style = self.sim.cfg.timestamps
 

@@ -23,11 +23,11 @@ import shutil
 import stat
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from . import __version__
 from .config import DEFAULT_ACCOUNT, ArchiveConfig
@@ -88,8 +88,10 @@ class Staged:
 @dataclass(frozen=True)
 class ListedFile:
     """One channel file of a recording fetched from the storage listing (``storagefiles``):
-    streamed like a body (``tmp`` holds its start when ``spilled``), to be checked against its
-    listed ``filesize``, ``Content-Length`` and ``x-goog-hash``, then put into the recording's ZIP."""
+    streamed like a body, to be checked against its listed ``filesize``, ``Content-Length`` and
+    ``x-goog-hash``, then put into the recording's ZIP. When ``spilled``, its first
+    ``spilled_bytes`` are on disk: in ``tmp``, or with an ``offset`` already in place in the
+    recording's ZIP (the job's ``tmp``, see ``listed_offsets``), so they are not copied again."""
 
     file_id: str
     name: str  # the listed file name (checked: a plain name), the member's name in the ZIP
@@ -99,6 +101,36 @@ class ListedFile:
     expected_length: int | None
     listed_size: int
     hashes: dict[str, str]
+    spilled_bytes: int = 0
+    offset: int | None = None  # where its bytes start in the job's ZIP, if spilled in place
+
+
+PLACE_LIMIT = 1 << 30  # a recording's listed files are spilled in place up to this in all (far from zip64)
+
+
+def listed_member(name: str, size: int) -> zipfile.ZipInfo:
+    """A listed file's entry in the ZIP we write: stored, fixed times (the same files always
+    make the same bytes)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    return info
+
+
+def listed_offsets(files: list[tuple[str, int]]) -> list[int] | None:
+    """Where each listed file's bytes will start in the ZIP ``Store`` writes of them (after the
+    local headers before it), from the listed names and sizes, so the daemon can spill them in
+    place; None past ``PLACE_LIMIT``. The store checks each offset before it trusts it."""
+    if sum(size for _, size in files) > PLACE_LIMIT:
+        return None
+    offsets, position = [], 0
+    for name, size in files:
+        info = listed_member(name, size)
+        info.CRC = info.compress_size = 0  # as zipfile writes it first: only the length counts
+        position += len(info.FileHeader(False))
+        offsets.append(position)
+        position += size
+    return offsets
 
 
 @dataclass(frozen=True)
@@ -378,47 +410,62 @@ class Store:
         written into one ZIP the archiver makes itself (stored, not compressed, fixed times: the
         same files always make the same bytes). That ZIP then goes through every check of a
         served one, so ``verify``, adoption, unpacking and ``export`` treat both alike."""
-        listed = []
+        in_place = bool(job.files) and job.files[0].offset is not None  # the daemon made job.tmp
         try:
-            with open(create_exclusive(job.tmp), "wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
-                for f in job.files:
-                    name = f"listed file {f.name[:80]!r}"
-                    # one pass over each file: its storage hashes, its RIFF structure and its copy
-                    # into the ZIP (whose SHA-256 covers it: a member's own is not kept)
-                    digest, riff = BodyDigest(md5="md5" in f.hashes, sha256=False), RiffChecker(name)
-                    info = zipfile.ZipInfo(f.name, date_time=(1980, 1, 1, 0, 0, 0))
-                    info.compress_type = zipfile.ZIP_STORED
-                    size = len(f.tail) + (os.lstat(f.tmp).st_size if f.spilled else 0)
-                    if size != f.listed_size:  # before a byte is copied: the member's size is declared
-                        raise VerificationError(
-                            f"{name}: the listing says filesize {f.listed_size}, storage sent {size} bytes")
-                    info.file_size = size
-                    with self._listed_source(f) as source, zf.open(info, "w") as member:
-                        while chunk := source.read(CHUNK):
-                            digest.update(chunk)
-                            riff.feed(chunk)
-                            member.write(chunk)
-                    checked = digest.check(f.expected_length, f.hashes)
-                    riff.finish()
-                    listed.append({"id": f.file_id, "name": f.name, "size": digest.size,
-                                   "server_hashes_checked": dict(sorted(checked.items()))})
+            fd = os.open(job.tmp, os.O_RDWR | os.O_NOFOLLOW) if in_place else create_exclusive(job.tmp)
+            with open(fd, "r+b" if in_place else "wb") as raw:
+                listed = self._write_listed_zip(job, _AroundPlaced(raw))
         except OSError as exc:
             raise LocalStorageError(f"cannot write into the archive: {exc.strerror} ({job.tmp.parent})") from None
         finally:
-            remove_quietly(*(f.tmp for f in job.files))
+            remove_quietly(*(f.tmp for f in job.files if f.offset is None))
         return replace(job, files=(), listed=tuple(listed), tail=b"", spilled=True, expected_length=None, hashes={})
 
+    def _write_listed_zip(self, job: StoreJob, out: _AroundPlaced) -> list[dict[str, Any]]:
+        """One pass over each listed file: its storage hashes, its RIFF structure and its copy
+        into the ZIP (whose SHA-256 covers it: a member's own is not kept); bytes spilled in
+        place are read, not written again. Returns what the sidecar says of each file."""
+        listed = []
+        with zipfile.ZipFile(cast(BinaryIO, out), "w", zipfile.ZIP_STORED) as zf:
+            for f in job.files:
+                name = f"listed file {f.name[:80]!r}"
+                digest, riff = BodyDigest(md5="md5" in f.hashes, sha256=False), RiffChecker(name)
+                size = len(f.tail) + f.spilled_bytes
+                if size != f.listed_size:  # before a byte is copied: the member's size is declared
+                    raise VerificationError(
+                        f"{name}: the listing says filesize {f.listed_size}, storage sent {size} bytes")
+                with zf.open(listed_member(f.name, size), "w") as member:
+                    if f.offset is not None:
+                        if out.tell() != f.offset:  # a header of a size the daemon did not expect
+                            raise LocalStorageError(
+                                f"{name}: its bytes lie at {f.offset}, its header ends at {out.tell()}")
+                        out.skip = f.spilled_bytes
+                    for chunk in self._listed_chunks(f, job.tmp, name):
+                        digest.update(chunk)
+                        riff.feed(chunk)
+                        member.write(chunk)
+                checked = digest.check(f.expected_length, f.hashes)
+                riff.finish()
+                listed.append({"id": f.file_id, "name": f.name, "size": digest.size,
+                               "server_hashes_checked": dict(sorted(checked.items()))})
+        return listed
+
     @staticmethod
-    def _listed_source(f: ListedFile) -> BinaryIO:
-        """A listed file's bytes to read: in memory, or its spilled start with the tail added."""
-        if not f.spilled:
-            return io.BytesIO(f.tail)
-        fd = os.open(f.tmp, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-        try:
-            write_all(fd, f.tail)
-        finally:
-            os.close(fd)
-        return open(f.tmp, "rb")
+    def _listed_chunks(f: ListedFile, zip_tmp: Path, name: str) -> Iterator[bytes]:
+        """A listed file's bytes: its spilled start (in its own temporary file, or in place in
+        the recording's ZIP at ``zip_tmp``), then its tail from memory."""
+        if f.spilled:
+            with open(f.tmp if f.offset is None else zip_tmp, "rb") as source:
+                source.seek(f.offset or 0)
+                left = f.spilled_bytes
+                while left and (chunk := source.read(min(CHUNK, left))):
+                    left -= len(chunk)
+                    yield chunk
+            if left:
+                raise LocalStorageError(f"{name}: {left} of its spilled bytes are missing on disk")
+        if f.tail:
+            yield f.tail
+
 
     def _check_ready(self, job: StoreJob, kind: str, members: list[Member], settled: bool) -> tuple[str, str]:
         """Before the settle window, an empty or short answer means "not uploaded yet"; after
@@ -586,6 +633,37 @@ class Store:
             remove_quietly(enc_tmp)
             raise LocalStorageError(f"cannot store {enc_final.name}: {exc.strerror}") from None
         return archived
+
+
+class _AroundPlaced:
+    """The file ``zipfile`` writes a ZIP into, around bytes already in place: the next ``skip``
+    bytes it writes are on disk already (the daemon spilled them there), so they are passed over,
+    not written again; everything else (headers, the rest of a member, the central directory)
+    is written as ``zipfile`` made it, so the ZIP's bytes are the same either way."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.skip = 0
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        if self.skip:
+            passed = min(self.skip, n)
+            self.skip -= passed
+            self._out.seek(passed, os.SEEK_CUR)
+            data = data[passed:]
+        if data:
+            self._out.write(data)
+        return n
+
+    def tell(self) -> int:
+        return self._out.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._out.seek(offset, whence)
+
+    def flush(self) -> None:
+        self._out.flush()
 
 
 def _via(job: StoreJob) -> str:

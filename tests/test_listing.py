@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import signal
 import sqlite3
 import time
@@ -277,3 +278,147 @@ def test_our_zip_of_listed_files_is_the_same_bytes_every_time(tmp_path):
     assert archived_members(bodies[0]) == {"c_in.wav": wav}
     with zipfile.ZipFile(io.BytesIO(bodies[0])) as archive:
         assert archive.infolist()[0].compress_type == zipfile.ZIP_STORED
+
+
+def _reference_zip(files: list[tuple[str, bytes]]) -> bytes:
+    """The ZIP zipfile itself makes of ``files`` (stored, 1980-01-01): what ours must equal."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in files:
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("way", ["in_memory", "spilled_apart", "spilled_in_place"])
+def test_listed_files_make_zipfiles_own_bytes_however_they_were_spilled(tmp_path, way):
+    """In memory, spilled to a file of their own, or spilled by the daemon where their bytes lie
+    in the ZIP (``listed_offsets``; the store then writes only the headers and the tails around
+    them): the ZIP is byte for byte the one zipfile makes of the same files."""
+    from archiver.config import ArchiveConfig
+    from archiver.layout import Layout
+    from archiver.simulator import make_wav
+    from archiver.store import ListedFile, Store, StoreJob, listed_offsets, make_dirs
+
+    cfg = ArchiveConfig(directory=tmp_path, settle_window=0)
+    wavs = [("c_in.wav", make_wav(b"\x01\x02" * 700_000)), ("c_out.wav", make_wav(b"\x03\x04" * 650_001))]
+    raw = {"id": str(uuid.uuid4()), "reference_type": "call"}
+    created = time.time() - 100
+    layout = Layout(tmp_path, cfg.layout)
+    directory = layout.path(layout.relative(raw["id"], "zip", created, "call", "default")).parent
+    make_dirs(tmp_path, directory)
+    zip_tmp = directory / f".{raw['id']}.download.partial"
+    offsets = listed_offsets([(name, len(data)) for name, data in wavs])
+    assert offsets is not None
+    files = []
+    for i, (name, data) in enumerate(wavs):
+        cut = len(data) - 300_000 - i  # the daemon's last chunks stay in memory (the tail)
+        if way == "in_memory":
+            files.append(ListedFile(str(i), name, directory / f".{i}.partial", data, False, len(data), len(data), {}))
+        elif way == "spilled_apart":
+            (directory / f".{i}.partial").write_bytes(data[:cut])
+            files.append(ListedFile(str(i), name, directory / f".{i}.partial", data[cut:], True, len(data),
+                                    len(data), {}, cut))
+        else:
+            fd = os.open(zip_tmp, os.O_WRONLY | os.O_CREAT, 0o640)  # the headers' room left as holes
+            os.pwrite(fd, data[:cut], offsets[i])
+            os.close(fd)
+            files.append(ListedFile(str(i), name, zip_tmp, data[cut:], True, len(data), len(data), {}, cut,
+                                    offsets[i]))
+    job = StoreJob(raw["id"], raw, created, created + 10, directory, zip_tmp, b"", False, None, {},
+                   files=tuple(files))
+    archived = Store(cfg).store(job)
+    assert (tmp_path / archived.rel_path).read_bytes() == _reference_zip(wavs)
+    assert not list(directory.glob(".*.partial")), "nothing left beside it"
+
+
+async def test_a_listed_file_longer_than_its_filesize_is_never_spilled_past_it(tmp_path):
+    """In place, the bytes past a file's listed size would land on the next file's: the spill
+    refuses them before writing one (the recording then goes through /recordingfiles)."""
+    from archiver.download import _Body, _Place
+    from archiver.errors import VerificationError
+
+    path = tmp_path / "zip.partial"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        body = _Body(tmp_path / "unused.partial", None, {}, _Place(path, fd, 40), 4, "listed file 'c_in.wav'")
+        body.add(b"RIFF")
+        await body.spill()  # up to its size: written in place
+        body.add(b"x")
+        with pytest.raises(VerificationError, match="more than its listed filesize 4"):
+            await body.spill()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 40 + b"RIFF"
+    assert not (tmp_path / "unused.partial").exists()
+
+
+async def test_large_listed_files_are_archived_in_place_and_a_wrong_filesize_falls_back(tmp_path, make_sim):
+    """Channel files of over a megabyte go the in-place way through the real pipeline: each ZIP
+    is zipfile's own bytes of the sim's files, nothing is left beside it, and a ``filesize`` one
+    byte off either way sends that recording to /recordingfiles (logged), never into a ZIP."""
+    sim = await make_sim(recordings=6, audio_bytes=3_000_000, conference_every=3)
+    ids = [rid for _, rid in sim._order]
+    faults = {ids[1]: "bad_size", ids[4]: "short_size"}
+    sim.files.file_faults.update(faults)
+    cfg = write_config(tmp_path, sim, api=LISTING)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
+    assert result.rc == 0, result
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+    ways = {rid: d["archive"]["fetched_from"] for rid, d in _sidecars(tmp_path / "archive").items()}
+    assert {rid for rid, way in ways.items() if way == "recordingfiles"} == set(faults), ways
+    rels = {r[0]: r[2] for r in db_rows(tmp_path / "state.sqlite3")}
+    for rid, way in ways.items():
+        if way == "storage_files":
+            rec = sim.recordings[rid]
+            assert len(sim.files.member_wav(rec, sim.member_names(rec)[0])) > 1 << 20, "spilled, not in memory"
+            reference = _reference_zip([(n, sim.files.member_wav(rec, n)) for n in sim.member_names(rec)])
+            assert (tmp_path / "archive" / rels[rid]).read_bytes() == reference
+    fallbacks = {e["recording_id"] for e in _events(result.out + result.err, "storage_listing_fallback")}
+    assert fallbacks == set(faults)
+    verify = await run_cli("--config", str(cfg), "verify")
+    assert verify.rc == 0 and "verified 6" in verify.out, verify
+
+
+async def test_the_daemon_spills_large_listed_files_where_they_lie_in_our_zip(tmp_path, make_sim):
+    """What the daemon hands the store helper for channel files over a megabyte, fetched from
+    the simulator over HTTP: their first bytes already in the recording's ZIP at the offsets
+    ``listed_offsets`` gives, not in a file of their own (so the helper does not copy them)."""
+    from archiver.client import ApiClient
+    from archiver.config import ApiConfig, ArchiveConfig
+    from archiver.download import Downloader
+    from archiver.state import Row
+    from archiver.store import listed_offsets
+
+    sim = await make_sim(recordings=1, audio_bytes=3_000_000, conference_every=0)
+    rec = next(iter(sim.recordings.values()))
+    wavs = {name: sim.files.member_wav(rec, name) for name in sim.member_names(rec)}
+    listed = tuple({"id": sim.files.file_id(rec.id, name), "filename": name, "filesize": len(data),
+                    "url": sim.files.file_url(rec.id, name, time.time() + 3600)} for name, data in wavs.items())
+    offsets = listed_offsets([(name, len(data)) for name, data in wavs.items()])
+    directory = tmp_path / "d"
+    directory.mkdir()
+
+    class Handed(Exception):
+        pass
+
+    class Store:
+        def warm(self) -> None:
+            pass
+
+        async def store(self, job, account):
+            assert [f.offset for f in job.files] == offsets
+            content = job.tmp.read_bytes()
+            for f, data in zip(job.files, wavs.values(), strict=True):
+                assert f.spilled and f.tmp == job.tmp and f.spilled_bytes + len(f.tail) == len(data)
+                assert content[f.offset:f.offset + f.spilled_bytes] == data[:f.spilled_bytes]
+                assert f.tail == data[f.spilled_bytes:]
+            assert sorted(p.name for p in directory.iterdir()) == [job.tmp.name], "no file of their own"
+            raise Handed
+
+    api = ApiConfig(base_url=sim.base_url, accesskey=sim.accesskey, requests_per_second=0, retry_base=0.01)
+    async with ApiClient(api) as client:
+        downloader = Downloader(client, ArchiveConfig(directory=tmp_path), Store(), None)  # type: ignore[arg-type]
+        row = Row(rec.id, "ended", {"id": rec.id}, 0, 0, time.time() - 60, time.time() - 30)
+        with pytest.raises(Handed):
+            await downloader._fetch_listed(row, directory, listed)
+    assert not list(directory.iterdir()), "a failed store leaves nothing behind"
