@@ -45,6 +45,19 @@ def _events(out: str, name: str) -> list[dict]:
     return events
 
 
+async def _archive_with_faulty_files(tmp_path, sim, faults: dict[str, str]):
+    """A backfill through the listing with these listing ``faults``: every recording archived,
+    exactly the faulty ones through /recordingfiles. The config, the run, each one's path."""
+    sim.files.file_faults.update(faults)
+    cfg = write_config(tmp_path, sim, api=LISTING)
+    result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
+    assert result.rc == 0, result
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+    ways = {rid: d["archive"]["fetched_from"] for rid, d in _sidecars(tmp_path / "archive").items()}
+    assert {rid for rid, way in ways.items() if way == "recordingfiles"} == set(faults), ways
+    return cfg, result, ways
+
+
 @pytest.mark.parametrize("unpack", [False, True], ids=["zip", "unpacked"])
 async def test_recent_recordings_come_from_the_listing_without_api_budget(tmp_path, make_sim, unpack):
     sim = await make_sim(recordings=150, audio_bytes=8000)
@@ -93,17 +106,11 @@ async def test_hostile_listings_send_each_recording_to_recordingfiles_once(tmp_p
     ids = [rid for _, rid in sim._order]
     faults = {ids[1]: "expired_early", ids[3]: "bad_size", ids[5]: "twice", ids[7]: "unsigned",
               ids[11]: "refused_early"}
-    sim.files.file_faults.update(faults)
     stranger = str(uuid.uuid4())  # a file of no recording of ours, named like a real one of ours
     victim = sim.recordings[ids[9]]
     item = sim.files.file_json(victim, sim.member_names(victim)[0], datetime.now(UTC) - timedelta(minutes=5))
     sim.files.stranger_files.append({**item, "id": str(uuid.uuid4()), "reference_id": stranger})
-    cfg = write_config(tmp_path, sim, api=LISTING)
-    result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
-    assert result.rc == 0, result
-    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
-    ways = {rid: d["archive"]["fetched_from"] for rid, d in _sidecars(tmp_path / "archive").items()}
-    assert {rid for rid, way in ways.items() if way == "recordingfiles"} == set(faults), ways
+    _, result, _ = await _archive_with_faulty_files(tmp_path, sim, faults)
     assert sim.stats["recordingfiles"] == len(faults)
     for rid in faults:  # the server's own ZIP, byte for byte
         rel = next(r[2] for r in db_rows(tmp_path / "state.sqlite3") if r[0] == rid)
@@ -359,13 +366,7 @@ async def test_large_listed_files_are_archived_in_place_and_a_wrong_filesize_fal
     sim = await make_sim(recordings=6, audio_bytes=3_000_000, conference_every=3)
     ids = [rid for _, rid in sim._order]
     faults = {ids[1]: "bad_size", ids[4]: "short_size"}
-    sim.files.file_faults.update(faults)
-    cfg = write_config(tmp_path, sim, api=LISTING)
-    result = await run_cli("--config", str(cfg), "backfill", "--wait", "30")
-    assert result.rc == 0, result
-    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
-    ways = {rid: d["archive"]["fetched_from"] for rid, d in _sidecars(tmp_path / "archive").items()}
-    assert {rid for rid, way in ways.items() if way == "recordingfiles"} == set(faults), ways
+    cfg, result, ways = await _archive_with_faulty_files(tmp_path, sim, faults)
     rels = {r[0]: r[2] for r in db_rows(tmp_path / "state.sqlite3")}
     for rid, way in ways.items():
         if way == "storage_files":
