@@ -66,9 +66,8 @@ class Sim:
         return json.loads(self.get("/_sim/stats"))
 
     def cpu(self) -> float:
-        """The simulator's CPU seconds so far (user + system), from /proc."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """The simulator's CPU seconds so far (user + system)."""
+        return process_cpu(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
