@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import google_crc32c
+from zlib_ng import zlib_ng
 
 from .errors import ArchiverError, InvalidRecording, LocalStorageError, VerificationError
 from .layout import sanitize_member_name, unique_member_name
@@ -25,6 +26,11 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 # where a 1 MB one is mapped afresh each time and its pages faulted in (5,384 faults and twice
 # the CPU for one 22 MB ZIP's member check, measured).
 CHUNK = 1 << 18
+
+# zipfile's CRC-32 of every member it reads or writes, from zlib-ng: the same function, 5 times
+# as fast as the system zlib's (22 GB/s against 4.1 here; it was a tenth of the CPU of a backfill
+# of large listed files, which computes it twice: once writing our ZIP, once checking it).
+setattr(zipfile, "crc32", zlib_ng.crc32)  # noqa: B010 - typeshed does not declare zipfile.crc32
 
 
 def body_kind(head: bytes) -> str:
