@@ -3,6 +3,7 @@
     python bench/run.py                      # all runs, default sizes
     python bench/run.py --runs throughput    # throughput, rate, scale, s3, listing, encryption (comma-separated)
     python bench/run.py --repeat 5           # throughput: 5 alternating runs of each tool, medians
+    python bench/run.py --runs throughput --longer 3   # and at 3 x the recordings: what the extra cost
 
 Every figure is a ratio measured in one run on the same machine (ours vs aria2c, ours vs the
 theoretical bound), because the machines are shared and noisy. Results are appended to
@@ -94,6 +95,18 @@ def checks_cpu(sim: Sim, rounds: int = 5) -> float:
         if body_kind(body[:4]) == "zip":
             inspect_zip(io.BytesIO(body), ZipLimits())
         best = min(best, time.process_time() - start)
+    return best
+
+
+def startup_floor(rounds: int = 5) -> float:
+    """Wall seconds any daemon of ours spends before its first request, at the least: Python
+    started and aiohttp imported (which builds its TLS contexts, the system's CA store loaded,
+    as any HTTPS client must), nothing of ours. Best of ``rounds``. aria2c starts in 10 ms."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import aiohttp"], check=True, env=env())
+        best = min(best, time.perf_counter() - start)
     return best
 
 
@@ -236,30 +249,74 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
     """Ours and aria2c, alternating, ``--repeat`` times each against one simulator; medians.
     Every run writes into a fresh directory under ``root``, deleted after it only when its
     bodies are large (``recycle``). ``listing``: we fetch from the storage listing, and aria2c
-    the same channel files."""
-    path = "storage listing" if listing else "/recordingfiles"
+    the same channel files. With ``--longer K``, the same again with K times the recordings,
+    and a row for what the extra recordings cost each tool (``marginal``)."""
+    short = _throughput_runs(args, mode, root, listing, args.recordings)
+    lines = [_throughput_row(args, mode, listing, args.recordings, *short)]
+    if args.longer > 1:
+        n_long = args.recordings * args.longer
+        long = _throughput_runs(args, mode, root, listing, n_long)
+        lines.append(_throughput_row(args, mode, listing, n_long, *long))
+        lines.append(marginal(mode, listing, args.recordings, short[:2], n_long, long[:2]))
+    return lines
+
+
+def _throughput_runs(args: argparse.Namespace, mode: str, root: Path, listing: bool,
+                     n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float, float, float]:
+    """(our runs, aria2c's, our checks of one body in CPU-s, the start-up floor, µs a file create)."""
     api = f"burst = 16\nstorage_listing = {'true' if listing else 'false'}\n"
-    n, lat, c = args.recordings, args.latency, args.concurrency
-    create_us = quiet_filesystem(root / f"probe-{mode}-{listing}")
-    sim = Sim("--recordings", str(n), "--latency", str(lat), "--no-rate-limit", "--mode", mode,
+    c = args.concurrency
+    tag = f"{mode}-{listing}-{n}-{len(list(root.iterdir()))}"
+    create_us = quiet_filesystem(root / f"probe-{tag}")
+    sim = Sim("--recordings", str(n), "--latency", str(args.latency), "--no-rate-limit", "--mode", mode,
               "--audio-bytes", str(args.audio_bytes))
     ours_runs: list[dict[str, Any]] = []
     ref_runs: list[dict[str, Any]] = []
     try:
-        for i in range(args.repeat):
-            work = root / f"{mode}-{listing}-ours-{i}"
+        # pair -1 warms up and is not counted: the first runs after a simulator has taken its
+        # memory (1.6 GB for 72 large bodies) were the slowest of their set (7.5 s against 4.3-4.6)
+        for i in range(-1 if args.audio_bytes >= RECYCLE_BYTES else 0, args.repeat):
+            work = root / f"{tag}-ours-{i}"
             work.mkdir()
-            ours_runs.append(backfill(sim, work, c, 0, api=api))
+            ours = backfill(sim, work, c, 0, api=api)
             recycle(work, args.audio_bytes)
-            work = root / f"{mode}-{listing}-aria2c-{i}"
+            work = root / f"{tag}-aria2c-{i}"
             work.mkdir()
             sim_before = sim.cpu()
-            ref_runs.append(aria2c(sim, work, c, files=listing))
-            ref_runs[-1]["sim_cpu"] = sim.cpu() - sim_before
+            ref = aria2c(sim, work, c, files=listing)
+            ref["sim_cpu"] = sim.cpu() - sim_before
             recycle(work, args.audio_bytes)
+            if i >= 0:
+                ours_runs.append(ours)
+                ref_runs.append(ref)
         checks = checks_cpu(sim)
+        start = startup_floor()
     finally:
         sim.stop()
+    return ours_runs, ref_runs, checks, start, create_us
+
+
+def marginal(mode: str, listing: bool, n: int, short: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+             n_long: int, long: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> str:
+    """What the ``n_long - n`` extra recordings cost each tool in wall time (the difference of
+    the medians of two runs made one after the other), their ratio, and each tool's time with
+    no recordings at all (the line through both points, at 0): its start-up and wind-down."""
+    walls = [[statistics.median(r["wall"] for r in runs) for runs in pair] for pair in (short, long)]
+    (ours_n, ref_n), (ours_l, ref_l) = walls
+    d_ours, d_ref = ours_l - ours_n, ref_l - ref_n
+    at_zero = [w_n - n * (w_l - w_n) / (n_long - n) for w_n, w_l in ((ours_n, ours_l), (ref_n, ref_l))]
+    path = "storage listing" if listing else "/recordingfiles"
+    return (f"| throughput ({mode}, {path}), marginal | the {n_long - n} recordings between N={n} and N={n_long}"
+            f" (medians of this row's two runs) | ours +{d_ours:.2f} s, aria2c +{d_ref:.2f} s |"
+            f" | | | | marginal ours/aria2c = **{d_ours / d_ref:.2f}**; at N={n} {ours_n / ref_n:.2f},"
+            f" at N={n_long} **{ours_l / ref_l:.2f}**; at N=0 (start-up and wind-down) ours {at_zero[0]:.2f} s,"
+            f" aria2c {at_zero[1]:.2f} s |")
+
+
+def _throughput_row(args: argparse.Namespace, mode: str, listing: bool, n: int, ours_runs: list[dict[str, Any]],
+                    ref_runs: list[dict[str, Any]], checks: float, start: float, create_us: float) -> str:
+    path = "storage listing" if listing else "/recordingfiles"
+    lat, c = args.latency, args.concurrency
     ours = median_run(ours_runs)
     ref = median_run(ref_runs)
     per_rec = (ours["api_requests"] + ours["storage_requests"]) / n
@@ -271,7 +328,7 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
     floor = statistics.median((r["cpu"] + r["sim_cpu"] + n * checks) / cores for r in ref_runs)
     walls = ", ".join(f"{r['wall']:.2f}" for r in ours_runs)
     ref_walls = ", ".join(f"{r['wall']:.2f}" for r in ref_runs)
-    return [
+    return (
         f"| throughput ({mode}, {path}) | N={n} of {mb / n:.1f} MB, L={lat * 1000:.0f}ms C={c},"
         f" median of {args.repeat} ({walls} s) |"
         f" {ours['wall']:.2f} s | {n / ours['wall']:.0f} rec/s, {mb / ours['wall']:.1f} MB/s |"
@@ -282,8 +339,10 @@ def throughput(args: argparse.Namespace, mode: str, root: Path, listing: bool = 
         f" bound/ours = **{bound / ours['wall']:.0%}**; CPU floor {floor:.2f} s (aria2c's CPU, the simulator's"
         f" and our checks, {1000 * checks:.1f} ms a ZIP, on {cores} cores):"
         f" floor/aria2c = **{floor / ref['wall']:.2f}**, ours/floor = **{ours['wall'] / floor:.2f}**;"
+        f" with Python's and aiohttp's start ({start:.2f} s) before it: (start + floor)/aria2c ="
+        f" **{(start + floor) / ref['wall']:.2f}**;"
         f" file create {create_us:.0f} µs |"
-    ]
+    )
 
 
 def encryption(args: argparse.Namespace, root: Path) -> list[str]:
@@ -587,6 +646,8 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=100_000)
     p.add_argument("--listing-recordings", type=int, default=600)
     p.add_argument("--audio-bytes", type=int, default=169_920, help="throughput: audio bytes per recording")
+    p.add_argument("--longer", type=int, default=1,
+                   help="throughput: also run K times the recordings, and report what the extra ones cost each tool")
     p.add_argument("--modes", default="zip,wav", help="throughput: the server generations to run (zip, wav)")
     p.add_argument("--fetch", default="recordingfiles,listing",
                    help="throughput: the fetch paths to run (recordingfiles, listing)")
