@@ -266,7 +266,7 @@ def _throughput_runs(args: argparse.Namespace, mode: str, root: Path, listing: b
     """(our runs, aria2c's, our checks of one body in CPU-s, the start-up floor, µs a file create)."""
     api = f"burst = 16\nstorage_listing = {'true' if listing else 'false'}\n"
     c = args.concurrency
-    tag = f"{mode}-{listing}-{n}-{len(list(root.iterdir()))}"
+    tag = f"{mode}-{listing}-{n}-{len(list(root.iterdir()))}"  # unique: a bench may run one N twice
     create_us = quiet_filesystem(root / f"probe-{tag}")
     sim = Sim("--recordings", str(n), "--latency", str(args.latency), "--no-rate-limit", "--mode", mode,
               "--audio-bytes", str(args.audio_bytes))
@@ -299,7 +299,7 @@ def _throughput_runs(args: argparse.Namespace, mode: str, root: Path, listing: b
 def marginal(mode: str, listing: bool, n: int, short: tuple[list[dict[str, Any]], list[dict[str, Any]]],
              n_long: int, long: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> str:
     """What the ``n_long - n`` extra recordings cost each tool in wall time (the difference of
-    the medians of two runs made one after the other), their ratio, and each tool's time with
+    the medians of the two sets of runs, one after the other), their ratio, and each tool's time with
     no recordings at all (the line through both points, at 0): its start-up and wind-down."""
     walls = [[statistics.median(r["wall"] for r in runs) for runs in pair] for pair in (short, long)]
     (ours_n, ref_n), (ours_l, ref_l) = walls
