@@ -123,13 +123,14 @@ class Downloader:
         sizes = [(str(f["filename"]), int(f["filesize"])) for f in listed]
         offsets = listed_offsets(sizes) if any(size >= WRITE_BUFFER for _, size in sizes) else None
         shared: int | None = None
+        places: list[_Place | None] = [None] * len(listed)
         try:
             if offsets is not None:
                 shared = await _create(tmp)
+                places = [_Place(tmp, shared, offset) for offset in offsets]
             files = await _all_or_none([
-                self._stream_listed(temp_path(directory, row.id, f"file{i}"), f,
-                                    None if shared is None or offsets is None else _Place(tmp, shared, offsets[i]))
-                for i, f in enumerate(listed)])
+                self._stream_listed(temp_path(directory, row.id, f"file{i}"), f, place)
+                for i, (f, place) in enumerate(zip(listed, places, strict=True))])
             if shared is not None:
                 fd, shared = shared, None
                 await _close(fd)
