@@ -305,9 +305,10 @@ def _throughput_runs(args: argparse.Namespace, mode: str, root: Path, listing: b
 def marginal(mode: str, listing: bool, n: int, short: tuple[list[dict[str, Any]], list[dict[str, Any]]],
              n_long: int, long: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> str:
     """What the ``n_long - n`` extra recordings cost each tool in wall time (the difference of
-    the medians of the two sets of runs, one after the other), their ratio, and each tool's time with
-    no recordings at all (the line through both points, at 0): its start-up and wind-down."""
-    walls = [[statistics.median(r["wall"] for r in runs) for runs in pair] for pair in (short, long)]
+    the median runs of the two sets, ``median_run`` as in their rows), their ratio, and each
+    tool's time with no recordings at all (the line through both points, at 0): its start-up
+    and wind-down."""
+    walls = [[median_run(runs)["wall"] for runs in pair] for pair in (short, long)]
     (ours_n, ref_n), (ours_l, ref_l) = walls
     d_ours, d_ref = ours_l - ours_n, ref_l - ref_n
     at_zero = [w_n - n * (w_l - w_n) / (n_long - n) for w_n, w_l in ((ours_n, ours_l), (ref_n, ref_l))]
