@@ -278,6 +278,8 @@ def _print_summary(command: str, result: RunResult, counts: dict[str, int], requ
         *([("calls noted late", s["calls_noted"], "")] if s["calls_noted"] else []),
         *([("storage pages listed", s["file_pages"], ""), ("from listed files", s["via_storage_files"], ""),
            ("via /recordingfiles", s["via_recordingfiles"], "")] if s["file_pages"] else []),
+        *([("  listed, files unusable", s["fallback_listing"], "")] if s["fallback_listing"] else []),
+        *([("  listed, download failed", s["fallback_download"], "")] if s["fallback_download"] else []),
         ("HTTP requests", requests.get("requests", 0), ""),
         ("  of which API", requests.get("requests", 0) - requests.get("storage", 0), ""),
         ("429 answers", requests.get("http_429", 0), ""),

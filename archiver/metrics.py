@@ -10,10 +10,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 
 from .errors import ConfigError
+from .model import FETCH_PATHS
 from .state import FLAGS, STATES
 
 if TYPE_CHECKING:  # the server is imported only when it is started ([metrics] listen)
     from aiohttp import web
+
+
+FALLBACK_REASONS = ("listing", "download")
 
 
 class Metrics:
@@ -45,6 +49,26 @@ class Metrics:
             "voipbin_archiver_last_successful_cycle_timestamp_seconds", "When the last cycle succeeded", registry=r
         )
         self.api_requests = Gauge("voipbin_archiver_api_requests", "HTTP requests sent (API and storage)", registry=r)
+        self.budget_requests = Gauge(
+            "voipbin_archiver_budget_requests",
+            "Requests sent to the API, each from the customer's shared rate budget (storage downloads excluded)",
+            registry=r,
+        )
+        self.fetched = Counter(
+            "voipbin_archiver_fetched_recordings",
+            "Recordings archived with audio, by the path it came by: storage_files (the storage listing, "
+            "no API budget) or recordingfiles (one API request each)", ["path"], registry=r,
+        )
+        self.listing_fallbacks = Counter(
+            "voipbin_archiver_storage_listing_fallbacks",
+            "Recent recordings sent to GET /recordingfiles although the storage listing named them: "
+            "their listed files were unusable (listing) or failed to download or verify (download)",
+            ["why"], registry=r,
+        )
+        for path in FETCH_PATHS:  # every series from the start: a rate() needs its zero
+            self.fetched.labels(path)
+        for why in FALLBACK_REASONS:
+            self.listing_fallbacks.labels(why)
         self.http_429 = Gauge("voipbin_archiver_rate_limited_responses", "429 answers received", registry=r)
         self.credential_refused = Gauge(
             "voipbin_archiver_credential_refused",

@@ -16,6 +16,9 @@ from typing import Any
 from .errors import InvalidRecording
 
 KNOWN_STATUSES = ("initiating", "recording", "stopping", "ended")
+# How a recording's audio was fetched (the sidecar's ``fetched_from``, the metrics' ``path``):
+# its channel files from the storage listing, or the server's ZIP from /recordingfiles
+FETCH_PATHS = ("storage_files", "recordingfiles")
 _FORMAT_RE = re.compile(r"^[a-z0-9]{1,10}$")
 _TUTORIAL_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2})(\.\d{1,9})?$")
 MAX_RECORDING_BYTES = 256 * 1024  # one recording's JSON; a real one is about 600 bytes

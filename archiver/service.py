@@ -262,6 +262,7 @@ async def _read_summaries(engines: list[Engine], state: State) -> dict[str, Any]
         oldest = mine["oldest_pending"]
         engine.metrics.set_counts(mine, oldest["tm_create"] if oldest else None)
         engine.metrics.api_requests.set(engine.client.stats["requests"])
+        engine.metrics.budget_requests.set(engine.client.stats["requests"] - engine.client.stats["storage"])
         engine.metrics.http_429.set(engine.client.stats["http_429"])
         engine.metrics.budget_shared.set(1 if engine.client.budget_shared else 0)
     return summary

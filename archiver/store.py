@@ -44,7 +44,7 @@ from .inspect import (
     write_all,
 )
 from .layout import Layout, sidecar_path, temp_name, temp_path
-from .model import expected_members
+from .model import FETCH_PATHS, expected_members
 from .seal import SUFFIX as SEAL_SUFFIX
 from .seal import encrypt, encrypt_file, recipients_of, seal_json
 
@@ -667,7 +667,7 @@ class _AroundPlaced:
 
 
 def _via(job: StoreJob) -> str:
-    return "storage_files" if job.listed else "recordingfiles"
+    return FETCH_PATHS[0] if job.listed else FETCH_PATHS[1]
 
 
 def _fresh_dir(path: Path) -> None:

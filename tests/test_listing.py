@@ -7,20 +7,33 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from archiver.errors import InvalidRecording
 from archiver.storagefiles import URL_MARGIN, parse_storage_file, storage_route
 from tests.checks import archived_members, assert_archive_complete, assert_same_audio
-from tests.conftest import archived_this_run, cli_command, cli_env, db_rows, run_cli, wait_until, write_config
+from tests.conftest import (
+    archived_this_run,
+    cli_command,
+    cli_env,
+    db_rows,
+    free_port,
+    http_get,
+    run_cli,
+    wait_until,
+    write_config,
+)
 
 LISTING = {"storage_listing": True}
 
@@ -120,6 +133,8 @@ async def test_hostile_listings_send_each_recording_to_recordingfiles_once(tmp_p
     assert logged == set(faults), logged
     per_recording = [e["recording_id"] for e in _events(result.out + result.err, "storage_listing_fallback")]
     assert len(per_recording) == len(set(per_recording)), "each logged once"
+    summary = {name: int(n) for name, n in re.findall(r"^  +(listed, [a-z ]+?) +(\d+)$", result.out, re.M)}
+    assert sum(summary.values()) == len(faults) and len(summary) == 2, result.out  # both kinds, in the summary
     strangers = _events(result.out + result.err, "storage_file_of_no_recording")
     assert [e["reference_id"] for e in strangers] == [stranger]
     assert "traceback" not in result.out.lower() + result.err.lower()
@@ -183,7 +198,8 @@ async def test_corrupt_and_truncated_storage_answers_are_retried_and_never_kept(
 
 async def test_the_service_takes_new_recordings_from_the_listing(tmp_path, make_sim):
     sim = await make_sim(recordings=10, audio_bytes=8000, conference_every=0)
-    cfg = write_config(tmp_path, sim, api=LISTING)
+    port = free_port()
+    cfg = write_config(tmp_path, sim, api=LISTING, metrics={"listen": f"127.0.0.1:{port}"})
     proc = await asyncio.create_subprocess_exec(
         *cli_command("--config", str(cfg), "run"), stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, env=cli_env())
@@ -202,11 +218,36 @@ async def test_the_service_takes_new_recordings_from_the_listing(tmp_path, make_
             sim.recordings[rid].files_at = time.time() + 2.5
             sim.recordings[rid].reference_type = "call"
         await wait_until(lambda: archived() == 15, 60, "the new five archived")
+        # the request gauges are refreshed with the counts, each cycle: wait for the one after the last file
+        metrics = await _metrics_when(f"http://127.0.0.1:{port}/metrics", lambda m: (
+            'voipbin_archiver_fetched_recordings_total{path="storage_files"} 15.0' in m
+            and _gauge(m, "voipbin_archiver_api_requests") - _gauge(m, "voipbin_archiver_budget_requests") >= 30))
     finally:
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
     assert sim.stats["recordingfiles"] == 0, sim.stats
+    # the operator sees which path each came by, what fell back, and what the API budget paid
+    assert 'voipbin_archiver_fetched_recordings_total{path="recordingfiles"} 0.0' in metrics
+    assert 'voipbin_archiver_storage_listing_fallbacks_total{why="listing"} 0.0' in metrics
+    assert 'voipbin_archiver_storage_listing_fallbacks_total{why="download"} 0.0' in metrics
+    assert 0 < _gauge(metrics, "voipbin_archiver_budget_requests") <= sim.stats["api_requests"], sim.stats
     assert_archive_complete(sim, tmp_path / "archive", db)
+
+
+async def _metrics_when(url: str, ready: Callable[[str], bool]) -> str:
+    """``/metrics`` once ``ready`` says it is (within 20 s)."""
+    async with aiohttp.ClientSession() as http:
+        deadline = time.monotonic() + 20
+        while not ready(body := (await http_get(http, url))[1]):
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+        return body
+
+
+def _gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.M)
+    assert match, f"{name} not in the metrics"
+    return float(match.group(1))
 
 
 # ---- the listing's items and the route, on their own ----------------------------------------------

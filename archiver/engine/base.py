@@ -173,6 +173,13 @@ class EngineParts:
         usage = self.store_usage
         return usage is not None and usage.ratio >= self.cfg.retention.store_warn_ratio
 
+    def _fell_back(self, why: str) -> None:
+        """A listed recording sent to ``/recordingfiles``: ``listing`` (its listed files were
+        unusable) or ``download`` (they failed to download or verify). Counted for the run's
+        summary and the metrics; the log line that says which recording is the caller's."""
+        self.result.stats[f"fallback_{why}"] += 1
+        self.metrics.listing_fallbacks.labels(why).inc()
+
     async def _succeeded(self) -> None:
         """A walk went through: the API accepts us again, if it had refused us."""
         if self.metrics.refused:

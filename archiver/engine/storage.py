@@ -60,6 +60,7 @@ class StorageWalker(EngineParts):
         if route.way == "fallback":
             if row.id not in self._route_logged:
                 self._route_logged.add(row.id)
+                self._fell_back("listing")
                 log.warning("storage_listing_unusable", recording_id=row.id, reason=route.reason,
                             hint="fetched through GET /recordingfiles instead")
             return ()

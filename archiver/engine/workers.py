@@ -82,6 +82,8 @@ class Workers(EngineParts):
                                                                           job.listed))
             finally:
                 self.downloads.task_done()
+                if job.listed and row.id in self.downloader.listing_failed:  # it fell back in this attempt
+                    self._fell_back("download")
                 if result is None:
                     self._done(row)
             if result is not None:
@@ -191,6 +193,8 @@ class Workers(EngineParts):
         else:
             self.result.stats["bytes"] += result.size
             self.metrics.archived.inc()
+            if result.via:
+                self.metrics.fetched.labels(result.via).inc()
             self.metrics.bytes.inc(result.size)
             self.metrics.files.inc(result.members)
             self.metrics.download_seconds.observe(seconds)
