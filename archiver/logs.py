@@ -60,9 +60,39 @@ def redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, A
     return {k: _redact_value(v) for k, v in event_dict.items()}
 
 
+class LogSink:
+    """The stream logs go to, which never raises into the pipeline. A log line that cannot be
+    written (the reader of a pipe gone, journald restarted, a full disk under a redirect) is
+    dropped, and so is every later one: a daemon whose stderr broke must go on archiving and
+    still stop on SIGTERM, not fail each task that logs (a backfill ended with exit 1 and
+    ``demo | head`` hung, deaf to SIGTERM)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self.stream.write(text))
+            except (OSError, ValueError):  # EPIPE, ENOSPC, EIO; ValueError: the stream was closed
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.broken = True
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once per process. ``fmt``: auto | json | console."""
-    stream = stream or sys.stderr
+    stream = LogSink(stream or sys.stderr)
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
     renderer: Any = (

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 
 import structlog
 
 from archiver.logs import configure_logging, redact, register_secret
+from tests.checks import assert_archive_complete
+from tests.conftest import cli_command, cli_env, write_config
 
 
 def test_redact_removes_credentials_from_urls_headers_and_known_values():
@@ -50,3 +54,27 @@ def test_the_processor_redacts_every_field_and_exceptions():
     assert "s3cr3t-token-value" not in line
     event = json.loads(line)
     assert event["event"] == "boom" and "REDACTED" in event["url"] and "RuntimeError" in event["exception"]
+
+
+async def test_a_backfill_whose_log_stream_broke_archives_everything_and_exits(tmp_path, make_sim):
+    """stderr a pipe nobody reads any more (a `| head` gone, journald restarted): each log line
+    would raise EPIPE in the task that logs it. Such a backfill once ended with exit 1 (and
+    `demo | head` hung, deaf to SIGTERM); now the lines are dropped and the run ends as it would have."""
+    sim = await make_sim(recordings=30, audio_bytes=4000)
+    cfg = write_config(tmp_path, sim)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to write_end now fails with EPIPE
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cli_command("--config", str(cfg), "--log-level", "debug", "backfill", "--wait", "30"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=write_end, env=cli_env())
+    finally:
+        os.close(write_end)
+    try:
+        rc = await asyncio.wait_for(proc.wait(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("the backfill hung once its stderr broke") from None
+    assert rc == 0
+    assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
