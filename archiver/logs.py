@@ -61,11 +61,12 @@ def redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, A
 
 
 class LogSink:
-    """The stream logs go to, which never raises into the pipeline. A log line that cannot be
-    written (the reader of a pipe gone, journald restarted, a full disk under a redirect) is
-    dropped, and so is every later one: a daemon whose stderr broke must go on archiving and
-    still stop on SIGTERM, not fail each task that logs (a backfill ended with exit 1 and
-    ``demo | head`` hung, deaf to SIGTERM)."""
+    """The stream logs go to, which never raises into the pipeline: a daemon whose stderr broke
+    must go on archiving and still stop on SIGTERM, not fail each task that logs (a backfill
+    ended with exit 1 and ``demo | head`` hung, deaf to SIGTERM). A line that cannot be written
+    is dropped; once the stream is gone for good (the reader of a pipe gone, journald restarted,
+    the stream closed) every later one is too, while after another error (a full disk under a
+    redirect) the next line is tried again."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -75,16 +76,19 @@ class LogSink:
         if not self.broken:
             try:
                 return int(self.stream.write(text))
-            except (OSError, ValueError):  # EPIPE, ENOSPC, EIO; ValueError: the stream was closed
-                self.broken = True
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
         return len(text)
 
     def flush(self) -> None:
         if not self.broken:
             try:
                 self.stream.flush()
-            except (OSError, ValueError):
-                self.broken = True
+            except (OSError, ValueError) as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self.broken = isinstance(exc, (BrokenPipeError, ConnectionResetError, ValueError))
 
     def isatty(self) -> bool:
         return bool(getattr(self.stream, "isatty", lambda: False)())

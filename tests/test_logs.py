@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
 
 import structlog
 
-from archiver.logs import configure_logging, redact, register_secret
+from archiver.logs import LogSink, configure_logging, redact, register_secret
 from tests.checks import assert_archive_complete
 from tests.conftest import cli_command, cli_env, write_config
 
@@ -78,3 +79,29 @@ async def test_a_backfill_whose_log_stream_broke_archives_everything_and_exits(t
         raise AssertionError("the backfill hung once its stderr broke") from None
     assert rc == 0
     assert_archive_complete(sim, tmp_path / "archive", tmp_path / "state.sqlite3")
+
+
+def test_a_log_sink_gives_up_on_a_broken_pipe_but_tries_again_after_a_full_disk():
+    class Stream:
+        def __init__(self, error: OSError) -> None:
+            self.error, self.lines = error, []
+
+        def write(self, text: str) -> int:
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            self.lines.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    full = Stream(OSError(errno.ENOSPC, "No space left on device"))
+    sink = LogSink(full)
+    assert sink.write("lost\n") == 5 and sink.write("kept\n") == 5
+    assert full.lines == ["kept\n"] and not sink.broken
+    gone = Stream(BrokenPipeError(errno.EPIPE, "Broken pipe"))
+    sink = LogSink(gone)
+    sink.write("lost\n")
+    sink.write("dropped too\n")
+    assert gone.lines == [] and sink.broken
