@@ -225,6 +225,17 @@ async def http_get(http: Any, url: str) -> tuple[int, str]:
         return 0, ""
 
 
+async def body_when(http: Any, url: str, ready: Callable[[str], bool], timeout: float, what: str) -> str:
+    """The text a GET of ``url`` answers once ``ready`` holds for it (a ``/metrics`` that shows a
+    count); fails after ``timeout`` seconds with the last text seen."""
+    deadline = time.monotonic() + timeout
+    while not ready(body := (await http_get(http, url))[1]):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last answer: {body[-2000:]}")
+        await asyncio.sleep(0.05)
+    return body
+
+
 def archive_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 

@@ -17,11 +17,11 @@ from tests.checks import assert_archive_complete
 from tests.conftest import (
     archive_files,
     archived_this_run,
+    body_when,
     cli_command,
     cli_env,
     db_rows,
     free_port,
-    http_get,
     run_cli,
     small_disk,
     wait_until,
@@ -198,14 +198,9 @@ async def test_a_full_disk_holding_database_and_archive_pauses_the_service_which
                                                         stdout=log_file, stderr=log_file, env=cli_env())
             try:
                 async with aiohttp.ClientSession() as http:
-                    async def paused() -> bool:
-                        body = (await http_get(http, f"http://127.0.0.1:{port}/metrics"))[1]
-                        return "voipbin_archiver_unwritable 1.0" in body
-
-                    deadline = time.monotonic() + 60
-                    while not await paused():
-                        assert time.monotonic() < deadline, "never paused for the full disk"
-                        await asyncio.sleep(0.1)
+                    await body_when(http, f"http://127.0.0.1:{port}/metrics",
+                                    lambda body: "voipbin_archiver_unwritable 1.0" in body, 60,
+                                    "the pause for the full disk")
                 assert proc.returncode is None, "still running"
                 subprocess.run(["mount", "-o", "remount,size=30m", str(disk)], check=True)  # space is back
 

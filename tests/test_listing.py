@@ -13,7 +13,6 @@ import sqlite3
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,11 +24,11 @@ from archiver.storagefiles import URL_MARGIN, parse_storage_file, storage_route
 from tests.checks import archived_members, assert_archive_complete, assert_same_audio
 from tests.conftest import (
     archived_this_run,
+    body_when,
     cli_command,
     cli_env,
     db_rows,
     free_port,
-    http_get,
     run_cli,
     wait_until,
     write_config,
@@ -219,9 +218,11 @@ async def test_the_service_takes_new_recordings_from_the_listing(tmp_path, make_
             sim.recordings[rid].reference_type = "call"
         await wait_until(lambda: archived() == 15, 60, "the new five archived")
         # the request gauges are refreshed with the counts, each cycle: wait for the one after the last file
-        metrics = await _metrics_when(f"http://127.0.0.1:{port}/metrics", lambda m: (
-            'voipbin_archiver_fetched_recordings_total{path="storage_files"} 15.0' in m
-            and _gauge(m, "voipbin_archiver_api_requests") - _gauge(m, "voipbin_archiver_budget_requests") >= 30))
+        async with aiohttp.ClientSession() as http:
+            metrics = await body_when(http, f"http://127.0.0.1:{port}/metrics", lambda m: (
+                'voipbin_archiver_fetched_recordings_total{path="storage_files"} 15.0' in m
+                and _gauge(m, "voipbin_archiver_api_requests") - _gauge(m, "voipbin_archiver_budget_requests") >= 30),
+                20, "the metrics of all 15 and their storage downloads")
     finally:
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
@@ -232,16 +233,6 @@ async def test_the_service_takes_new_recordings_from_the_listing(tmp_path, make_
     assert 'voipbin_archiver_storage_listing_fallbacks_total{why="download"} 0.0' in metrics
     assert 0 < _gauge(metrics, "voipbin_archiver_budget_requests") <= sim.stats["api_requests"], sim.stats
     assert_archive_complete(sim, tmp_path / "archive", db)
-
-
-async def _metrics_when(url: str, ready: Callable[[str], bool]) -> str:
-    """``/metrics`` once ``ready`` says it is (within 20 s)."""
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + 20
-        while not ready(body := (await http_get(http, url))[1]):
-            assert time.monotonic() < deadline, body
-            await asyncio.sleep(0.1)
-        return body
 
 
 def _gauge(metrics: str, name: str) -> float:
